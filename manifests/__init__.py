@@ -1,0 +1,31 @@
+"""Manifest record types and their streaming readers and writers."""
+
+from manifests.io import (
+    FairseqTsvWriter,
+    ManifestWriter,
+    RejectsWriter,
+    count_records,
+    iter_batches,
+    iter_records,
+    iter_rejects,
+    manifest_root,
+    read_fairseq_tsv,
+)
+from manifests.records import REJECT_REASONS, AudioRecord, RecordError, Reject, assign_split
+
+__all__ = [
+    "REJECT_REASONS",
+    "AudioRecord",
+    "FairseqTsvWriter",
+    "ManifestWriter",
+    "RecordError",
+    "Reject",
+    "RejectsWriter",
+    "assign_split",
+    "count_records",
+    "iter_batches",
+    "iter_records",
+    "iter_rejects",
+    "manifest_root",
+    "read_fairseq_tsv",
+]

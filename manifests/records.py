@@ -1,0 +1,127 @@
+"""Manifest records: explicit, validated descriptions of accepted audio files and of rejected ones.
+
+Like lhotse's recordings, every accepted file is one `AudioRecord` with the facts later stages need
+(path, sampling rate, sample count, duration, channels) plus what makes runs reproducible (content hash,
+a stable id derived from it, the train/valid split). Records are validated when written, so a bad
+record fails at the writer, not three stages later.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import asdict, dataclass, fields
+
+import pyarrow as pa
+
+SCHEMA_VERSION = "1"
+SPLITS = ("train", "valid")
+
+# Reason codes of rejected inputs: stable, machine-readable keys with a human description.
+REJECT_REASONS: dict[str, str] = {
+    "extension": "file extension is not one of --extensions",
+    "bad_path": "path cannot be stored in the manifest or a fairseq tsv (tab, newline or invalid UTF-8)",
+    "empty": "file has no bytes or no audio frames",
+    "permission_denied": "the file or directory cannot be read (permission denied)",
+    "unreadable": "an I/O error occurred while reading the file",
+    "not_audio": "libsndfile does not recognise the file as audio",
+    "decode_error": "the audio header is readable but decoding fails (truncated or corrupt data)",
+    "too_short": "shorter than --min-seconds",
+    "non_finite": "decoded samples contain NaN or Inf",
+    "symlink_out_of_tree": "symbolic link that points outside the roots (not followed)",
+    "symlink_in_tree": "symbolic link to a place inside the roots, which is scanned where it lives",
+    "broken_symlink": "symbolic link whose target does not exist",
+    "not_regular_file": "not a regular file (FIFO, socket or device)",
+    "duplicate": "same content as a file accepted earlier in sorted order",
+}
+
+_ID = re.compile(r"^[0-9a-f]{16}$")
+_HASH = re.compile(r"^[0-9a-f]{32}$")
+
+
+class RecordError(ValueError):
+    """A record that must not be written."""
+
+
+@dataclass(frozen=True)
+class AudioRecord:
+    """One accepted audio file."""
+
+    id: str  # first 16 hex digits of content_hash: stable across moves and renames
+    path: str  # absolute path as walked (inside a root)
+    relpath: str  # path relative to the manifest root (the first line of train.tsv)
+    format: str  # libsndfile major format, e.g. FLAC
+    subtype: str  # libsndfile subtype, e.g. PCM_16
+    sampling_rate: int
+    num_samples: int  # frames per channel
+    duration: float  # seconds, num_samples / sampling_rate
+    channels: int
+    size_bytes: int
+    content_hash: str  # xxh3-128 of the file's bytes
+    split: str  # train | valid
+
+    def validate(self) -> None:
+        def bad(why: str) -> RecordError:
+            return RecordError(f"invalid record for {self.path!r}: {why}")
+
+        if not _ID.match(self.id):
+            raise bad(f"id {self.id!r} is not 16 lowercase hex digits")
+        if not _HASH.match(self.content_hash) or not self.content_hash.startswith(self.id):
+            raise bad("content_hash must be 32 hex digits starting with the id")
+        if not self.path.startswith("/"):
+            raise bad("path must be absolute")
+        if not self.relpath or self.relpath.startswith("/") or any(c in self.relpath for c in "\t\n\r"):
+            raise bad("relpath must be relative and hold no tab or newline")
+        if not self.path.endswith(self.relpath):
+            raise bad("path must end with relpath")
+        if self.sampling_rate <= 0 or self.num_samples <= 0 or self.channels <= 0 or self.size_bytes <= 0:
+            raise bad("sampling_rate, num_samples, channels and size_bytes must be positive")
+        if abs(self.duration - self.num_samples / self.sampling_rate) > 1e-6:
+            raise bad("duration must equal num_samples / sampling_rate")
+        if self.split not in SPLITS:
+            raise bad(f"split must be one of {SPLITS}")
+
+
+@dataclass(frozen=True)
+class Reject:
+    """One input that did not make it into the manifest, and the one-line reason why."""
+
+    path: str
+    reason: str  # a key of REJECT_REASONS
+    detail: str  # one line, specific to this file
+
+    def validate(self) -> None:
+        if self.reason not in REJECT_REASONS:
+            raise RecordError(f"unknown reject reason {self.reason!r} for {self.path!r}")
+        if "\n" in self.detail:
+            raise RecordError(f"reject detail must be one line for {self.path!r}")
+
+
+AUDIO_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("path", pa.string()),
+        ("relpath", pa.string()),
+        ("format", pa.string()),
+        ("subtype", pa.string()),
+        ("sampling_rate", pa.int32()),
+        ("num_samples", pa.int64()),
+        ("duration", pa.float64()),
+        ("channels", pa.int16()),
+        ("size_bytes", pa.int64()),
+        ("content_hash", pa.string()),
+        ("split", pa.string()),
+    ]
+)
+assert [f.name for f in fields(AudioRecord)] == AUDIO_SCHEMA.names
+
+
+def record_to_row(record: AudioRecord) -> dict:
+    return asdict(record)
+
+
+def assign_split(record_id: str, seed: int, valid_fraction: float) -> str:
+    """Deterministic split from the id alone: the same file lands in the same split on every run."""
+    digest = hashlib.blake2b(f"{seed}:{record_id}".encode(), digest_size=8).digest()
+    draw = int.from_bytes(digest, "big") / 2**64
+    return "valid" if draw < valid_fraction else "train"

@@ -1,0 +1,3 @@
+"""mert-pipeline: raw music -> pseudo-labelled WebDataset shards -> MERT-style pretraining."""
+
+__version__ = "0.1.0"

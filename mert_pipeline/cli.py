@@ -1,0 +1,273 @@
+"""`mert-pipe`: one sub-command per stage, each a thin wrapper over a library function.
+
+Every stage command takes the same executor options (`--executor local|ray`, `--workers`,
+`--ray-address`, `--force`), shows a progress bar on a terminal, and ends with a short summary.
+Exit codes: 0 when the run finished (rejected inputs included), 1 when tasks failed (rerun to retry
+them), 2 on misuse, with a one-line `error:` message.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from mert_pipeline.executor import ExecutorConfig, Stage, StageReport, Task, TaskOutcome, execute
+from mert_pipeline.fs import WorkdirBusy, atomic_write_text, ensure_writable_dir, workdir_lock
+from stages.manifest import DEFAULT_EXTENSIONS, ManifestConfig, ManifestStage, resolve_roots
+
+app = typer.Typer(
+    name="mert-pipe",
+    help="Turn a music collection into pseudo-labelled WebDataset shards for MERT-style pretraining.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+DEFAULT_WORKERS = max(1, os.cpu_count() or 1)
+
+ExecutorOpt = Annotated[
+    str,
+    typer.Option("--executor", help="local: a process pool on this machine; ray: Ray tasks on a cluster."),
+]
+WorkersOpt = Annotated[
+    int, typer.Option("--workers", min=1, help="Worker processes (local) or CPUs of the local Ray started.")
+]
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ray-address", envvar="RAY_ADDRESS", help="Existing Ray cluster (default: start a local one)."
+    ),
+]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Redo every task, even those already complete.")]
+MaxRetriesOpt = Annotated[
+    int, typer.Option("--max-retries", min=0, help="Ray: retries of a task whose worker process died.")
+]
+
+
+class UsageError(Exception):
+    """Misuse the user can fix; printed as one line, exit code 2."""
+
+
+def fail(message: str) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def executor_config(
+    executor: str, workers: int, ray_address: str | None, force: bool, max_retries: int = 3
+) -> ExecutorConfig:
+    if executor not in ("local", "ray"):
+        raise UsageError(f"--executor must be 'local' or 'ray', not {executor!r}")
+    return ExecutorConfig(
+        kind=executor,  # type: ignore[arg-type]
+        workers=workers,
+        ray_address=ray_address,
+        force=force,
+        max_retries=max_retries,
+    )
+
+
+def run_stage(stage: Stage, config: ExecutorConfig, unit: str = "files") -> StageReport:
+    """Execute a stage with the workdir locked, a progress bar on terminals, and a summary at the end."""
+    progress = Progress(
+        TextColumn(f"[bold]{stage.name}[/]"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+    )
+    bar: dict[str, Any] = {}
+
+    def on_task(outcome: TaskOutcome, task: Task) -> None:
+        if "id" not in bar:
+            bar["id"] = progress.add_task(stage.name, total=None)
+        progress.advance(bar["id"], task.size)
+
+    try:
+        with workdir_lock(stage.workdir), progress:
+            report = execute(
+                stage,
+                config,
+                on_task=on_task,
+                on_plan=lambda tasks: bar.setdefault(
+                    "id", progress.add_task(stage.name, total=sum(t.size for t in tasks))
+                ),
+            )
+    except WorkdirBusy as exc:
+        raise fail(str(exc)) from exc
+    print_report(report, unit)
+    if not report.ok:
+        for outcome in report.failed[:10]:
+            console.print(
+                f"[red]task {outcome.rank} failed:[/] {outcome.error}", highlight=False, soft_wrap=True
+            )
+        console.print(
+            f"[bold red]{len(report.failed)} of {report.tasks} tasks failed[/]; tracebacks in "
+            f"{stage.workdir / '.work' / stage.name / 'errors'}; rerun the same command to retry them.",
+            highlight=False,
+        )
+        raise typer.Exit(code=1)
+    return report
+
+
+def print_report(report: StageReport, unit: str) -> None:
+    counts = report.summary.get("counts", {})
+    table = Table(title=f"{report.stage} summary", show_header=False, title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    table.add_row(
+        "tasks",
+        f"{report.tasks} ({report.done} run, {report.skipped} already done, {len(report.failed)} failed)",
+    )
+    first = ["files_seen", "accepted", "rejected"]
+    for key in first + sorted(k for k in counts if k not in first):
+        if key not in counts:
+            continue
+        value = counts[key]
+        if key == "audio_seconds":
+            table.add_row("audio hours", f"{value / 3600:.3f}")
+        elif key == "bytes":
+            table.add_row("size", f"{value / 1e6:.1f} MB")
+        else:
+            table.add_row(key, f"{value:g}" if isinstance(value, float) else str(value))
+    seconds = max(report.seconds, 1e-9)
+    seen = counts.get("files_seen", report.stats.get("files_seen", 0))
+    table.add_row("wall time", f"{report.seconds:.2f} s")
+    table.add_row(
+        "throughput",
+        f"{seen / seconds:.1f} {unit}/s, {counts.get('audio_seconds', 0) / 3600 / seconds:.4f} h audio/s",
+    )
+    console.print(table)
+
+
+def _check_workdir(out: Path) -> Path:
+    try:
+        ensure_writable_dir(out)
+    except OSError as exc:
+        raise fail(exc.strerror or str(exc)) from exc
+    return out.resolve()
+
+
+@app.command()
+def manifest(
+    roots: Annotated[
+        list[Path], typer.Argument(help="Folders (or files) to scan, recursively, in sorted order.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="WORKDIR that receives the manifest and all later stages.")
+    ],
+    valid_percent: Annotated[
+        float,
+        typer.Option(
+            "--valid-percent", min=0.0, max=1.0, help="Fraction (0-1) of files in valid.tsv, as fairseq."
+        ),
+    ] = 0.01,
+    seed: Annotated[int, typer.Option(help="Seed of the deterministic train/valid split.")] = 1317,
+    min_seconds: Annotated[float, typer.Option("--min-seconds", min=0.0, help="Reject shorter files.")] = 3.0,
+    deep: Annotated[
+        bool, typer.Option("--deep", help="Decode every sample: catches NaN/Inf and all truncations.")
+    ] = False,
+    extensions: Annotated[
+        str, typer.Option(help="Comma-separated extensions to probe; '*' probes every file.")
+    ] = ",".join(DEFAULT_EXTENSIONS),
+    files_per_task: Annotated[
+        int, typer.Option("--files-per-task", min=1, help="Files per task (unit of resume).")
+    ] = 200,
+    executor: ExecutorOpt = "local",
+    workers: WorkersOpt = DEFAULT_WORKERS,
+    ray_address: RayAddressOpt = None,
+    max_retries: MaxRetriesOpt = 3,
+    force: ForceOpt = False,
+) -> None:
+    """Probe every audio file under ROOT... and write the manifest, rejects and fairseq tsv files to WORKDIR.
+
+    Reads: the folders given (symlinks are not followed). Writes: WORKDIR/manifest.parquet (one record per
+    accepted file), WORKDIR/rejects.jsonl (path, reason, detail for every other file), WORKDIR/train.tsv and
+    valid.tsv (fairseq format), WORKDIR/stats/manifest.json.
+    """
+    for root in roots:
+        if not root.exists():
+            raise fail(f"root {root} does not exist")
+    try:
+        config = ManifestConfig(
+            roots=resolve_roots(roots),
+            workdir=_check_workdir(out),
+            valid_percent=valid_percent,
+            seed=seed,
+            min_seconds=min_seconds,
+            deep=deep,
+            extensions=tuple(extensions.split(",")),
+            files_per_task=files_per_task,
+        )
+        exec_config = executor_config(executor, workers, ray_address, force, max_retries)
+    except (ValueError, UsageError) as exc:
+        raise fail(str(exc)) from exc
+    if _inside_any(config.workdir, config.roots):
+        raise fail(f"--out {config.workdir} is inside a root; its own files would be scanned")
+    run_stage(ManifestStage(config), exec_config)
+
+
+def _inside_any(path: Path, roots: tuple[str, ...]) -> bool:
+    text = str(path)
+    return any(text == r or text.startswith(r.rstrip("/") + "/") for r in roots)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where the synthesized corpus and WORKDIR go.")] = Path(
+        "demo_work"
+    ),
+    tracks: Annotated[int, typer.Option(min=2, help="How many music-like tracks to synthesize.")] = 24,
+    seed: Annotated[int, typer.Option(help="Seed of the synthesized corpus.")] = 0,
+    executor: ExecutorOpt = "local",
+    workers: WorkersOpt = DEFAULT_WORKERS,
+    ray_address: RayAddressOpt = None,
+) -> None:
+    """Run every stage that exists on a small corpus this command synthesizes itself (no data, no cluster).
+
+    Writes OUT/corpus (synthesized audio, including a few broken files so rejects show up) and
+    OUT/work (the WORKDIR of every stage). Rerunning skips finished work.
+    """
+    from mert_pipeline.synth import synthesize_demo_corpus
+
+    out = out.resolve()
+    corpus, workdir = out / "corpus", out / "work"
+    _check_workdir(out)
+    start = time.perf_counter()
+    done_flag = corpus / ".complete"
+    if not done_flag.exists():
+        with console.status("synthesizing the demo corpus"):
+            synthesize_demo_corpus(corpus, n_tracks=tracks, seed=seed, with_bad_files=True)
+        atomic_write_text(done_flag, f"tracks={tracks} seed={seed}\n")
+    console.print(f"corpus: {corpus}", highlight=False)
+    try:
+        exec_config = executor_config(executor, workers, ray_address, force=False)
+    except UsageError as exc:
+        raise fail(str(exc)) from exc
+    config = ManifestConfig(
+        roots=resolve_roots([corpus]), workdir=_check_workdir(workdir), valid_percent=0.1, files_per_task=8
+    )
+    report = run_stage(ManifestStage(config), exec_config)
+    outputs = report.summary["outputs"]
+    console.print(
+        f"\n[bold green]demo finished[/] in {time.perf_counter() - start:.1f} s. Outputs:", highlight=False
+    )
+    for name, path in outputs.items():
+        console.print(f"  {name:10s} {path}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""Run a stage's tasks locally or on Ray, through one shared `run_task` path (datatrove's shape).
+
+A stage is plain logic over one task: it plans a list of `Task`s on the driver, runs each task on a
+worker, and finalizes on the driver once every task is complete. Executors only schedule. Every task
+goes through `run_task`, which
+
+1. skips the task if its completion marker exists and holds the task's fingerprint (a hash of the task's
+   inputs and the stage config, so changed inputs or options re-run the task),
+2. runs it (the stage writes its outputs under task-named paths, atomically),
+3. writes the task's stats, then
+4. writes the completion marker.
+
+A killed run therefore leaves only whole outputs behind and a rerun redoes only unfinished tasks.
+Errors inside a task are caught, written to `errors/RANK.txt` and reported as a failed task: the
+other tasks still run, and a rerun retries the failed ones. Ray retries only infrastructure failures
+(a worker process that died), never an exception raised by the stage's own code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import multiprocessing
+import os
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from mert_pipeline.fs import atomic_write_json, atomic_write_text, remove_stale_tmp
+from mert_pipeline.stats import merge_stats
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of scheduling. `size` counts work items (files) for progress and summaries."""
+
+    rank: int
+    fingerprint: str
+    size: int = 1
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one task needs from the scheduler (Ray honours it; the local pool runs one task per worker)."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+class Stage(Protocol):
+    """The contract every stage fulfils. Stages must be picklable: they travel to worker processes."""
+
+    name: str
+    workdir: Path  # the run's WORKDIR; task bookkeeping lives in WORKDIR/.work/NAME
+    resources: Resources
+
+    def plan(self) -> list[Task]: ...
+
+    def run(self, task: Task, stats: Counter) -> None: ...
+
+    def finalize(self, tasks: list[Task], stats: dict[str, float]) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class TaskOutcome:
+    rank: int
+    status: Literal["done", "skipped", "failed"]
+    stats: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def _rank_name(rank: int) -> str:
+    return f"{rank:05d}"
+
+
+def stage_dir(stage: Stage) -> Path:
+    """Where a stage keeps per-task bookkeeping and intermediate outputs."""
+    return stage.workdir / ".work" / stage.name
+
+
+def merged_stats_path(stage: Stage) -> Path:
+    return stage.workdir / "stats" / f"{stage.name}.json"
+
+
+def marker_path(stage: Stage, rank: int) -> Path:
+    return stage_dir(stage) / "completions" / _rank_name(rank)
+
+
+def stats_path(stage: Stage, rank: int) -> Path:
+    return stage_dir(stage) / "stats" / f"{_rank_name(rank)}.json"
+
+
+def error_path(stage: Stage, rank: int) -> Path:
+    return stage_dir(stage) / "errors" / f"{_rank_name(rank)}.txt"
+
+
+def is_complete(stage: Stage, task: Task) -> bool:
+    try:
+        return marker_path(stage, task.rank).read_text() == task.fingerprint
+    except FileNotFoundError:
+        return False
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def run_task(stage: Stage, task: Task) -> TaskOutcome:
+    """The single path every executor takes for a task: skip if done, run, write stats, then the marker."""
+    if is_complete(stage, task):
+        try:
+            saved = json.loads(stats_path(stage, task.rank).read_text())
+            return TaskOutcome(task.rank, "skipped", saved["stats"], saved["seconds"])
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            pass  # marker without readable stats: run again rather than report wrong totals
+    start = time.perf_counter()
+    stats: Counter = Counter()
+    try:
+        stage.run(task, stats)
+    except Exception as exc:  # noqa: BLE001 - a task's failure must not take the whole run down
+        atomic_write_text(error_path(stage, task.rank), traceback.format_exc())
+        return TaskOutcome(task.rank, "failed", error=one_line(exc))
+    seconds = time.perf_counter() - start
+    clean = {key: stats[key] for key in sorted(stats)}
+    atomic_write_json(stats_path(stage, task.rank), {"rank": task.rank, "stats": clean, "seconds": seconds})
+    with contextlib.suppress(FileNotFoundError):
+        error_path(stage, task.rank).unlink()
+    atomic_write_text(marker_path(stage, task.rank), task.fingerprint)
+    return TaskOutcome(task.rank, "done", clean, seconds)
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """How to schedule tasks. Reaches stages as plain arguments from the CLI."""
+
+    kind: Literal["local", "ray"] = "local"
+    workers: int = 1
+    ray_address: str | None = None
+    cpus_per_task: float | None = None  # None: the stage's own default
+    gpus_per_task: float | None = None
+    max_retries: int = 3  # Ray only: retries of tasks whose worker died
+    force: bool = False
+
+
+@dataclass
+class StageReport:
+    """What a stage run did: task counts, merged stats, finalize's summary, wall time."""
+
+    stage: str
+    tasks: int
+    done: int
+    skipped: int
+    failed: list[TaskOutcome]
+    stats: dict[str, float]
+    seconds: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+ProgressFn = Callable[[TaskOutcome, Task], None]
+
+
+def execute(
+    stage: Stage,
+    config: ExecutorConfig,
+    on_task: ProgressFn | None = None,
+    on_plan: Callable[[list[Task]], Any] | None = None,
+) -> StageReport:
+    """Plan, run every task on the chosen executor, and finalize when all tasks are complete."""
+    start = time.perf_counter()
+    remove_stale_tmp(stage_dir(stage))
+    if config.force:
+        for sub in ("completions", "stats", "errors"):
+            for path in sorted((stage_dir(stage) / sub).glob("*")):
+                path.unlink()
+    tasks = stage.plan()
+    if on_plan is not None:
+        on_plan(tasks)
+    by_rank = {task.rank: task for task in tasks}
+    runner = _run_local if config.kind == "local" else _run_ray
+    outcomes: list[TaskOutcome] = []
+    for outcome in runner(stage, tasks, config):
+        outcomes.append(outcome)
+        if on_task is not None:
+            on_task(outcome, by_rank[outcome.rank])
+    outcomes.sort(key=lambda o: o.rank)
+    failed = [o for o in outcomes if o.status == "failed"]
+    merged = merge_stats(o.stats for o in outcomes if o.status != "failed")
+    report = StageReport(
+        stage=stage.name,
+        tasks=len(tasks),
+        done=sum(o.status == "done" for o in outcomes),
+        skipped=sum(o.status == "skipped" for o in outcomes),
+        failed=failed,
+        stats=merged,
+        seconds=0.0,
+    )
+    if not failed:
+        report.summary = stage.finalize(tasks, merged)
+    report.seconds = time.perf_counter() - start
+    atomic_write_json(
+        merged_stats_path(stage),
+        {
+            "stage": stage.name,
+            "executor": config.kind,
+            "tasks": {
+                "total": report.tasks,
+                "done": report.done,
+                "skipped": report.skipped,
+                "failed": len(failed),
+            },
+            "failures": [{"rank": o.rank, "error": o.error} for o in failed],
+            "counters": merged,
+            "summary": report.summary,
+            "wall_seconds": round(report.seconds, 3),
+        },
+    )
+    return report
+
+
+def _bounded(
+    tasks: Iterable[Task],
+    submit: Callable[[Task], Any],
+    wait_some: Callable[[list[Any]], tuple[list, list]],
+    limit: int,
+) -> Iterator[tuple[Any, Task]]:
+    """Keep at most `limit` tasks in flight so the driver's memory does not grow with the task count."""
+    pending: dict[Any, Task] = {}
+    queue = iter(tasks)
+    exhausted = False
+    while True:
+        while not exhausted and len(pending) < limit:
+            task = next(queue, None)
+            if task is None:
+                exhausted = True
+                break
+            pending[submit(task)] = task
+        if not pending:
+            return
+        done, _ = wait_some(list(pending))
+        for handle in done:
+            yield handle, pending.pop(handle)
+
+
+def _run_local(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Iterator[TaskOutcome]:
+    """A process pool of `workers` processes; one worker runs in-process (simplest to debug)."""
+    todo = [t for t in tasks if not is_complete(stage, t)]
+    for task in tasks:
+        if is_complete(stage, task):
+            yield run_task(stage, task)  # reads the saved stats, runs nothing
+    if not todo:
+        return
+    if config.workers <= 1:
+        for task in todo:
+            yield run_task(stage, task)
+        return
+    context = multiprocessing.get_context("spawn")  # fork is unsafe once torch/ray threads exist
+    with ProcessPoolExecutor(max_workers=config.workers, mp_context=context) as pool:
+
+        def submit(task: Task) -> Future:
+            try:
+                return pool.submit(run_task, stage, task)
+            except BrokenProcessPool as exc:  # an earlier worker died: fail the rest, rerun resumes
+                failed: Future = Future()
+                failed.set_exception(exc)
+                return failed
+
+        def wait_some(handles: list[Future]) -> tuple[list, list]:
+            done, rest = wait(handles, return_when=FIRST_COMPLETED)
+            return list(done), list(rest)
+
+        for future, task in _bounded(todo, submit, wait_some, limit=2 * config.workers):
+            try:
+                yield future.result()
+            except BrokenProcessPool:
+                yield TaskOutcome(
+                    task.rank, "failed", error="a worker process died (killed or crashed); rerun to resume"
+                )
+
+
+def _run_ray(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Iterator[TaskOutcome]:
+    """The same tasks as Ray tasks, on a local Ray started for this run or an existing cluster."""
+    import ray  # imported here so local runs never pay for it
+
+    started_here = False
+    if not ray.is_initialized():
+        address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
+        if address:
+            ray.init(address=address, log_to_driver=True)
+        else:
+            ray.init(
+                num_cpus=max(1, config.workers),
+                num_gpus=None,
+                include_dashboard=False,
+                object_store_memory=256 * 1024 * 1024,
+                log_to_driver=True,
+            )
+        started_here = True
+    try:
+        cpus = config.cpus_per_task if config.cpus_per_task is not None else stage.resources.cpus
+        gpus = config.gpus_per_task if config.gpus_per_task is not None else stage.resources.gpus
+        remote = ray.remote(run_task).options(
+            num_cpus=cpus, num_gpus=gpus, max_retries=config.max_retries, retry_exceptions=False
+        )
+        stage_ref = ray.put(stage)
+        capacity = max(1, int(ray.cluster_resources().get("CPU", 1) / max(cpus, 1e-3)))
+
+        def wait_some(handles: list[Any]) -> tuple[list, list]:
+            return ray.wait(handles, num_returns=1)
+
+        for ref, task in _bounded(
+            tasks, lambda t: remote.remote(stage_ref, t), wait_some, limit=2 * capacity
+        ):
+            try:
+                yield ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - retries exhausted: report, keep the others going
+                yield TaskOutcome(task.rank, "failed", error=f"ray: {one_line(exc)}")
+    finally:
+        if started_here:
+            ray.shutdown()

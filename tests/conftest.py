@@ -1,0 +1,25 @@
+"""Shared fixtures. Tests import `tests.helpers`; worker processes (spawned pools, Ray) find it through
+PYTHONPATH, which is set here so that they import the same modules as the test process."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from tests.helpers import REPO
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _repo_on_pythonpath() -> None:
+    paths = [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(_repo_on_pythonpath: None):
+    """One real local Ray cluster shared by the tests that ask for it (starting one costs seconds)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024, log_to_driver=False)
+    yield
+    ray.shutdown()

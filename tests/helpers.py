@@ -1,0 +1,107 @@
+"""Stages used by the tests: a toy stage with failure switches, and a wrapper that kills a worker once.
+
+They are real stages run by the real executors; the only thing they add is a way to fail on purpose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mert_pipeline.executor import Resources, Task, stage_dir
+from mert_pipeline.fs import atomic_path, atomic_write_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kill_once(workdir: Path, rank: int, kill_rank: int | None) -> None:
+    """SIGKILL the process running `kill_rank` the first time only (a flag file remembers)."""
+    if rank != kill_rank:
+        return
+    flag = workdir / f".killed-{rank}"
+    if not flag.exists():
+        flag.touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class ToyStage:
+    """Task r writes out/r.txt; finalize concatenates them into WORKDIR/result.txt."""
+
+    workdir: Path
+    n_tasks: int = 8
+    crash_ranks: tuple[int, ...] = ()  # raise while WORKDIR/crash exists
+    kill_rank: int | None = None  # SIGKILL mid-write, once
+    name: str = "toy"
+    resources: Resources = field(default_factory=Resources)
+
+    def plan(self) -> list[Task]:
+        return [Task(rank=r, fingerprint=f"toy-v1-{r}", size=1) for r in range(self.n_tasks)]
+
+    def run(self, task: Task, stats: Counter) -> None:
+        if task.rank in self.crash_ranks and (self.workdir / "crash").exists():
+            raise ValueError(f"boom in task {task.rank}")
+        payload = hashlib.sha256(f"payload {task.rank}".encode()).hexdigest() * 100
+        with atomic_path(stage_dir(self) / "out" / f"{task.rank:05d}.txt") as tmp:
+            with tmp.open("w") as handle:
+                handle.write(payload[: len(payload) // 2])
+                handle.flush()
+                kill_once(self.workdir, task.rank, self.kill_rank)  # dies with half a file written
+                handle.write(payload[len(payload) // 2 :])
+        stats["items"] += 1
+        stats["chars"] += len(payload)
+
+    def finalize(self, tasks: list[Task], stats: dict[str, float]) -> dict[str, Any]:
+        text = "".join((stage_dir(self) / "out" / f"{t.rank:05d}.txt").read_text() + "\n" for t in tasks)
+        atomic_write_text(self.workdir / "result.txt", text)
+        return {"counts": {"items": stats.get("items", 0)}}
+
+
+@dataclass
+class KillOnce:
+    """Wrap any stage; the process that runs `kill_rank` is SIGKILLed before the task starts, once."""
+
+    inner: Any
+    kill_rank: int
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def workdir(self) -> Path:
+        return self.inner.workdir
+
+    @property
+    def resources(self) -> Resources:
+        return self.inner.resources
+
+    def plan(self) -> list[Task]:
+        return self.inner.plan()
+
+    def run(self, task: Task, stats: Counter) -> None:
+        kill_once(self.inner.workdir, task.rank, self.kill_rank)
+        self.inner.run(task, stats)
+
+    def finalize(self, tasks: list[Task], stats: dict[str, float]) -> dict[str, Any]:
+        return self.inner.finalize(tasks, stats)
+
+
+def visible_files(root: Path) -> dict[str, bytes]:
+    """Files under root (relative path -> bytes) except hidden ones (temporaries, the lock) and timing
+    stats: what must be byte-identical between runs, executors and resumed runs."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = str(path.relative_to(root))
+        if path.is_file() and not path.name.startswith(".") and "stats/" not in rel:
+            out[rel] = path.read_bytes()
+    return out
+
+
+def hidden_tmp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".tmp-" in p.name]

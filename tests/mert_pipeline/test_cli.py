@@ -1,0 +1,158 @@
+"""The `mert-pipe` command as a user runs it: a real subprocess, real files, real exit codes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from manifests import iter_records, iter_rejects
+from tests.helpers import REPO
+
+
+def mert_pipe(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "mert_pipeline", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def small_corpus(root: Path, n: int = 3) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        t = np.arange(24000 * 4) / 24000
+        sf.write(
+            root / f"song {i}.flac", (0.3 * np.sin(2 * np.pi * (200 + 50 * i) * t)).astype(np.float32), 24000
+        )
+    return root
+
+
+@pytest.mark.parametrize("command", ["manifest", "demo"])
+def test_help_says_what_each_command_reads_and_writes(command: str) -> None:
+    result = mert_pipe(command, "--help")
+    assert result.returncode == 0
+    assert "--executor" in result.stdout and "--workers" in result.stdout
+    if command == "manifest":
+        for word in ("Reads", "Writes", "rejects.jsonl", "train.tsv", "--ray-address", "--force", "--deep"):
+            assert word in result.stdout
+
+
+def test_top_level_help_lists_commands() -> None:
+    result = mert_pipe("--help")
+    assert result.returncode == 0 and "manifest" in result.stdout and "demo" in result.stdout
+
+
+def test_missing_root_is_a_one_line_error(tmp_path: Path) -> None:
+    result = mert_pipe("manifest", str(tmp_path / "nope"), "--out", str(tmp_path / "w"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: root {tmp_path / 'nope'} does not exist"
+
+
+def test_unwritable_out_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "a file").write_text("x")
+    result = mert_pipe("manifest", str(small_corpus(tmp_path / "m")), "--out", str(tmp_path / "a file" / "w"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot create") and "Not a directory" in lines[0]
+
+
+def test_bad_option_values_are_one_line_errors(tmp_path: Path) -> None:
+    corpus = str(small_corpus(tmp_path / "m"))
+    result = mert_pipe("manifest", corpus, "--out", str(tmp_path / "w"), "--executor", "slurm")
+    assert (
+        result.returncode == 2
+        and result.stderr.strip() == "error: --executor must be 'local' or 'ray', not 'slurm'"
+    )
+    result = mert_pipe("manifest", corpus, "--out", corpus + "/w")
+    assert result.returncode == 2 and "inside a root" in result.stderr
+    (tmp_path / "m" / "inner").mkdir()
+    result = mert_pipe("manifest", corpus, corpus + "/inner", "--out", str(tmp_path / "w"))
+    assert result.returncode == 2 and "is inside root" in result.stderr
+
+
+def test_manifest_runs_and_summarises(tmp_path: Path) -> None:
+    corpus = small_corpus(tmp_path / "m")
+    (corpus / "broken.wav").write_text("not audio")
+    result = mert_pipe(
+        "manifest", str(corpus), "--out", str(tmp_path / "w"), "--workers", "2", "--files-per-task", "1"
+    )
+    assert result.returncode == 0, result.stderr
+    for word in (
+        "manifest summary",
+        "files_seen",
+        "accepted",
+        "rejected.not_audio",
+        "audio hours",
+        "throughput",
+    ):
+        assert word in result.stderr
+    assert len(list(iter_records(tmp_path / "w/manifest.parquet"))) == 3
+    assert [r.reason for r in iter_rejects(tmp_path / "w/rejects.jsonl")] == ["not_audio"]
+    stats = json.loads((tmp_path / "w/stats/manifest.json").read_text())
+    assert stats["tasks"] == {"total": 4, "done": 4, "skipped": 0, "failed": 0}
+    assert stats["summary"]["counts"]["accepted"] == 3
+
+
+def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path: Path) -> None:
+    corpus = small_corpus(tmp_path / "m")
+    holder = "import sys, time; from pathlib import Path; from mert_pipeline.fs import workdir_lock\n"
+    holder += "with workdir_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder, str(tmp_path / "w")], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        result = mert_pipe("manifest", str(corpus), "--out", str(tmp_path / "w"))
+        assert result.returncode == 2
+        assert (
+            result.stderr.strip()
+            == f"error: another mert-pipe run (pid {proc.pid}) is using {tmp_path / 'w'}"
+        )
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
+    result = mert_pipe("demo", "--out", str(tmp_path / "demo"), "--tracks", "6", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert "demo finished" in result.stderr
+    work = tmp_path / "demo" / "work"
+    records = list(iter_records(work / "manifest.parquet"))
+    assert len(records) == 6
+    assert {r.reason for r in iter_rejects(work / "rejects.jsonl")} >= {"empty", "not_audio", "decode_error"}
+    again = mert_pipe("demo", "--out", str(tmp_path / "demo"), "--tracks", "6", "--workers", "2")
+    assert again.returncode == 0
+    stats = json.loads((work / "stats/manifest.json").read_text())
+    assert stats["tasks"]["done"] == 0 and stats["tasks"]["skipped"] == stats["tasks"]["total"]
+
+
+@pytest.mark.ray
+def test_ray_executor_started_for_the_run_matches_local(tmp_path: Path) -> None:
+    corpus = small_corpus(tmp_path / "m", n=4)
+    (corpus / "junk.ogg").write_bytes(b"\x00" * 100)
+    local = mert_pipe("manifest", str(corpus), "--out", str(tmp_path / "local"), "--files-per-task", "2")
+    ray = mert_pipe(
+        "manifest",
+        str(corpus),
+        "--out",
+        str(tmp_path / "ray"),
+        "--files-per-task",
+        "2",
+        "--executor",
+        "ray",
+        "--workers",
+        "2",
+    )
+    assert local.returncode == 0 and ray.returncode == 0, ray.stderr
+    for name in ("manifest.parquet", "rejects.jsonl", "train.tsv", "valid.tsv"):
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes()
+    assert json.loads((tmp_path / "ray/stats/manifest.json").read_text())["executor"] == "ray"
