@@ -93,7 +93,7 @@ def probe_audio(path: Path | str, deep: bool = False) -> AudioInfo:
         except ProbeFailure:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise ProbeFailure("decode_error", f"decoding failed: {_sndfile_message(exc)}") from exc
+            raise ProbeFailure("decode_error", f"corrupt data: {_sndfile_message(exc)}") from exc
     return info
 
 
@@ -121,7 +121,14 @@ def _decode_edges(handle: sf.SoundFile, info: AudioInfo) -> None:
 def _decode_all(handle: sf.SoundFile, info: AudioInfo) -> None:
     decoded = 0
     while True:
-        block = handle.read(DEEP_BLOCK, dtype="float32", always_2d=True)
+        try:
+            block = handle.read(DEEP_BLOCK, dtype="float32", always_2d=True)
+        except Exception as exc:  # noqa: BLE001
+            raise ProbeFailure(
+                "decode_error",
+                f"truncated or corrupt: decoding stopped at {decoded / info.sampling_rate:.2f}s of "
+                f"{info.duration:.2f}s (libsndfile: {_sndfile_message(exc)})",
+            ) from exc
         if not len(block):
             break
         _check_finite(block, f"at {(decoded / info.sampling_rate):.2f}s")
