@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -46,6 +46,18 @@ RayAddressOpt = Annotated[
     ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo every task, even those already complete.")]
+CpusOpt = Annotated[
+    float | None,
+    typer.Option("--cpus-per-task", min=0.0, help="Ray: CPUs one task reserves (default: the stage's)."),
+]
+GpusOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--gpus-per-task",
+        min=0.0,
+        help="Ray: GPUs one task reserves, fractions allowed (default: the stage's).",
+    ),
+]
 MaxRetriesOpt = Annotated[
     int, typer.Option("--max-retries", min=0, help="Ray: retries of a task whose worker process died.")
 ]
@@ -61,7 +73,13 @@ def fail(message: str) -> typer.Exit:
 
 
 def executor_config(
-    executor: str, workers: int, ray_address: str | None, force: bool, max_retries: int = 3
+    executor: str,
+    workers: int,
+    ray_address: str | None,
+    force: bool,
+    max_retries: int = 3,
+    cpus_per_task: float | None = None,
+    gpus_per_task: float | None = None,
 ) -> ExecutorConfig:
     if executor not in ("local", "ray"):
         raise UsageError(f"--executor must be 'local' or 'ray', not {executor!r}")
@@ -71,13 +89,15 @@ def executor_config(
         ray_address=ray_address,
         force=force,
         max_retries=max_retries,
+        cpus_per_task=cpus_per_task,
+        gpus_per_task=gpus_per_task,
     )
 
 
 def run_stage(stage: Stage, config: ExecutorConfig, unit: str = "files") -> StageReport:
     """Execute a stage with the workdir locked, a progress bar on terminals, and a summary at the end."""
     progress = Progress(
-        TextColumn(f"[bold]{stage.name}[/]"),
+        TextColumn("[bold]{task.description}[/]"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn(unit),
@@ -85,23 +105,17 @@ def run_stage(stage: Stage, config: ExecutorConfig, unit: str = "files") -> Stag
         console=console,
         disable=not console.is_terminal,
     )
-    bar: dict[str, Any] = {}
+    bar = progress.add_task(f"{stage.name}: planning", total=None)
+
+    def on_plan(tasks: list[Task]) -> None:
+        progress.update(bar, description=stage.name, total=sum(t.size for t in tasks))
 
     def on_task(outcome: TaskOutcome, task: Task) -> None:
-        if "id" not in bar:
-            bar["id"] = progress.add_task(stage.name, total=None)
-        progress.advance(bar["id"], task.size)
+        progress.advance(bar, task.size)
 
     try:
         with workdir_lock(stage.workdir), progress:
-            report = execute(
-                stage,
-                config,
-                on_task=on_task,
-                on_plan=lambda tasks: bar.setdefault(
-                    "id", progress.add_task(stage.name, total=sum(t.size for t in tasks))
-                ),
-            )
+            report = execute(stage, config, on_task=on_task, on_plan=on_plan)
     except WorkdirBusy as exc:
         raise fail(str(exc)) from exc
     print_report(report, unit)
@@ -186,6 +200,8 @@ def manifest(
     workers: WorkersOpt = DEFAULT_WORKERS,
     ray_address: RayAddressOpt = None,
     max_retries: MaxRetriesOpt = 3,
+    cpus_per_task: CpusOpt = None,
+    gpus_per_task: GpusOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Probe every audio file under ROOT... and write the manifest, rejects and fairseq tsv files to WORKDIR.
@@ -208,7 +224,9 @@ def manifest(
             extensions=tuple(extensions.split(",")),
             files_per_task=files_per_task,
         )
-        exec_config = executor_config(executor, workers, ray_address, force, max_retries)
+        exec_config = executor_config(
+            executor, workers, ray_address, force, max_retries, cpus_per_task, gpus_per_task
+        )
     except (ValueError, UsageError) as exc:
         raise fail(str(exc)) from exc
     if _inside_any(config.workdir, config.roots):
@@ -243,7 +261,7 @@ def demo(
     corpus, workdir = out / "corpus", out / "work"
     _check_workdir(out)
     start = time.perf_counter()
-    done_flag = corpus / ".complete"
+    done_flag = out / ".corpus-complete"  # outside the corpus, which is scanned
     if not done_flag.exists():
         with console.status("synthesizing the demo corpus"):
             synthesize_demo_corpus(corpus, n_tracks=tracks, seed=seed, with_bad_files=True)

@@ -19,6 +19,7 @@ other tasks still run, and a rerun retries the failed ones. Ray retries only inf
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -266,12 +267,13 @@ def _run_local(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Itera
             yield run_task(stage, task)
         return
     context = multiprocessing.get_context("spawn")  # fork is unsafe once torch/ray threads exist
+    lost: list[Task] = []  # tasks in flight when a worker died; judged once every worker has exited
     with ProcessPoolExecutor(max_workers=config.workers, mp_context=context) as pool:
 
         def submit(task: Task) -> Future:
             try:
                 return pool.submit(run_task, stage, task)
-            except BrokenProcessPool as exc:  # an earlier worker died: fail the rest, rerun resumes
+            except BrokenProcessPool as exc:  # an earlier worker died: the rest fail, a rerun resumes
                 failed: Future = Future()
                 failed.set_exception(exc)
                 return failed
@@ -284,9 +286,14 @@ def _run_local(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Itera
             try:
                 yield future.result()
             except BrokenProcessPool:
-                yield TaskOutcome(
-                    task.rank, "failed", error="a worker process died (killed or crashed); rerun to resume"
-                )
+                lost.append(task)
+    for task in lost:  # a task may have completed before its pool was torn down
+        if is_complete(stage, task):
+            yield dataclasses.replace(run_task(stage, task), status="done")
+        else:
+            yield TaskOutcome(
+                task.rank, "failed", error="a worker process died (killed or crashed); rerun to resume"
+            )
 
 
 def _run_ray(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Iterator[TaskOutcome]:

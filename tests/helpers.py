@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,6 +56,10 @@ class ToyStage:
                 handle.write(payload[len(payload) // 2 :])
         stats["items"] += 1
         stats["chars"] += len(payload)
+        ray = sys.modules.get("ray")
+        in_ray_worker = ray is not None and ray.is_initialized()
+        if in_ray_worker and ray.get_runtime_context().worker.mode == ray.WORKER_MODE:
+            stats["ray_cpus"] += ray.get_runtime_context().get_assigned_resources().get("CPU", 0.0)
 
     def finalize(self, tasks: list[Task], stats: dict[str, float]) -> dict[str, Any]:
         text = "".join((stage_dir(self) / "out" / f"{t.rank:05d}.txt").read_text() + "\n" for t in tasks)

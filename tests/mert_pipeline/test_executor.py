@@ -121,8 +121,10 @@ def test_sigkill_of_a_pool_worker_fails_its_tasks_and_rerun_resumes(tmp_path: Pa
     assert all("worker process died" in (o.error or "") for o in report.failed)
     assert not (workdir / "result.txt").exists()
 
+    finished = len(list((workdir / ".work/toy/completions").iterdir()))
+    assert finished == report.done, "tasks that finished before the pool broke are reported as done"
     rerun = execute(stage, LOCAL2)
-    assert rerun.ok and rerun.skipped == report.done
+    assert rerun.ok and (rerun.skipped, rerun.done) == (finished, 8 - finished)
     assert outputs(workdir) == expected
 
 
@@ -148,3 +150,9 @@ def test_ray_task_exception_is_not_retried(tmp_path: Path, ray_cluster: None) ->
     report = execute(ToyStage(workdir, crash_ranks=(1,)), ExecutorConfig(kind="ray", max_retries=3))
     assert [o.rank for o in report.failed] == [1]
     assert report.failed[0].error == "ValueError: boom in task 1"
+
+
+@pytest.mark.ray
+def test_ray_tasks_reserve_the_requested_resources(tmp_path: Path, ray_cluster: None) -> None:
+    report = execute(ToyStage(tmp_path / "w"), ExecutorConfig(kind="ray", cpus_per_task=0.5))
+    assert report.ok and report.stats["ray_cpus"] == pytest.approx(8 * 0.5)
