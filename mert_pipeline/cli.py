@@ -9,6 +9,7 @@ them), 2 on misuse, with a one-line `error:` message.
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -174,7 +175,8 @@ def _check_workdir(out: Path) -> Path:
 @app.command()
 def manifest(
     roots: Annotated[
-        list[Path], typer.Argument(help="Folders (or files) to scan, recursively, in sorted order.")
+        list[Path],
+        typer.Argument(metavar="ROOT...", help="Folders (or files) to scan, recursively, in sorted order."),
     ],
     out: Annotated[
         Path, typer.Option("--out", help="WORKDIR that receives the manifest and all later stages.")
@@ -284,7 +286,21 @@ def demo(
 
 
 def main() -> None:
-    app()
+    """Entry point: usage errors become the same one-line `error:` as ours, exit code 2."""
+    try:
+        code = app(prog_name="mert-pipe", standalone_mode=False)
+    except typer.Abort:
+        console.print("aborted", highlight=False)
+        sys.exit(130)
+    except typer.TyperException as exc:  # typer's (vendored click) usage and parameter errors
+        if type(exc).__name__ == "NoArgsIsHelpError":  # bare `mert-pipe` or `mert-pipe manifest`
+            print(exc.format_message())
+            sys.exit(2)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        console.print(f"[bold red]error:[/] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    sys.exit(code or 0)
 
 
 if __name__ == "__main__":

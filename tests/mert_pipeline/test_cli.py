@@ -78,6 +78,21 @@ def test_bad_option_values_are_one_line_errors(tmp_path: Path) -> None:
     assert result.returncode == 2 and "is inside root" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "error: Missing argument 'ROOT...'. (see mert-pipe manifest --help)"),
+        (("/tmp", "--valid-percent", "2"), "error: Invalid value for '--valid-percent'"),
+        (("/tmp", "--out", "/tmp/x", "--bogus"), "error: No such option: --bogus"),
+    ],
+)
+def test_click_usage_errors_are_one_line(args: tuple[str, ...], message: str) -> None:
+    result = mert_pipe("manifest", *args, *(() if "--out" in args else ("--out", "/tmp/never-created")))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), result.stderr
+
+
 def test_manifest_runs_and_summarises(tmp_path: Path) -> None:
     corpus = small_corpus(tmp_path / "m")
     (corpus / "broken.wav").write_text("not audio")
