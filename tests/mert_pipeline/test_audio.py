@@ -30,14 +30,16 @@ def truncate(path: Path, fraction: float) -> Path:
         ("FLAC", "PCM_16", "flac"),
         ("WAV", "PCM_24", "wav"),
         ("OGG", "VORBIS", "ogg"),
+        ("OGG", "OPUS", "opus"),
         ("MP3", "MPEG_LAYER_III", "mp3"),
     ],
 )
 def test_probe_reports_header_facts(tmp_path: Path, fmt: str, subtype: str, suffix: str) -> None:
+    sr = 48000 if subtype == "OPUS" else SR  # Opus only runs at 48 kHz and its divisors
     path = tmp_path / f"a.{suffix}"
-    sf.write(path, np.stack([sine(3.0), sine(3.0) * 0.5], axis=1), SR, format=fmt, subtype=subtype)
+    sf.write(path, np.stack([sine(3.0, sr), sine(3.0, sr) * 0.5], axis=1), sr, format=fmt, subtype=subtype)
     info = probe_audio(path)
-    assert (info.format, info.subtype, info.sampling_rate, info.channels) == (fmt, subtype, SR, 2)
+    assert (info.format, info.subtype, info.sampling_rate, info.channels) == (fmt, subtype, sr, 2)
     assert info.num_samples == sf.info(path).frames and info.duration == pytest.approx(3.0, abs=0.05)
     assert probe_audio(path, deep=True) == info
 
