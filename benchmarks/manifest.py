@@ -2,20 +2,28 @@
 
 Run from the repository root (the script puts the repository on sys.path and PYTHONPATH itself):
 
-    /tmp/v1/bin/python benchmarks/manifest.py            # 2000 files x 30 s, about 4.3 GB, 16.7 h of audio
+    /tmp/v1/bin/python benchmarks/manifest.py            # 2000 files x 30 s: 4.5 GB, 16.7 h of audio
     /tmp/v1/bin/python benchmarks/manifest.py --quick    # 200 files x 10 s: a fast sanity run
 
+The figures in benchmarks/RESULTS.md come from
+
+    /tmp/v1/bin/python benchmarks/manifest.py --repeats 3 --deep-one-worker
+
 The corpus is built once under --corpus (default /tmp/mert-bench-corpus/n{FILES}_s{SECONDS}/audio) and
-reused by later runs with the same size. It is made from a few distinct synthesized tracks (16 by default:
-4 seeds x 44.1/48 kHz x mono/stereo) written many times with a different gain per file, so every file
+reused by later runs with the same size. It is made from a few distinct synthesized tracks (--bases, 16 by
+default, each its own seed, cycling 44.1/48 kHz and mono/stereo) written many times with a different gain
+per file (0.70-1.15, never clipping), so every file
 has its own content hash (the stage rejects duplicate content) without rendering every file. Formats
 cycle 6:1:1 over FLAC PCM_16, WAV PCM_16 and OGG Vorbis.
 
 What is timed, on the same corpus and after one untimed warm-up run (so figures are warm page cache):
 
 - the stage through `execute`: local executor with 1 and 2 workers, Ray with 2 workers (ray.init and
-  shutdown included), each quick probing; and local with 2 workers and ``deep=True``. Every run uses a
-  fresh workdir and ``force=True``, so each one really walks, hashes and probes every file;
+  shutdown included), each quick probing; and local with 2 workers and ``deep=True`` (with
+  --deep-one-worker also local with 1 worker and ``deep=True``). Every run uses a fresh workdir and
+  ``force=True``, so each one really walks, hashes and probes every file. Besides wall time the table
+  shows the tasks' own seconds summed (from their stats files): wall minus that, for one worker, is the
+  driver's share (walk, finalize) plus, for pools and Ray, process start-up;
 - Ray start and stop alone (``ray.init`` / ``ray.shutdown`` with the executor's arguments);
 - the raw parts of one probe, in this one process over all files: xxh3-128 hashing (``hash_file``),
   ``soundfile.info``, and ``probe_audio(deep=False)`` (header plus edge decode), also split by format.
@@ -36,9 +44,9 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -52,7 +60,7 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
 from mert_pipeline.audio import hash_file, probe_audio  # noqa: E402
-from mert_pipeline.executor import ExecutorConfig, execute  # noqa: E402
+from mert_pipeline.executor import ExecutorConfig, execute, stage_dir  # noqa: E402
 from mert_pipeline.synth import render_track  # noqa: E402
 from stages.manifest import ManifestConfig, ManifestStage, resolve_roots  # noqa: E402
 
@@ -73,6 +81,7 @@ FORMATS: tuple[tuple[str, str, str], ...] = (
 RATES = (44100, 48000)
 LAYOUTS = (1, 2)
 GOLDEN = (math.sqrt(5.0) - 1.0) / 2.0
+Kind = Literal["local", "ray"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -198,6 +207,7 @@ class Row:
     seconds: list[float]
     files: int
     audio_seconds: float
+    task_seconds: list[float] = field(default_factory=list)  # per run: sum of the tasks' own seconds
 
     @property
     def wall(self) -> float:
@@ -205,9 +215,12 @@ class Row:
 
 
 def run_stage(
-    root: Path, workdir: Path, kind: str, workers: int, deep: bool, files_per_task: int
-) -> tuple[float, dict[str, Any]]:
-    """One full manifest run in a fresh workdir with force=True; returns wall seconds and the counts."""
+    root: Path, workdir: Path, kind: Kind, workers: int, deep: bool, files_per_task: int
+) -> tuple[float, float, dict[str, Any]]:
+    """One full manifest run in a fresh workdir with force=True.
+
+    Returns the wall seconds, the sum of the tasks' own seconds (from their stats files) and the counts.
+    """
     if workdir.exists():
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
@@ -220,10 +233,13 @@ def run_stage(
             min_seconds=1.0,
         )
     )
-    report = execute(stage, ExecutorConfig(kind=kind, workers=workers, force=True))  # type: ignore[arg-type]
+    report = execute(stage, ExecutorConfig(kind=kind, workers=workers, force=True))
     if not report.ok:
         raise SystemExit(f"{kind} x{workers}: failed tasks {[(o.rank, o.error) for o in report.failed]}")
-    return report.seconds, report.summary["counts"]
+    task_seconds = sum(
+        json.loads(p.read_text())["seconds"] for p in (stage_dir(stage) / "stats").glob("*.json")
+    )
+    return report.seconds, task_seconds, report.summary["counts"]
 
 
 def check_counts(label: str, counts: dict[str, Any], n_files: int) -> None:
@@ -301,14 +317,15 @@ def machine() -> dict[str, str]:
 def table(rows: list[Row], reference: Row) -> str:
     """Markdown table: wall time, throughput and speed relative to the reference row."""
     lines = [
-        "| config | wall s | files/s | audio h probed/s | speed vs local 1 worker |",
-        "|---|---:|---:|---:|---:|",
+        "| config | wall s | files/s | audio h probed/s | speed vs local 1 worker | sum of task s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         spread = f" ({min(row.seconds):.2f}-{max(row.seconds):.2f})" if len(row.seconds) > 1 else ""
+        tasks = f"{statistics.median(row.task_seconds):.2f}" if row.task_seconds else "-"
         lines.append(
             f"| {row.config} | {row.wall:.2f}{spread} | {row.files / row.wall:.0f} | "
-            f"{row.audio_seconds / 3600.0 / row.wall:.2f} | {reference.wall / row.wall:.2f}x |"
+            f"{row.audio_seconds / 3600.0 / row.wall:.2f} | {reference.wall / row.wall:.2f}x | {tasks} |"
         )
     return "\n".join(lines)
 
@@ -351,6 +368,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=1, help="runs per config; the table shows the median")
     parser.add_argument("--quick", action="store_true", help="small corpus (200 x 10 s) for a sanity run")
     parser.add_argument(
+        "--deep-one-worker",
+        action="store_true",
+        help="also time deep probing with 1 local worker (shows 2-worker scaling on decode-bound work)",
+    )
+    parser.add_argument(
         "--workdir", type=Path, default=None, help="where run workdirs go (default: a tmp dir)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write all figures to this JSON file")
@@ -383,15 +405,17 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     fpt = args.files_per_task
 
-    configs: list[tuple[str, str, int, bool]] = [
+    configs: list[tuple[str, Kind, int, bool]] = [
         ("local, 1 worker", "local", 1, False),
         ("local, 2 workers", "local", 2, False),
         ("ray, 2 workers (incl. start/stop)", "ray", 2, False),
         ("local, 2 workers, deep", "local", 2, True),
     ]
+    if args.deep_one_worker:
+        configs.append(("local, 1 worker, deep", "local", 1, True))
     try:
         print("warm-up: one untimed local 2-worker run (reads every byte into the page cache) ...")
-        seconds, counts = run_stage(root, work / "warmup", "local", 2, False, fpt)
+        seconds, _, counts = run_stage(root, work / "warmup", "local", 2, False, fpt)
         check_counts("warm-up", counts, n)
         print(f"warm-up: {seconds:.2f} s, counts {counts}")
 
@@ -403,11 +427,9 @@ def main(argv: list[str] | None = None) -> None:
         raw_rows: list[Row] = []
         raw_ext: dict[str, dict[str, float]] = {}
         for name, fn in raw_fns.items():
-            times = []
-            for _ in range(args.repeats):
-                total, per_ext = time_per_file(paths, fn)
-                times.append(total)
-            raw_ext[name] = per_ext
+            runs = sorted((time_per_file(paths, fn) for _ in range(args.repeats)), key=lambda r: r[0])
+            times = [total for total, _ in runs]
+            raw_ext[name] = runs[(len(runs) - 1) // 2][1]  # the per-format split of the median run
             raw_rows.append(Row(f"raw: {name} only, 1 process", times, n, audio_s))
             print(f"raw {name}: {statistics.median(times):.2f} s")
 
@@ -421,13 +443,14 @@ def main(argv: list[str] | None = None) -> None:
                     ray_start.append(init_s)
                     ray_stop.append(stop_s)
                     print(f"ray.init alone: {init_s:.2f} s, ray.shutdown alone: {stop_s:.2f} s")
-                seconds, counts = run_stage(
+                seconds, task_s, counts = run_stage(
                     root, work / f"{kind}{workers}{'-deep' if deep else ''}-{rep}", kind, workers, deep, fpt
                 )
                 check_counts(label, counts, n)
                 row.seconds.append(seconds)
+                row.task_seconds.append(task_s)
                 row.audio_seconds = float(counts.get("audio_seconds", audio_s))
-                print(f"{label}: {seconds:.2f} s")
+                print(f"{label}: {seconds:.2f} s (tasks' own seconds summed: {task_s:.2f})")
     finally:
         if own_tmp:
             shutil.rmtree(work, ignore_errors=True)
@@ -458,7 +481,13 @@ def main(argv: list[str] | None = None) -> None:
             "corpus": corpus,
             "args": {k: str(v) for k, v in vars(args).items()},
             "rows": [
-                {"config": r.config, "seconds": r.seconds, "files": r.files, "audio_seconds": r.audio_seconds}
+                {
+                    "config": r.config,
+                    "seconds": r.seconds,
+                    "task_seconds": r.task_seconds,
+                    "files": r.files,
+                    "audio_seconds": r.audio_seconds,
+                }
                 for r in [*stage_rows, *raw_rows, ray_row]
             ],
             "ray_init_seconds": ray_start,

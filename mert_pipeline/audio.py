@@ -48,16 +48,24 @@ def _os_failure(exc: OSError) -> ProbeFailure:
     return ProbeFailure("unreadable", f"I/O error: {exc.strerror or exc}")
 
 
-def hash_file(path: Path | str) -> str:
-    """xxh3-128 of the file's bytes as 32 hex digits: fast enough to be I/O bound on local disks."""
+def hash_file(path: Path | str) -> tuple[str, int]:
+    """xxh3-128 of the file's bytes (32 hex digits) and how many bytes were hashed.
+
+    The size comes from the same read as the hash, so the two always describe the same content even
+    if the file changes while it is probed. One reused buffer keeps this I/O bound.
+    """
     digest = xxhash.xxh3_128()
+    size = 0
+    buffer = bytearray(HASH_CHUNK)
+    view = memoryview(buffer)
     try:
         with open(path, "rb", buffering=0) as handle:
-            while chunk := handle.read(HASH_CHUNK):
-                digest.update(chunk)
+            while count := handle.readinto(buffer):
+                digest.update(view[:count])
+                size += count
     except OSError as exc:
         raise _os_failure(exc) from exc
-    return digest.hexdigest()
+    return digest.hexdigest(), size
 
 
 def _sndfile_message(exc: Exception) -> str:

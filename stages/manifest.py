@@ -178,9 +178,9 @@ def walk_roots(roots: tuple[str, ...], extensions: tuple[str, ...]) -> Iterator[
 def probe_file(path: str, config: ManifestConfig, tsv_root: str) -> AudioRecord | Reject:
     """One candidate file -> its record, or a reject with a one-line reason. Never raises for bad input."""
     try:
-        if os.path.getsize(path) == 0:
+        content_hash, size = hash_file(path)
+        if size == 0:
             return Reject(path, "empty", "file has 0 bytes")
-        content_hash = hash_file(path)
         info = probe_audio(path, deep=config.deep)
         if info.duration < config.min_seconds:
             return Reject(path, "too_short", f"{info.duration:.3f}s < --min-seconds {config.min_seconds:g}")
@@ -201,7 +201,7 @@ def probe_file(path: str, config: ManifestConfig, tsv_root: str) -> AudioRecord 
         num_samples=info.num_samples,
         duration=info.duration,
         channels=info.channels,
-        size_bytes=os.path.getsize(path),
+        size_bytes=size,
         content_hash=content_hash,
         split=assign_split(record_id, config.seed, config.valid_percent),
     )

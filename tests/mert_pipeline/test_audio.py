@@ -98,4 +98,6 @@ def test_not_audio_and_missing_files(tmp_path: Path) -> None:
 def test_hash_is_xxh3_128_of_the_bytes(tmp_path: Path) -> None:
     data = np.random.default_rng(1).bytes(3 * (1 << 20) + 17)  # spans several read chunks
     (tmp_path / "x.bin").write_bytes(data)
-    assert hash_file(tmp_path / "x.bin") == xxhash.xxh3_128(data).hexdigest()
+    assert hash_file(tmp_path / "x.bin") == (xxhash.xxh3_128(data).hexdigest(), len(data))
+    (tmp_path / "empty").write_bytes(b"")
+    assert hash_file(tmp_path / "empty") == (xxhash.xxh3_128(b"").hexdigest(), 0)
