@@ -21,7 +21,7 @@ from rich.table import Table
 
 from mert_pipeline.executor import ExecutorConfig, Stage, StageReport, Task, TaskOutcome, execute
 from mert_pipeline.fs import WorkdirBusy, atomic_write_text, ensure_writable_dir, workdir_lock
-from stages.manifest import DEFAULT_EXTENSIONS, ManifestConfig, ManifestStage, resolve_roots
+from stages.manifest import DEFAULT_EXTENSIONS, ManifestConfig, ManifestStage, inside_roots, resolve_roots
 
 app = typer.Typer(
     name="mert-pipe",
@@ -231,14 +231,9 @@ def manifest(
         )
     except (ValueError, UsageError) as exc:
         raise fail(str(exc)) from exc
-    if _inside_any(config.workdir, config.roots):
+    if inside_roots(str(config.workdir), config.roots):
         raise fail(f"--out {config.workdir} is inside a root; its own files would be scanned")
     run_stage(ManifestStage(config), exec_config)
-
-
-def _inside_any(path: Path, roots: tuple[str, ...]) -> bool:
-    text = str(path)
-    return any(text == r or text.startswith(r.rstrip("/") + "/") for r in roots)
 
 
 @app.command()

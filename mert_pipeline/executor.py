@@ -256,10 +256,12 @@ def _bounded(
 
 def _run_local(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Iterator[TaskOutcome]:
     """A process pool of `workers` processes; one worker runs in-process (simplest to debug)."""
-    todo = [t for t in tasks if not is_complete(stage, t)]
+    todo = []
     for task in tasks:
         if is_complete(stage, task):
             yield run_task(stage, task)  # reads the saved stats, runs nothing
+        else:
+            todo.append(task)
     if not todo:
         return
     if config.workers <= 1:

@@ -87,7 +87,7 @@ def resolve_roots(roots: list[Path | str]) -> tuple[str, ...]:
     resolved = sorted({os.path.realpath(os.path.abspath(r)) for r in roots})
     for outer in resolved:
         for inner in resolved:
-            if inner != outer and inner.startswith(outer.rstrip("/") + "/"):
+            if inner != outer and inside_roots(inner, (outer,)):
                 raise ValueError(f"root {inner} is inside root {outer}; pass only {outer}")
     return tuple(resolved)
 
@@ -113,7 +113,8 @@ def _path_problem(path: str) -> str | None:
     return None
 
 
-def _inside(path: str, roots: tuple[str, ...]) -> bool:
+def inside_roots(path: str, roots: tuple[str, ...]) -> bool:
+    """Whether `path` is one of the roots or below one (string test on real, absolute paths)."""
     return any(path == root or path.startswith(root.rstrip("/") + "/") for root in roots)
 
 
@@ -155,7 +156,7 @@ def walk_roots(roots: tuple[str, ...], extensions: tuple[str, ...]) -> Iterator[
                 target = os.path.realpath(path)
                 if not os.path.exists(target):
                     yield reject(path, "broken_symlink", f"points to missing {_printable(target)}")
-                elif not _inside(target, roots):
+                elif not inside_roots(target, roots):
                     yield reject(
                         path, "symlink_out_of_tree", f"points outside the roots to {_printable(target)}"
                     )
