@@ -284,9 +284,8 @@ def main() -> None:
     """Entry point: usage errors become the same one-line `error:` as ours, exit code 2."""
     try:
         code = app(prog_name="mert-pipe", standalone_mode=False)
-    except (typer.Abort, KeyboardInterrupt):
-        console.print("interrupted: finished tasks are kept; rerun the same command to resume")
-        sys.exit(130)
+    except (typer.Abort, KeyboardInterrupt):  # outside a command; inside one typer returns 130 itself
+        code = 130
     except typer.TyperException as exc:  # typer's (vendored click) usage and parameter errors
         if type(exc).__name__ == "NoArgsIsHelpError":  # bare `mert-pipe` or `mert-pipe manifest`
             print(exc.format_message())
@@ -295,7 +294,7 @@ def main() -> None:
         hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
         console.print(f"[bold red]error:[/] {exc.format_message()}{hint}", highlight=False, soft_wrap=True)
         sys.exit(getattr(exc, "exit_code", 2))
-    if code == 130:  # typer turns Ctrl-C into exit code 130 without a word
+    if code == 130:  # Ctrl-C: typer exits without a word, so say how to go on
         console.print("interrupted: finished tasks are kept; rerun the same command to resume")
     sys.exit(code or 0)
 

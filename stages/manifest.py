@@ -185,12 +185,8 @@ def probe_file(path: str, config: ManifestConfig, tsv_root: str) -> AudioRecord 
         info = probe_audio(path, deep=config.deep)
         if info.duration < config.min_seconds:
             return Reject(path, "too_short", f"{info.duration:.3f}s < --min-seconds {config.min_seconds:g}")
-    except ProbeFailure as failure:
+    except ProbeFailure as failure:  # hash_file and probe_audio turn every OSError into one
         return Reject(path, failure.reason, failure.detail)
-    except PermissionError as exc:
-        return Reject(path, "permission_denied", f"cannot open: {exc.strerror}")
-    except OSError as exc:
-        return Reject(path, "unreadable", f"I/O error: {exc.strerror or exc}")
     record_id = content_hash[:16]
     return AudioRecord(
         id=record_id,
