@@ -11,7 +11,14 @@ from manifests.io import (
     manifest_root,
     read_fairseq_tsv,
 )
-from manifests.records import REJECT_REASONS, AudioRecord, RecordError, Reject, assign_split
+from manifests.records import (
+    REJECT_REASONS,
+    AudioRecord,
+    RecordError,
+    Reject,
+    ResampledRecord,
+    assign_split,
+)
 
 __all__ = [
     "REJECT_REASONS",
@@ -21,6 +28,7 @@ __all__ = [
     "RecordError",
     "Reject",
     "RejectsWriter",
+    "ResampledRecord",
     "assign_split",
     "count_records",
     "iter_batches",

@@ -15,7 +15,7 @@ from types import TracebackType
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.records import AUDIO_SCHEMA, SCHEMA_VERSION, AudioRecord, Reject, record_to_row
+from manifests.records import SCHEMA_VERSION, SCHEMAS, AudioRecord, Record, Reject, record_to_row
 from mert_pipeline.fs import atomic_path
 
 ROW_GROUP = 65536
@@ -24,12 +24,19 @@ META_VERSION = b"mert_pipeline.schema_version"
 
 
 class ManifestWriter:
-    """Append validated `AudioRecord`s to a Parquet file; row groups have a fixed size so the bytes
-    depend only on the records, not on how callers batched them."""
+    """Append validated records (`AudioRecord` by default) to a Parquet file; row groups have a fixed size
+    so the bytes depend only on the records, not on how callers batched them."""
 
-    def __init__(self, path: Path | str, root: str, row_group_size: int = ROW_GROUP) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        root: str,
+        row_group_size: int = ROW_GROUP,
+        record_type: type[Record] = AudioRecord,
+    ) -> None:
         self.path = Path(path)
         self.root = root
+        self.record_type = record_type
         self.row_group_size = row_group_size
         self.count = 0
         self._rows: list[dict] = []
@@ -38,13 +45,15 @@ class ManifestWriter:
 
     def __enter__(self) -> ManifestWriter:
         tmp = self._atomic.__enter__()
-        schema = AUDIO_SCHEMA.with_metadata(
+        schema = SCHEMAS[self.record_type].with_metadata(
             {META_ROOT: self.root.encode(), META_VERSION: SCHEMA_VERSION.encode()}
         )
         self._writer = pq.ParquetWriter(tmp, schema, compression="zstd")
         return self
 
-    def write(self, record: AudioRecord) -> None:
+    def write(self, record: Record) -> None:
+        if type(record) is not self.record_type:
+            raise TypeError(f"this writer takes {self.record_type.__name__}, not {type(record).__name__}")
         record.validate()
         self._rows.append(record_to_row(record))
         self.count += 1
@@ -81,11 +90,13 @@ def iter_batches(
     yield from pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
 
 
-def iter_records(path: Path | str, batch_size: int = 4096) -> Iterator[AudioRecord]:
+def iter_records(
+    path: Path | str, batch_size: int = 4096, record_type: type[Record] = AudioRecord
+) -> Iterator[Record]:
     """Stream records from a manifest, one batch of rows in memory at a time."""
     for batch in iter_batches(path, batch_size):
         for row in batch.to_pylist():
-            yield AudioRecord(**row)
+            yield record_type(**row)
 
 
 def count_records(path: Path | str) -> int:
@@ -156,8 +167,10 @@ def read_fairseq_tsv(path: Path | str) -> tuple[str, list[tuple[str, int]]]:
     return root, rows
 
 
-def write_records(path: Path | str, root: str, records: Iterable[AudioRecord]) -> int:
-    with ManifestWriter(path, root) as writer:
+def write_records(
+    path: Path | str, root: str, records: Iterable[Record], record_type: type[Record] = AudioRecord
+) -> int:
+    with ManifestWriter(path, root, record_type=record_type) as writer:
         for record in records:
             writer.write(record)
     return writer.count

@@ -33,6 +33,11 @@ REJECT_REASONS: dict[str, str] = {
     "broken_symlink": "symbolic link whose target does not exist",
     "not_regular_file": "not a regular file (FIFO, socket or device)",
     "duplicate": "same content as a file accepted earlier in sorted order",
+    # resample stage
+    "missing": "the file listed in the manifest no longer exists",
+    "changed": "the file's size differs from the manifest's: it changed after `mert-pipe manifest` ran",
+    "silent": "all samples are (near) zero and --on-silence is reject",
+    "clipped": "too many samples at full scale and --on-clipping is reject",
 }
 
 _ID = re.compile(r"^[0-9a-f]{16}$")
@@ -116,7 +121,93 @@ AUDIO_SCHEMA = pa.schema(
 assert [f.name for f in fields(AudioRecord)] == AUDIO_SCHEMA.names
 
 
-def record_to_row(record: AudioRecord) -> dict:
+@dataclass(frozen=True)
+class ResampledRecord:
+    """One file as the resample stage wrote it: mono, at the target rate, plus what was measured on the way.
+
+    The id is the source's id (one output per source), so labels and shards keyed by id trace back to
+    the original file. `peak` and `clipped_samples` are measured before quantization; `silent` and
+    `clipped` are the stage's flags (kept files may carry them, see --on-silence / --on-clipping).
+    """
+
+    id: str
+    path: str  # absolute path of the written file
+    relpath: str  # relative to the audio directory (the first line of its train.tsv)
+    format: str  # FLAC | WAV
+    subtype: str  # PCM_16 | PCM_24 | FLOAT
+    sampling_rate: int
+    num_samples: int
+    duration: float
+    channels: int  # always 1
+    size_bytes: int
+    content_hash: str  # xxh3-128 of the written file
+    source_path: str
+    source_hash: str  # the source's content_hash from the input manifest
+    source_sampling_rate: int
+    source_channels: int
+    source_num_samples: int
+    peak: float  # max |sample| before quantization, full scale = 1.0 (may exceed 1 for overshoot)
+    clipped_samples: int  # samples at or beyond full scale (before any clamp)
+    silent: bool
+    clipped: bool
+    split: str
+
+    def validate(self) -> None:
+        def bad(why: str) -> RecordError:
+            return RecordError(f"invalid resampled record for {self.source_path!r}: {why}")
+
+        if not _ID.match(self.id):
+            raise bad(f"id {self.id!r} is not 16 lowercase hex digits")
+        if not _HASH.match(self.content_hash) or not _HASH.match(self.source_hash):
+            raise bad("content_hash and source_hash must be 32 hex digits")
+        if not self.source_hash.startswith(self.id):
+            raise bad("source_hash must start with the id")
+        if not self.path.startswith("/") or not self.path.endswith("/" + self.relpath):
+            raise bad("path must be absolute and end with relpath")
+        if self.channels != 1:
+            raise bad("resampled audio is mono")
+        if self.sampling_rate <= 0 or self.num_samples <= 0 or self.size_bytes <= 0:
+            raise bad("sampling_rate, num_samples and size_bytes must be positive")
+        if abs(self.duration - self.num_samples / self.sampling_rate) > 1e-6:
+            raise bad("duration must equal num_samples / sampling_rate")
+        if not (self.peak >= 0.0) or self.clipped_samples < 0:
+            raise bad("peak and clipped_samples must be non-negative")
+        if self.split not in SPLITS:
+            raise bad(f"split must be one of {SPLITS}")
+
+
+RESAMPLED_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("path", pa.string()),
+        ("relpath", pa.string()),
+        ("format", pa.string()),
+        ("subtype", pa.string()),
+        ("sampling_rate", pa.int32()),
+        ("num_samples", pa.int64()),
+        ("duration", pa.float64()),
+        ("channels", pa.int16()),
+        ("size_bytes", pa.int64()),
+        ("content_hash", pa.string()),
+        ("source_path", pa.string()),
+        ("source_hash", pa.string()),
+        ("source_sampling_rate", pa.int32()),
+        ("source_channels", pa.int16()),
+        ("source_num_samples", pa.int64()),
+        ("peak", pa.float32()),
+        ("clipped_samples", pa.int64()),
+        ("silent", pa.bool_()),
+        ("clipped", pa.bool_()),
+        ("split", pa.string()),
+    ]
+)
+assert [f.name for f in fields(ResampledRecord)] == RESAMPLED_SCHEMA.names
+
+Record = AudioRecord | ResampledRecord
+SCHEMAS: dict[type, pa.Schema] = {AudioRecord: AUDIO_SCHEMA, ResampledRecord: RESAMPLED_SCHEMA}
+
+
+def record_to_row(record: Record) -> dict:
     return asdict(record)
 
 

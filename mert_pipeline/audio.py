@@ -42,7 +42,7 @@ class AudioInfo:
         return self.num_samples / self.sampling_rate
 
 
-def _os_failure(exc: OSError) -> ProbeFailure:
+def os_failure(exc: OSError) -> ProbeFailure:
     if isinstance(exc, PermissionError):
         return ProbeFailure("permission_denied", f"cannot open: {exc.strerror}")
     return ProbeFailure("unreadable", f"I/O error: {exc.strerror or exc}")
@@ -64,14 +64,26 @@ def hash_file(path: Path | str) -> tuple[str, int]:
                 digest.update(view[:count])
                 size += count
     except OSError as exc:
-        raise _os_failure(exc) from exc
+        raise os_failure(exc) from exc
     return digest.hexdigest(), size
 
 
-def _sndfile_message(exc: Exception) -> str:
+def sndfile_message(exc: Exception) -> str:
     """libsndfile's own words without the 'Error opening <path>:' prefix that repeats the path."""
     message = getattr(exc, "error_string", None) or str(exc)
     return message.rsplit("': ", 1)[-1].strip()
+
+
+def open_audio(path: Path | str) -> sf.SoundFile:
+    """Open a file for reading; failures become a `ProbeFailure` with a reason code."""
+    try:
+        return sf.SoundFile(path)
+    except OSError as exc:
+        raise os_failure(exc) from exc
+    except Exception as exc:  # noqa: BLE001 - libsndfile reports every kind of bad input this way
+        message = sndfile_message(exc)
+        reason = "not_audio" if "not recognised" in message.lower() else "decode_error"
+        raise ProbeFailure(reason, f"libsndfile: {message}") from exc
 
 
 def _check_finite(block: np.ndarray, where: str) -> None:
@@ -81,15 +93,7 @@ def _check_finite(block: np.ndarray, where: str) -> None:
 
 def probe_audio(path: Path | str, deep: bool = False) -> AudioInfo:
     """Header facts of an audio file, verified by decoding its edges (or everything, if `deep`)."""
-    try:
-        handle = sf.SoundFile(path)
-    except OSError as exc:
-        raise _os_failure(exc) from exc
-    except Exception as exc:  # noqa: BLE001 - libsndfile reports every kind of bad input this way
-        message = _sndfile_message(exc)
-        reason = "not_audio" if "not recognised" in message.lower() else "decode_error"
-        raise ProbeFailure(reason, f"libsndfile: {message}") from exc
-    with handle:
+    with open_audio(path) as handle:
         info = AudioInfo(handle.format, handle.subtype, handle.samplerate, handle.channels, handle.frames)
         if info.num_samples <= 0:
             raise ProbeFailure("empty", "header reports 0 audio frames")
@@ -101,7 +105,7 @@ def probe_audio(path: Path | str, deep: bool = False) -> AudioInfo:
         except ProbeFailure:
             raise
         except Exception as exc:  # noqa: BLE001
-            raise ProbeFailure("decode_error", f"corrupt data: {_sndfile_message(exc)}") from exc
+            raise ProbeFailure("decode_error", f"corrupt data: {sndfile_message(exc)}") from exc
     return info
 
 
@@ -115,7 +119,7 @@ def _decode_edges(handle: sf.SoundFile, info: AudioInfo) -> None:
         raise ProbeFailure(
             "decode_error",
             f"truncated or corrupt: cannot seek to frame {tail_start} of the {info.num_samples} the header "
-            f"claims (libsndfile: {_sndfile_message(exc)})",
+            f"claims (libsndfile: {sndfile_message(exc)})",
         ) from exc
     tail = handle.read(info.num_samples - tail_start, dtype="float32", always_2d=True)
     if tail_start + len(tail) < info.num_samples:
@@ -135,7 +139,7 @@ def _decode_all(handle: sf.SoundFile, info: AudioInfo) -> None:
             raise ProbeFailure(
                 "decode_error",
                 f"truncated or corrupt: decoding stopped at {decoded / info.sampling_rate:.2f}s of "
-                f"{info.duration:.2f}s (libsndfile: {_sndfile_message(exc)})",
+                f"{info.duration:.2f}s (libsndfile: {sndfile_message(exc)})",
             ) from exc
         if not len(block):
             break

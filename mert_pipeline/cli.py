@@ -21,7 +21,9 @@ from rich.table import Table
 
 from mert_pipeline.executor import ExecutorConfig, Stage, StageReport, Task, TaskOutcome, execute
 from mert_pipeline.fs import WorkdirBusy, atomic_write_text, ensure_writable_dir, workdir_lock
+from mert_pipeline.resample import OutputSpec
 from stages.manifest import DEFAULT_EXTENSIONS, ManifestConfig, ManifestStage, inside_roots, resolve_roots
+from stages.resample import ResampleConfig, ResampleStage
 
 app = typer.Typer(
     name="mert-pipe",
@@ -236,6 +238,77 @@ def manifest(
     run_stage(ManifestStage(config), exec_config)
 
 
+def _existing_workdir(workdir: Path) -> Path:
+    if not (workdir / "manifest.parquet").exists():
+        raise fail(
+            f"{workdir}/manifest.parquet not found: run `mert-pipe manifest ROOT... --out {workdir}` first"
+        )
+    return _check_workdir(workdir)
+
+
+@app.command()
+def resample(
+    workdir: Annotated[Path, typer.Argument(help="WORKDIR holding manifest.parquet (from `manifest`).")],
+    sample_rate: Annotated[
+        int, typer.Option("--sample-rate", min=1000, max=384000, help="Target rate in Hz (MERT: 24000).")
+    ] = 24000,
+    fmt: Annotated[
+        str, typer.Option("--format", help="flac (lossless, about half the size) or wav.")
+    ] = "flac",
+    bits: Annotated[int, typer.Option("--bits", help="16 or 24: integer sample width written.")] = 16,
+    quality: Annotated[str, typer.Option("--quality", help="soxr recipe: hq or vhq.")] = "hq",
+    on_silence: Annotated[
+        str, typer.Option("--on-silence", help="keep (flagged in the manifest) or reject all-silent files.")
+    ] = "keep",
+    on_clipping: Annotated[
+        str, typer.Option("--on-clipping", help="keep (flagged in the manifest) or reject clipped files.")
+    ] = "keep",
+    clip_fraction: Annotated[
+        float,
+        typer.Option(
+            "--clip-fraction",
+            min=0.0,
+            max=1.0,
+            help="A file is clipped above this fraction of full-scale samples.",
+        ),
+    ] = 1e-3,
+    files_per_task: Annotated[
+        int, typer.Option("--files-per-task", min=1, help="Files per task (unit of scheduling).")
+    ] = 32,
+    executor: ExecutorOpt = "local",
+    workers: WorkersOpt = DEFAULT_WORKERS,
+    ray_address: RayAddressOpt = None,
+    max_retries: MaxRetriesOpt = 3,
+    cpus_per_task: CpusOpt = None,
+    gpus_per_task: GpusOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Write every file of the manifest as mono audio at --sample-rate into WORKDIR/audio_24k/.
+
+    Reads: WORKDIR/manifest.parquet. Writes: WORKDIR/audio_24k/ab/<id>.flac (one file per id),
+    WORKDIR/audio_24k/manifest.parquet, rejects.jsonl, train.tsv, valid.tsv, WORKDIR/stats/resample.json.
+    Channels are averaged; soxr resamples in blocks, so memory does not grow with file length.
+    """
+    workdir = _existing_workdir(workdir)
+    try:
+        config = ResampleConfig(
+            workdir=workdir,
+            output=OutputSpec(
+                sample_rate=sample_rate, format=fmt.upper(), bits=bits, quality=quality.upper()
+            ),
+            on_silence=on_silence,
+            on_clipping=on_clipping,
+            clip_fraction=clip_fraction,
+            files_per_task=files_per_task,
+        )
+        exec_config = executor_config(
+            executor, workers, ray_address, force, max_retries, cpus_per_task, gpus_per_task
+        )
+    except (ValueError, UsageError) as exc:
+        raise fail(str(exc)) from exc
+    run_stage(ResampleStage(config), exec_config)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Where the synthesized corpus and WORKDIR go.")] = Path(
@@ -261,7 +334,9 @@ def demo(
     done_flag = out / ".corpus-complete"  # outside the corpus, which is scanned
     if not done_flag.exists():
         with console.status("synthesizing the demo corpus"):
-            synthesize_demo_corpus(corpus, n_tracks=tracks, seed=seed, with_bad_files=True)
+            synthesize_demo_corpus(
+                corpus, n_tracks=tracks, seed=seed, with_bad_files=True, with_edge_cases=True
+            )
         atomic_write_text(done_flag, f"tracks={tracks} seed={seed}\n")
     console.print(f"corpus: {corpus}", highlight=False)
     try:
@@ -271,13 +346,14 @@ def demo(
     config = ManifestConfig(
         roots=resolve_roots([corpus]), workdir=_check_workdir(workdir), valid_percent=0.1, files_per_task=8
     )
-    report = run_stage(ManifestStage(config), exec_config)
-    outputs = report.summary["outputs"]
+    outputs = dict(run_stage(ManifestStage(config), exec_config).summary["outputs"])
+    resample_config = ResampleConfig(workdir=config.workdir, files_per_task=4)
+    outputs.update(run_stage(ResampleStage(resample_config), exec_config).summary["outputs"])
     console.print(
         f"\n[bold green]demo finished[/] in {time.perf_counter() - start:.1f} s. Outputs:", highlight=False
     )
     for name, path in outputs.items():
-        console.print(f"  {name:10s} {path}", highlight=False)
+        console.print(f"  {name:16s} {path}", highlight=False)
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "render_track",
     "synthesize_demo_corpus",
     "write_bad_files",
+    "write_edge_cases",
     "write_corpus",
 ]
 
@@ -669,11 +670,54 @@ def write_bad_files(root: Path) -> dict[str, str]:
     return expected
 
 
+def write_edge_cases(root: Path) -> dict[str, str]:
+    """Write files under root/edge/ that a quick manifest probe accepts but whole-file decoding judges.
+
+    Maps each relpath to what the resample stage must make of it: a reject reason (`non_finite`,
+    `decode_error`), a flag it keeps the file with (`silent`, `clipped`), or `copied` for a file that
+    already is 24 kHz mono 16-bit FLAC.
+    """
+    root = Path(root)
+    edge = root / "edge"
+    edge.mkdir(parents=True, exist_ok=True)
+    expected: dict[str, str] = {}
+
+    sf.write(edge / "silence.flac", np.zeros(5 * 24000, dtype=np.int16), 24000, subtype="PCM_16")
+    expected["edge/silence.flac"] = "silent"
+
+    loud = np.clip(render_track(4244, 5.0, 44100, 2) * 8.0, -1.0, 1.0)  # hard-clipped master
+    sf.write(edge / "clipped.wav", loud, 44100, format="WAV", subtype="PCM_16")
+    expected["edge/clipped.wav"] = "clipped"
+
+    nan_middle = render_track(4245, 5.0, 32000, 1).astype(np.float32)
+    nan_middle[len(nan_middle) // 2] = np.nan  # the quick probe decodes only the edges
+    sf.write(edge / "nan_middle.wav", nan_middle, 32000, format="WAV", subtype="FLOAT")
+    _zero_wav_peak_timestamp(edge / "nan_middle.wav")
+    expected["edge/nan_middle.wav"] = "non_finite"
+
+    buf = io.BytesIO()
+    sf.write(buf, render_track(4246, 8.0, 44100, 2), 44100, format="FLAC", subtype="PCM_16")
+    data = bytearray(buf.getvalue())
+    middle = len(data) // 2
+    data[middle : middle + 4096] = bytes(4096)  # frames lost mid-file; header, head and tail intact
+    (edge / "corrupt_middle.flac").write_bytes(bytes(data))
+    expected["edge/corrupt_middle.flac"] = "decode_error"
+
+    sf.write(edge / "already_24k.flac", render_track(4247, 4.0, 24000, 1), 24000, subtype="PCM_16")
+    expected["edge/already_24k.flac"] = "copied"
+    return expected
+
+
 def synthesize_demo_corpus(
-    root: Path, n_tracks: int = 24, seed: int = 0, with_bad_files: bool = True
+    root: Path, n_tracks: int = 24, seed: int = 0, with_bad_files: bool = True, with_edge_cases: bool = False
 ) -> tuple[list[Path], dict[str, str]]:
-    """One call for demos and tests: plan + write the corpus, optionally add the broken files."""
+    """One call for demos and tests: plan + write the corpus, optionally add the broken and edge files.
+
+    Returns the track paths and the expected outcome of each broken/edge file by relpath.
+    """
     root = Path(root)
     paths = write_corpus(root, plan_corpus(n_tracks=n_tracks, seed=seed))
-    bad = write_bad_files(root) if with_bad_files else {}
-    return paths, bad
+    expected = write_bad_files(root) if with_bad_files else {}
+    if with_edge_cases:
+        expected.update(write_edge_cases(root))
+    return paths, expected

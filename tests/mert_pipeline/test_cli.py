@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from manifests import iter_records, iter_rejects
+from manifests import ResampledRecord, iter_records, iter_rejects
 from tests.helpers import REPO
 
 
@@ -35,14 +35,18 @@ def small_corpus(root: Path, n: int = 3) -> Path:
     return root
 
 
-@pytest.mark.parametrize("command", ["manifest", "demo"])
+@pytest.mark.parametrize("command", ["manifest", "resample", "demo"])
 def test_help_says_what_each_command_reads_and_writes(command: str) -> None:
     result = mert_pipe(command, "--help")
     assert result.returncode == 0
     assert "--executor" in result.stdout and "--workers" in result.stdout
-    if command == "manifest":
-        for word in ("Reads", "Writes", "rejects.jsonl", "train.tsv", "--ray-address", "--force", "--deep"):
-            assert word in result.stdout
+    words = {
+        "manifest": ("Reads", "Writes", "rejects.jsonl", "train.tsv", "--ray-address", "--force", "--deep"),
+        "resample": ("Reads", "Writes", "audio_24k", "--sample-rate", "--format", "--on-silence", "--force"),
+        "demo": ("--tracks",),
+    }
+    for word in words[command]:
+        assert word in result.stdout
 
 
 def test_top_level_help_lists_commands() -> None:
@@ -116,6 +120,29 @@ def test_manifest_runs_and_summarises(tmp_path: Path) -> None:
     assert stats["summary"]["counts"]["accepted"] == 3
 
 
+def test_resample_runs_after_manifest_and_refuses_misuse(tmp_path: Path) -> None:
+    work = str(tmp_path / "w")
+    result = mert_pipe("resample", work)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"error: {work}/manifest.parquet not found: run `mert-pipe manifest ROOT... --out {work}` first"
+    )
+    assert mert_pipe("manifest", str(small_corpus(tmp_path / "m")), "--out", work).returncode == 0
+    for args, message in [
+        (("--format", "mp3"), "error: format must be one of ('FLAC', 'WAV'), not 'MP3'"),
+        (("--bits", "8"), "error: bits must be 16 or 24, not 8"),
+        (("--on-silence", "drop"), "error: on_silence must be one of ('keep', 'reject'), not 'drop'"),
+    ]:
+        result = mert_pipe("resample", work, *args)
+        assert result.returncode == 2 and result.stderr.strip() == message, result.stderr
+    result = mert_pipe("resample", work, "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    for word in ("resample summary", "accepted", "resampled", "copied", "throughput"):
+        assert word in result.stderr
+    assert len(list((tmp_path / "w/audio_24k").rglob("*.flac"))) == 3
+
+
 def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path: Path) -> None:
     corpus = small_corpus(tmp_path / "m")
     holder = "import sys, time; from pathlib import Path; from mert_pipeline.fs import workdir_lock\n"
@@ -142,13 +169,18 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert "demo finished" in result.stderr
     work = tmp_path / "demo" / "work"
     records = list(iter_records(work / "manifest.parquet"))
-    assert len(records) == 6
+    assert len(records) == 6 + 5  # the tracks and the edge cases a quick probe accepts
     reasons = sorted(r.reason for r in iter_rejects(work / "rejects.jsonl"))
     assert reasons == ["decode_error", "empty", "extension", "not_audio", "not_audio", "too_short"]
+    resampled = list(iter_records(work / "audio_24k/manifest.parquet", record_type=ResampledRecord))
+    assert len(resampled) == 6 + 3 and all(r.sampling_rate == 24000 and r.channels == 1 for r in resampled)
+    reasons = sorted(r.reason for r in iter_rejects(work / "audio_24k/rejects.jsonl"))
+    assert reasons == ["decode_error", "non_finite"]
     again = mert_pipe("demo", "--out", str(tmp_path / "demo"), "--tracks", "6", "--workers", "2")
     assert again.returncode == 0
-    stats = json.loads((work / "stats/manifest.json").read_text())
-    assert stats["tasks"]["done"] == 0 and stats["tasks"]["skipped"] == stats["tasks"]["total"]
+    for stage in ("manifest", "resample"):
+        stats = json.loads((work / f"stats/{stage}.json").read_text())
+        assert stats["tasks"]["done"] == 0 and stats["tasks"]["skipped"] == stats["tasks"]["total"]
 
 
 @pytest.mark.ray

@@ -1,0 +1,355 @@
+"""`resample` stage: every file of the manifest to mono at the target rate (24 kHz), one file per id.
+
+Plan (driver): stream `WORKDIR/manifest.parquet` and cut it into chunks of `files_per_task` rows;
+chunk i is task i. Run (worker): resample each file of the chunk (see `mert_pipeline.resample`) to
+`AUDIO_DIR/ab/<id>.flac` (`ab` = the id's first two hex digits, so no directory holds more than 1/256
+of the corpus), and write `parts/RANK.parquet` (records) and `rejects/RANK.jsonl`. Every finished file
+is also appended to `journal/RANK.jsonl`, so a task killed halfway redoes only its unfinished files.
+Finalize (driver): merge the parts in rank order into the dataset directory `AUDIO_DIR`
+(`WORKDIR/audio_24k` at 24 kHz):
+
+- `manifest.parquet`: one `ResampledRecord` per written file (new path, num_samples, duration, the
+  source id/path/rate/channels, peak, clipped samples, silence/clipping flags),
+- `rejects.jsonl`: every manifest row that was not written, with its reason,
+- `train.tsv` / `valid.tsv`: fairseq manifests whose root is `AUDIO_DIR` itself (the official scripts
+  keep naming the original root after resampling; here the header names where the files are).
+
+Audio files that no longer belong to the manifest (rejected on this run, or left by an earlier run with
+other options) are deleted, so the directory holds exactly what the manifest lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_batches, iter_rejects
+from manifests.records import SCHEMA_VERSION, Reject, ResampledRecord
+from mert_pipeline.audio import ProbeFailure, hash_file
+from mert_pipeline.executor import Resources, Task, stage_dir
+from mert_pipeline.fs import atomic_path, atomic_write_bytes, remove_stale_tmp
+from mert_pipeline.resample import SILENCE_PEAK, OutputSpec, resample_file
+
+MANIFEST = "manifest.parquet"
+REJECTS = "rejects.jsonl"
+POLICIES = ("keep", "reject")
+SUBDIRS = ("listing", "parts", "rejects", "journal", "completions", "stats", "errors")
+LISTING_COLUMNS = ["id", "path", "size_bytes", "content_hash", "split", "sampling_rate", "channels"]
+_AUDIO_NAME = re.compile(r"^[0-9a-f]{16}\.(flac|wav)$")
+
+
+def audio_dir_name(sample_rate: int) -> str:
+    """`audio_24k` for 24000 Hz, `audio_22050hz` where the rate is not a whole number of kHz."""
+    return f"audio_{sample_rate // 1000}k" if sample_rate % 1000 == 0 else f"audio_{sample_rate}hz"
+
+
+@dataclass(frozen=True)
+class ResampleConfig:
+    workdir: Path
+    output: OutputSpec = field(default_factory=OutputSpec)
+    on_silence: str = "keep"  # keep (flagged `silent` in the manifest) | reject
+    on_clipping: str = "keep"  # keep (flagged `clipped`) | reject
+    clip_fraction: float = 1e-3  # flag a file when more than this fraction of samples hit full scale
+    files_per_task: int = 32
+
+    def __post_init__(self) -> None:
+        for name in ("on_silence", "on_clipping"):
+            if getattr(self, name) not in POLICIES:
+                raise ValueError(f"{name} must be one of {POLICIES}, not {getattr(self, name)!r}")
+        if not 0.0 <= self.clip_fraction <= 1.0:
+            raise ValueError(f"clip_fraction is a fraction in [0, 1], got {self.clip_fraction}")
+        if self.files_per_task < 1:
+            raise ValueError("files_per_task must be at least 1")
+
+    @property
+    def audio_dir(self) -> Path:
+        return self.workdir / audio_dir_name(self.output.sample_rate)
+
+    def fingerprint(self) -> str:
+        """Everything that changes a file's output or its verdict; the workdir and task size do not."""
+        keys = {k: v for k, v in asdict(self).items() if k not in ("workdir", "files_per_task")}
+        keys["schema"] = SCHEMA_VERSION
+        return hashlib.sha256(json.dumps(keys, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def output_relpath(record_id: str, spec: OutputSpec) -> str:
+    return f"{record_id[:2]}/{record_id}{spec.suffix}"
+
+
+def resample_one(row: dict[str, Any], config: ResampleConfig) -> ResampledRecord | Reject:
+    """One manifest row -> its written file's record, or a reject. Never raises for bad input.
+
+    The file appears under its final name only once it is complete and accepted (temporary name,
+    then rename); a rejected or failed file leaves nothing behind.
+    """
+    source = row["path"]
+    spec = config.output
+    relpath = output_relpath(row["id"], spec)
+    final = config.audio_dir / relpath
+    try:
+        try:
+            size = os.stat(source).st_size
+        except FileNotFoundError:
+            return Reject(source, "missing", "listed in the manifest but no longer exists")
+        except OSError as exc:
+            return Reject(source, "unreadable", f"cannot stat: {exc.strerror}")
+        if size != row["size_bytes"]:
+            return Reject(
+                source,
+                "changed",
+                f"size is {size} bytes, the manifest says {row['size_bytes']}; rerun manifest",
+            )
+        with atomic_path(final) as tmp:
+            result = resample_file(source, tmp, spec)
+            if (result.source_rate, result.source_channels) != (row["sampling_rate"], row["channels"]):
+                raise ProbeFailure(
+                    "changed",
+                    f"now {result.source_rate} Hz x {result.source_channels} ch, the manifest says "
+                    f"{row['sampling_rate']} Hz x {row['channels']} ch; rerun manifest",
+                )
+            silent = result.peak < SILENCE_PEAK
+            clipped = result.clipped_samples > config.clip_fraction * result.num_samples
+            if silent and config.on_silence == "reject":
+                raise ProbeFailure("silent", f"peak {result.peak:.2e} is below -90 dBFS")
+            if clipped and config.on_clipping == "reject":
+                raise ProbeFailure(
+                    "clipped",
+                    f"{result.clipped_samples} of {result.num_samples} samples at full scale "
+                    f"(> --clip-fraction {config.clip_fraction:g})",
+                )
+            content_hash, size_bytes = hash_file(tmp)
+    except ProbeFailure as failure:
+        return Reject(source, failure.reason, failure.detail)
+    return ResampledRecord(
+        id=row["id"],
+        path=str(final),
+        relpath=relpath,
+        format=spec.format,
+        subtype=result.subtype,
+        sampling_rate=spec.sample_rate,
+        num_samples=result.num_samples,
+        duration=result.num_samples / spec.sample_rate,
+        channels=1,
+        size_bytes=size_bytes,
+        content_hash=content_hash,
+        source_path=source,
+        source_hash=row["content_hash"],
+        source_sampling_rate=result.source_rate,
+        source_channels=result.source_channels,
+        source_num_samples=result.source_frames,
+        peak=result.peak,
+        clipped_samples=result.clipped_samples,
+        silent=silent,
+        clipped=clipped,
+        split=row["split"],
+    )
+
+
+class _Journal:
+    """Per-task log of finished files, so a task killed halfway does not redo them.
+
+    The first line is the task fingerprint: a journal from other inputs or options is ignored. A line
+    cut short by a kill fails to parse and is ignored with everything after it.
+    """
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        self.path = path
+        self.done: dict[str, ResampledRecord | Reject] = {}
+        lines: list[str] = []
+        with contextlib.suppress(FileNotFoundError):
+            lines = path.read_text(encoding="utf-8").split("\n")
+        if lines and lines[0] == fingerprint:
+            for line in lines[1:]:
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                if "record" in item:
+                    record = ResampledRecord(**item["record"])
+                    if _still_there(record):
+                        self.done[record.id] = record
+                else:
+                    self.done[item["id"]] = Reject(**item["reject"])
+            self._handle = path.open("a", encoding="utf-8")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = path.open("w", encoding="utf-8")
+            self._handle.write(fingerprint + "\n")
+            self._handle.flush()
+
+    def add(self, record_id: str, result: ResampledRecord | Reject) -> None:
+        key = "record" if isinstance(result, ResampledRecord) else "reject"
+        line = json.dumps({"id": record_id, key: asdict(result)}, ensure_ascii=False)
+        self._handle.write(line + "\n")
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _still_there(record: ResampledRecord) -> bool:
+    try:
+        return os.stat(record.path).st_size == record.size_bytes
+    except OSError:
+        return False
+
+
+@dataclass
+class ResampleStage:
+    """The resample stage over one `ResampleConfig`; picklable, so it travels to pool and Ray workers."""
+
+    config: ResampleConfig
+    name: str = "resample"
+    resources: Resources = field(default_factory=Resources)
+
+    @property
+    def workdir(self) -> Path:
+        return self.config.workdir
+
+    @property
+    def source_manifest(self) -> Path:
+        return self.config.workdir / MANIFEST
+
+    def _path(self, sub: str, rank: int, suffix: str = "") -> Path:
+        return stage_dir(self) / sub / f"{rank:05d}{suffix}"
+
+    def plan(self) -> list[Task]:
+        """Cut the manifest into task-sized listings on disk, streaming (one batch of rows in memory)."""
+        if not self.source_manifest.exists():
+            raise FileNotFoundError(f"{self.source_manifest} not found: run `mert-pipe manifest` first")
+        remove_stale_tmp(self.config.audio_dir)
+        config_fp = self.config.fingerprint()
+        tasks: list[Task] = []
+        chunk: list[str] = []
+
+        def flush() -> None:
+            data = "".join(chunk).encode()
+            rank = len(tasks)
+            atomic_write_bytes(self._path("listing", rank, ".jsonl"), data)
+            fingerprint = hashlib.sha256(config_fp.encode() + data).hexdigest()
+            tasks.append(Task(rank=rank, fingerprint=fingerprint, size=len(chunk)))
+            chunk.clear()
+
+        for batch in iter_batches(self.source_manifest, columns=LISTING_COLUMNS):
+            for row in batch.to_pylist():
+                chunk.append(json.dumps(row, ensure_ascii=True, sort_keys=True) + "\n")
+                if len(chunk) >= self.config.files_per_task:
+                    flush()
+        if chunk:
+            flush()
+        for sub in SUBDIRS:  # ranks beyond the new count belong to a larger, older manifest
+            for path in (stage_dir(self) / sub).glob("[0-9]*"):
+                if int(path.name[:5]) >= len(tasks):
+                    path.unlink()
+        return tasks
+
+    def run(self, task: Task, stats: Counter) -> None:
+        rows = [
+            json.loads(line) for line in self._path("listing", task.rank, ".jsonl").read_text().splitlines()
+        ]
+        journal = _Journal(self._path("journal", task.rank, ".jsonl"), task.fingerprint)
+        audio_root = str(self.config.audio_dir)
+        try:
+            with (
+                ManifestWriter(
+                    self._path("parts", task.rank, ".parquet"), audio_root, record_type=ResampledRecord
+                ) as accepted,
+                RejectsWriter(self._path("rejects", task.rank, ".jsonl")) as rejects,
+            ):
+                for row in rows:
+                    result = journal.done.get(row["id"])
+                    if result is None:
+                        result = resample_one(row, self.config)
+                        journal.add(row["id"], result)
+                    else:
+                        stats["resumed"] += 1
+                    stats["files_seen"] += 1
+                    if isinstance(result, Reject):
+                        rejects.write(result)
+                        stats[f"rejected.{result.reason}"] += 1
+                        continue
+                    accepted.write(result)
+                    stats["written"] += 1
+                    stats["copied" if _is_copy(result) else "resampled"] += 1
+                    stats["silent"] += result.silent
+                    stats["clipped"] += result.clipped
+                    stats["audio_seconds"] += result.duration
+                    stats["source_audio_seconds"] += result.source_num_samples / result.source_sampling_rate
+                    stats["bytes"] += result.size_bytes
+        finally:
+            journal.close()
+
+    def finalize(self, tasks: list[Task], stats: dict[str, float]) -> dict[str, Any]:
+        """Merge the parts in rank order into AUDIO_DIR's manifest, rejects and tsv files; prune strays."""
+        audio_dir = self.config.audio_dir
+        root = str(audio_dir)
+        summary: Counter = Counter()
+        kept: set[str] = set()
+        with (
+            ManifestWriter(audio_dir / MANIFEST, root, record_type=ResampledRecord) as manifest,
+            RejectsWriter(audio_dir / REJECTS) as rejects,
+            FairseqTsvWriter(audio_dir / "train.tsv", root) as train,
+            FairseqTsvWriter(audio_dir / "valid.tsv", root) as valid,
+        ):
+            for task in tasks:
+                for reject in iter_rejects(self._path("rejects", task.rank, ".jsonl")):
+                    rejects.write(reject)
+                    summary[f"rejected.{reject.reason}"] += 1
+                for row in pq.read_table(self._path("parts", task.rank, ".parquet")).to_pylist():
+                    record = ResampledRecord(**row)
+                    manifest.write(record)
+                    (train if record.split == "train" else valid).write(record.relpath, record.num_samples)
+                    kept.add(record.relpath)
+                    summary["accepted"] += 1
+                    summary[f"split.{record.split}"] += 1
+                    summary["audio_seconds"] += record.duration
+                    summary["bytes"] += record.size_bytes
+                    summary["flag.silent"] += record.silent
+                    summary["flag.clipped"] += record.clipped
+        for task in tasks:  # the parts hold everything the journals did
+            with contextlib.suppress(FileNotFoundError):
+                self._path("journal", task.rank, ".jsonl").unlink()
+        summary["removed_stale"] = _prune(audio_dir, kept)
+        summary["files_seen"] = stats.get("files_seen", 0)
+        summary["rejected"] = sum(v for k, v in summary.items() if k.startswith("rejected."))
+        for key in ("copied", "resampled", "resumed", "source_audio_seconds"):
+            summary[key] = stats.get(key, 0)
+        return {
+            "counts": {key: summary[key] for key in sorted(summary)},
+            "outputs": {
+                "audio_dir": root,
+                "audio_manifest": str(audio_dir / MANIFEST),
+                "audio_rejects": str(audio_dir / REJECTS),
+                "audio_train_tsv": str(audio_dir / "train.tsv"),
+                "audio_valid_tsv": str(audio_dir / "valid.tsv"),
+            },
+            "root": root,
+        }
+
+
+def _is_copy(record: ResampledRecord) -> bool:
+    return (
+        record.source_sampling_rate == record.sampling_rate
+        and record.source_channels == 1
+        and record.source_hash == record.content_hash
+    )
+
+
+def _prune(audio_dir: Path, kept: set[str]) -> int:
+    """Delete audio files under AUDIO_DIR/xx/ that the new manifest does not list."""
+    removed = 0
+    for sub in sorted(p for p in audio_dir.iterdir() if p.is_dir() and len(p.name) == 2):
+        for path in sub.iterdir():
+            if _AUDIO_NAME.match(path.name) and f"{sub.name}/{path.name}" not in kept:
+                path.unlink()
+                removed += 1
+    return removed
