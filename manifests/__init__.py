@@ -14,6 +14,7 @@ from manifests.io import (
 from manifests.records import (
     REJECT_REASONS,
     AudioRecord,
+    LabelRecord,
     RecordError,
     Reject,
     ResampledRecord,
@@ -24,6 +25,7 @@ __all__ = [
     "REJECT_REASONS",
     "AudioRecord",
     "FairseqTsvWriter",
+    "LabelRecord",
     "ManifestWriter",
     "RecordError",
     "Reject",

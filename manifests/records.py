@@ -38,6 +38,8 @@ REJECT_REASONS: dict[str, str] = {
     "changed": "the file's size differs from the manifest's: it changed after `mert-pipe manifest` ran",
     "silent": "all samples are (near) zero and --on-silence is reject",
     "clipped": "too many samples at full scale and --on-clipping is reject",
+    # teachers
+    "label_mismatch": "teacher labels are not int16 of shape (n_q, ceil(num_samples / hop))",
 }
 
 _ID = re.compile(r"^[0-9a-f]{16}$")
@@ -203,8 +205,70 @@ RESAMPLED_SCHEMA = pa.schema(
 )
 assert [f.name for f in fields(ResampledRecord)] == RESAMPLED_SCHEMA.names
 
-Record = AudioRecord | ResampledRecord
-SCHEMAS: dict[type, pa.Schema] = {AudioRecord: AUDIO_SCHEMA, ResampledRecord: RESAMPLED_SCHEMA}
+
+@dataclass(frozen=True)
+class LabelRecord:
+    """One file's teacher labels: an int16 `.npy` of shape (n_q, frames) under the teacher's directory.
+
+    Every teacher emits exactly `ceil(num_samples / hop)` frames (75 Hz at 24 kHz, hop 320), so labels of
+    different teachers align frame for frame. `config_hash` names the teacher's exact configuration
+    (weights, bandwidth, centroids, ...): labels with different hashes are never mixed.
+    """
+
+    id: str
+    teacher: str  # the label set's name, e.g. rvq, kmeans500
+    kind: str  # what computed it, e.g. encodec_24khz, kmeans, bestrq
+    config_hash: str
+    relpath: str  # of the .npy, relative to the teacher's directory
+    n_q: int  # codebooks (rows); 1 for single-codebook teachers
+    frames: int
+    num_classes: int  # labels are in [0, num_classes)
+    label_rate: float  # frames per second
+    num_samples: int  # of the audio the labels were computed from
+    sampling_rate: int
+    split: str
+
+    def validate(self) -> None:
+        def bad(why: str) -> RecordError:
+            return RecordError(f"invalid label record for {self.id!r}: {why}")
+
+        if not _ID.match(self.id):
+            raise bad("id is not 16 lowercase hex digits")
+        if not self.teacher or not self.config_hash or self.relpath.startswith("/"):
+            raise bad("teacher and config_hash must be set and relpath relative")
+        if self.n_q < 1 or self.frames < 1 or not 1 <= self.num_classes <= 32768:
+            raise bad("n_q and frames must be positive and num_classes in 1..32768 (int16 labels)")
+        hop = self.sampling_rate / self.label_rate
+        if abs(hop - round(hop)) > 1e-9 or self.frames != -(-self.num_samples // round(hop)):
+            raise bad(f"frames must be ceil(num_samples / hop) = ceil({self.num_samples} / {hop:g})")
+        if self.split not in SPLITS:
+            raise bad(f"split must be one of {SPLITS}")
+
+
+LABEL_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("teacher", pa.string()),
+        ("kind", pa.string()),
+        ("config_hash", pa.string()),
+        ("relpath", pa.string()),
+        ("n_q", pa.int16()),
+        ("frames", pa.int64()),
+        ("num_classes", pa.int32()),
+        ("label_rate", pa.float64()),
+        ("num_samples", pa.int64()),
+        ("sampling_rate", pa.int32()),
+        ("split", pa.string()),
+    ]
+)
+assert [f.name for f in fields(LabelRecord)] == LABEL_SCHEMA.names
+
+Record = AudioRecord | ResampledRecord | LabelRecord
+SCHEMAS: dict[type, pa.Schema] = {
+    AudioRecord: AUDIO_SCHEMA,
+    ResampledRecord: RESAMPLED_SCHEMA,
+    LabelRecord: LABEL_SCHEMA,
+}
 
 
 def record_to_row(record: Record) -> dict:

@@ -8,6 +8,7 @@ them), 2 on misuse, with a one-line `error:` message.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -24,6 +25,7 @@ from mert_pipeline.fs import WorkdirBusy, atomic_write_text, ensure_writable_dir
 from mert_pipeline.resample import OutputSpec
 from stages.manifest import DEFAULT_EXTENSIONS, ManifestConfig, ManifestStage, inside_roots, resolve_roots
 from stages.resample import ResampleConfig, ResampleStage
+from stages.tokenize import TeacherMismatch, TokenizeConfig, TokenizeStage, default_files_per_task
 
 app = typer.Typer(
     name="mert-pipe",
@@ -309,6 +311,155 @@ def resample(
     run_stage(ResampleStage(config), exec_config)
 
 
+TEACHERS = ("rvq",)
+
+
+def _existing_audio_dir(workdir: Path, sample_rate: int) -> Path:
+    from stages.resample import audio_dir_name
+
+    manifest = workdir / audio_dir_name(sample_rate) / "manifest.parquet"
+    if not manifest.exists():
+        raise fail(f"{manifest} not found: run `mert-pipe resample {workdir}` first")
+    return _check_workdir(workdir)
+
+
+def _rvq_teacher(
+    bandwidth: float,
+    checkpoint: Path | None,
+    device: str,
+    dtype: str,
+    chunk_seconds: float | None,
+    batch_seconds: float | None,
+    workers: int,
+    lock_dir: Path,
+):
+    """The RVQ teacher, resolved (weights loaded once here, so a missing checkpoint fails before workers
+    start), with each worker's threads set so that workers x threads fits the cores."""
+    from mert_pipeline.codec import BANDWIDTHS, CodecError
+    from mert_pipeline.teachers import RvqTeacher
+
+    if float(bandwidth) not in BANDWIDTHS:
+        raise fail(
+            f"--bandwidth must be one of {', '.join(f'{b:g}' for b in BANDWIDTHS)} kbps, not {bandwidth:g}"
+        )
+    if device not in ("auto", "cpu", "cuda"):
+        raise fail(f"--device must be auto, cpu or cuda, not {device!r}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise fail(f"--dtype must be float32, bfloat16 or float16, not {dtype!r}")
+    teacher = RvqTeacher(
+        bandwidth=float(bandwidth),
+        checkpoint=str(checkpoint.resolve()) if checkpoint is not None else None,
+        device=device,
+        dtype=dtype,
+        chunk_seconds=chunk_seconds,
+        batch_seconds=batch_seconds,
+        threads=max(1, (os.cpu_count() or 1) // max(1, workers)),
+        gpu_lock_dir=str(lock_dir),
+    )
+    try:
+        return teacher.resolve()
+    except (CodecError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+
+
+def run_tokenize(config: TokenizeConfig, exec_config: ExecutorConfig) -> StageReport:
+    stage = TokenizeStage(config)
+    if config.teacher.device != "cpu":
+        from mert_pipeline.codec import resolve_device
+
+        if resolve_device(config.teacher.device).type == "cuda":
+            stage.resources = dataclasses.replace(stage.resources, gpus=1.0)
+    try:
+        stage.claim_labels_dir(force=exec_config.force)
+    except TeacherMismatch as exc:
+        raise fail(str(exc)) from exc
+    return run_stage(stage, exec_config)
+
+
+@app.command()
+def tokenize(
+    workdir: Annotated[Path, typer.Argument(help="WORKDIR holding audio_24k/ (from `resample`).")],
+    teacher: Annotated[str, typer.Option("--teacher", help="Which teacher labels the audio: rvq.")] = "rvq",
+    name: Annotated[
+        str | None, typer.Option("--name", help="Label set name, WORKDIR/labels/NAME (default: the teacher).")
+    ] = None,
+    bandwidth: Annotated[
+        float,
+        typer.Option("--bandwidth", help="EnCodec kbps: 1.5, 3, 6, 12, 24 -> 2, 4, 8, 16, 32 codebooks."),
+    ] = 6.0,
+    codec_checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--codec-checkpoint",
+            help="EnCodec 24 kHz state dict to load offline (default: the encodec package's download).",
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="float32, or bfloat16/float16 autocast (see benchmarks/RESULTS.md)."),
+    ] = "float32",
+    batch_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--batch-seconds", min=0.01, help="Audio per batch (default: 1 chunk on CPU, 64 on GPU)."
+        ),
+    ] = None,
+    chunk_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--chunk-seconds", min=0.1, help="Streamed chunk (exact at any length; 2.56 CPU, 10.24 GPU)."
+        ),
+    ] = None,
+    files_per_task: Annotated[
+        int | None,
+        typer.Option("--files-per-task", min=1, help="Files per task (default: 4 on CPU, 256 on GPU)."),
+    ] = None,
+    executor: ExecutorOpt = "local",
+    workers: WorkersOpt = DEFAULT_WORKERS,
+    ray_address: RayAddressOpt = None,
+    max_retries: MaxRetriesOpt = 3,
+    cpus_per_task: CpusOpt = None,
+    gpus_per_task: GpusOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Label every resampled file with a teacher: EnCodec 24 kHz RVQ codes (`--teacher rvq`).
+
+    Reads: WORKDIR/audio_24k/manifest.parquet and its audio. Writes: WORKDIR/labels/NAME/ab/<id>.npy (int16,
+    shape (n_q, ceil(num_samples / 320)), 75 Hz), WORKDIR/labels/NAME/labels.parquet (id, teacher, config
+    hash, n_q, frames, rate), rejects.jsonl and teacher.json, WORKDIR/stats/tokenize_NAME.json.
+    """
+    if teacher not in TEACHERS:
+        raise fail(f"--teacher must be one of {', '.join(TEACHERS)}, not {teacher!r}")
+    workdir = _existing_audio_dir(workdir, 24000)
+    try:
+        exec_config = executor_config(
+            executor, workers, ray_address, force, max_retries, cpus_per_task, gpus_per_task
+        )
+    except UsageError as exc:
+        raise fail(str(exc)) from exc
+    lock_dir = workdir / ".work" / "gpu-locks"
+    rvq = _rvq_teacher(
+        bandwidth, codec_checkpoint, device, dtype, chunk_seconds, batch_seconds, workers, lock_dir
+    )
+    try:
+        config = TokenizeConfig(
+            workdir=workdir,
+            teacher=rvq,
+            name=name or teacher,
+            files_per_task=files_per_task or default_files_per_task(rvq.device),
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    report = run_tokenize(config, exec_config)
+    facts = report.summary.get("teacher", {})
+    console.print(
+        f"teacher {facts.get('kind')} config {facts.get('config_hash')}: {facts.get('n_q')} codebooks x "
+        f"{facts.get('num_classes')} at {facts.get('label_rate'):g} Hz",
+        highlight=False,
+    )
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Where the synthesized corpus and WORKDIR go.")] = Path(
@@ -349,11 +500,42 @@ def demo(
     outputs = dict(run_stage(ManifestStage(config), exec_config).summary["outputs"])
     resample_config = ResampleConfig(workdir=config.workdir, files_per_task=4)
     outputs.update(run_stage(ResampleStage(resample_config), exec_config).summary["outputs"])
+    checkpoint = _demo_codec(out)
+    rvq = _rvq_teacher(
+        6.0, checkpoint, "auto", "float32", None, None, workers, workdir / ".work" / "gpu-locks"
+    )
+    tokenize_config = TokenizeConfig(workdir=config.workdir, teacher=rvq, name="rvq", files_per_task=4)
+    outputs.update(run_tokenize(tokenize_config, exec_config).summary["outputs"])
     console.print(
         f"\n[bold green]demo finished[/] in {time.perf_counter() - start:.1f} s. Outputs:", highlight=False
     )
     for name, path in outputs.items():
         console.print(f"  {name:16s} {path}", highlight=False)
+
+
+def _demo_codec(out: Path) -> Path | None:
+    """The real EnCodec weights when the encodec package can load them; otherwise a test codec (the real
+    architecture with random weights and k-means codebooks), announced loudly: its codes exercise every
+    stage but are not MERT's teacher."""
+    from mert_pipeline.codec import CodecError, load_codec, make_test_codec
+
+    try:
+        with console.status("loading the EnCodec 24 kHz weights"):
+            load_codec(None)
+        return None
+    except CodecError as exc:
+        path = out / "test-codec.pt"
+        if not path.exists():
+            with console.status("building a test codec"):
+                make_test_codec(path, seed=0)
+        console.print(
+            "[bold yellow]WARNING: the real EnCodec weights are not available, so the demo labels with a "
+            f"TEST CODEC ({path}): the real architecture with random weights. Its codes are not MERT's "
+            f"teacher.[/] Reason: {exc}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return path
 
 
 def main() -> None:

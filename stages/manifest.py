@@ -31,7 +31,7 @@ from manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_r
 from manifests.records import SCHEMA_VERSION, AudioRecord, Reject, assign_split
 from mert_pipeline.audio import ProbeFailure, hash_file, probe_audio
 from mert_pipeline.executor import Resources, Task, stage_dir
-from mert_pipeline.fs import atomic_write_bytes
+from mert_pipeline.listing import read_listing, write_listings
 
 DEFAULT_EXTENSIONS = (
     "wav",
@@ -225,43 +225,16 @@ class ManifestStage:
 
     def plan(self) -> list[Task]:
         """Walk the roots once, streaming the listing into task-sized chunks on disk."""
-        config_fp = self.config.fingerprint()
-        tasks: list[Task] = []
-        chunk: list[str] = []
-
-        def flush() -> None:
-            data = "".join(chunk).encode()
-            rank = len(tasks)
-            atomic_write_bytes(self._path("listing", rank, ".jsonl"), data)
-            fingerprint = hashlib.sha256(config_fp.encode() + data).hexdigest()
-            tasks.append(Task(rank=rank, fingerprint=fingerprint, size=len(chunk)))
-            chunk.clear()
-
-        for item in walk_roots(self.config.roots, self.config.extensions):
-            chunk.append(json.dumps(item, ensure_ascii=True, sort_keys=True) + "\n")
-            if len(chunk) >= self.config.files_per_task:
-                flush()
-        if chunk:
-            flush()
-        self._drop_ranks_from(len(tasks))
-        return tasks
-
-    def _drop_ranks_from(self, count: int) -> None:
-        """Outputs of ranks that no longer exist (the corpus shrank) must not leak into the merge."""
-        for sub in SUBDIRS:
-            for path in (stage_dir(self) / sub).glob("[0-9]*"):
-                if int(path.name[:5]) >= count:
-                    path.unlink()
+        walk = walk_roots(self.config.roots, self.config.extensions)
+        return write_listings(self, walk, self.config.files_per_task, self.config.fingerprint(), SUBDIRS)
 
     def run(self, task: Task, stats: Counter) -> None:
         tsv_root = self.tsv_root
-        listing = self._path("listing", task.rank, ".jsonl").read_text().splitlines()
         with (
             ManifestWriter(self._path("parts", task.rank, ".parquet"), tsv_root) as accepted,
             RejectsWriter(self._path("rejects", task.rank, ".jsonl")) as rejects,
         ):
-            for line in listing:
-                item = json.loads(line)
+            for item in read_listing(self, task.rank):
                 stats["files_seen"] += 1
                 if "reject" in item:
                     result: AudioRecord | Reject = Reject(item["path"], item["reject"], item["detail"])

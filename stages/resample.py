@@ -20,7 +20,6 @@ other options) are deleted, so the directory holds exactly what the manifest lis
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -36,7 +35,8 @@ from manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_b
 from manifests.records import SCHEMA_VERSION, Reject, ResampledRecord
 from mert_pipeline.audio import ProbeFailure, hash_file
 from mert_pipeline.executor import Resources, Task, stage_dir
-from mert_pipeline.fs import atomic_path, atomic_write_bytes, remove_stale_tmp
+from mert_pipeline.fs import atomic_path, remove_stale_tmp
+from mert_pipeline.listing import Journal, drop_journals, read_listing, write_listings
 from mert_pipeline.resample import SILENCE_PEAK, OutputSpec, resample_file
 
 MANIFEST = "manifest.parquet"
@@ -154,46 +154,14 @@ def resample_one(row: dict[str, Any], config: ResampleConfig) -> ResampledRecord
     )
 
 
-class _Journal:
-    """Per-task log of finished files, so a task killed halfway does not redo them.
-
-    The first line is the task fingerprint: a journal from other inputs or options is ignored. A line
-    cut short by a kill fails to parse and is ignored with everything after it.
-    """
-
-    def __init__(self, path: Path, fingerprint: str) -> None:
-        self.path = path
-        self.done: dict[str, ResampledRecord | Reject] = {}
-        lines: list[str] = []
-        with contextlib.suppress(FileNotFoundError):
-            lines = path.read_text(encoding="utf-8").split("\n")
-        if lines and lines[0] == fingerprint:
-            for line in lines[1:]:
-                try:
-                    item = json.loads(line)
-                except json.JSONDecodeError:
-                    break
-                if "record" in item:
-                    record = ResampledRecord(**item["record"])
-                    if _still_there(record):
-                        self.done[record.id] = record
-                else:
-                    self.done[item["id"]] = Reject(**item["reject"])
-            self._handle = path.open("a", encoding="utf-8")
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._handle = path.open("w", encoding="utf-8")
-            self._handle.write(fingerprint + "\n")
-            self._handle.flush()
-
-    def add(self, record_id: str, result: ResampledRecord | Reject) -> None:
-        key = "record" if isinstance(result, ResampledRecord) else "reject"
-        line = json.dumps({"id": record_id, key: asdict(result)}, ensure_ascii=False)
-        self._handle.write(line + "\n")
-        self._handle.flush()
-
-    def close(self) -> None:
-        self._handle.close()
+def _from_journal(item: dict[str, Any] | None) -> ResampledRecord | Reject | None:
+    """A journaled result, unless it is a record whose file has gone or changed since (then redo it)."""
+    if item is None:
+        return None
+    if "reject" in item:
+        return Reject(**item["reject"])
+    record = ResampledRecord(**item["record"])
+    return record if _still_there(record) else None
 
 
 def _still_there(record: ResampledRecord) -> bool:
@@ -227,66 +195,44 @@ class ResampleStage:
         if not self.source_manifest.exists():
             raise FileNotFoundError(f"{self.source_manifest} not found: run `mert-pipe manifest` first")
         remove_stale_tmp(self.config.audio_dir)
-        config_fp = self.config.fingerprint()
-        tasks: list[Task] = []
-        chunk: list[str] = []
-
-        def flush() -> None:
-            data = "".join(chunk).encode()
-            rank = len(tasks)
-            atomic_write_bytes(self._path("listing", rank, ".jsonl"), data)
-            fingerprint = hashlib.sha256(config_fp.encode() + data).hexdigest()
-            tasks.append(Task(rank=rank, fingerprint=fingerprint, size=len(chunk)))
-            chunk.clear()
-
-        for batch in iter_batches(self.source_manifest, columns=LISTING_COLUMNS):
-            for row in batch.to_pylist():
-                chunk.append(json.dumps(row, ensure_ascii=True, sort_keys=True) + "\n")
-                if len(chunk) >= self.config.files_per_task:
-                    flush()
-        if chunk:
-            flush()
-        for sub in SUBDIRS:  # ranks beyond the new count belong to a larger, older manifest
-            for path in (stage_dir(self) / sub).glob("[0-9]*"):
-                if int(path.name[:5]) >= len(tasks):
-                    path.unlink()
-        return tasks
+        rows = (
+            row
+            for batch in iter_batches(self.source_manifest, columns=LISTING_COLUMNS)
+            for row in batch.to_pylist()
+        )
+        return write_listings(self, rows, self.config.files_per_task, self.config.fingerprint(), SUBDIRS)
 
     def run(self, task: Task, stats: Counter) -> None:
-        rows = [
-            json.loads(line) for line in self._path("listing", task.rank, ".jsonl").read_text().splitlines()
-        ]
-        journal = _Journal(self._path("journal", task.rank, ".jsonl"), task.fingerprint)
-        audio_root = str(self.config.audio_dir)
-        try:
-            with (
-                ManifestWriter(
-                    self._path("parts", task.rank, ".parquet"), audio_root, record_type=ResampledRecord
-                ) as accepted,
-                RejectsWriter(self._path("rejects", task.rank, ".jsonl")) as rejects,
-            ):
-                for row in rows:
-                    result = journal.done.get(row["id"])
-                    if result is None:
-                        result = resample_one(row, self.config)
-                        journal.add(row["id"], result)
-                    else:
-                        stats["resumed"] += 1
-                    stats["files_seen"] += 1
-                    if isinstance(result, Reject):
-                        rejects.write(result)
-                        stats[f"rejected.{result.reason}"] += 1
-                        continue
-                    accepted.write(result)
-                    stats["written"] += 1
-                    stats["copied" if _is_copy(result) else "resampled"] += 1
-                    stats["silent"] += result.silent
-                    stats["clipped"] += result.clipped
-                    stats["audio_seconds"] += result.duration
-                    stats["source_audio_seconds"] += result.source_num_samples / result.source_sampling_rate
-                    stats["bytes"] += result.size_bytes
-        finally:
-            journal.close()
+        with (
+            Journal(self, task) as journal,
+            ManifestWriter(
+                self._path("parts", task.rank, ".parquet"),
+                str(self.config.audio_dir),
+                record_type=ResampledRecord,
+            ) as accepted,
+            RejectsWriter(self._path("rejects", task.rank, ".jsonl")) as rejects,
+        ):
+            for row in read_listing(self, task.rank):
+                result = _from_journal(journal.done.get(row["id"]))
+                if result is None:
+                    result = resample_one(row, self.config)
+                    key = "record" if isinstance(result, ResampledRecord) else "reject"
+                    journal.add({"id": row["id"], key: asdict(result)})
+                else:
+                    stats["resumed"] += 1
+                stats["files_seen"] += 1
+                if isinstance(result, Reject):
+                    rejects.write(result)
+                    stats[f"rejected.{result.reason}"] += 1
+                    continue
+                accepted.write(result)
+                stats["written"] += 1
+                stats["copied" if _is_copy(result) else "resampled"] += 1
+                stats["silent"] += result.silent
+                stats["clipped"] += result.clipped
+                stats["audio_seconds"] += result.duration
+                stats["source_audio_seconds"] += result.source_num_samples / result.source_sampling_rate
+                stats["bytes"] += result.size_bytes
 
     def finalize(self, tasks: list[Task], stats: dict[str, float]) -> dict[str, Any]:
         """Merge the parts in rank order into AUDIO_DIR's manifest, rejects and tsv files; prune strays."""
@@ -315,9 +261,7 @@ class ResampleStage:
                     summary["bytes"] += record.size_bytes
                     summary["flag.silent"] += record.silent
                     summary["flag.clipped"] += record.clipped
-        for task in tasks:  # the parts hold everything the journals did
-            with contextlib.suppress(FileNotFoundError):
-                self._path("journal", task.rank, ".jsonl").unlink()
+        drop_journals(self, tasks)
         summary["removed_stale"] = _prune(audio_dir, kept)
         summary["files_seen"] = stats.get("files_seen", 0)
         summary["rejected"] = sum(v for k, v in summary.items() if k.startswith("rejected."))

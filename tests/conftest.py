@@ -23,3 +23,12 @@ def ray_cluster(_repo_on_pythonpath: None):
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024, log_to_driver=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def test_codec_file(tmp_path_factory: pytest.TempPathFactory):
+    """The test codec (real EnCodec architecture, seeded weights, k-means codebooks), built once per session:
+    building it takes tens of seconds on a small machine."""
+    from mert_pipeline.codec import make_test_codec
+
+    return make_test_codec(tmp_path_factory.mktemp("codec") / "test-codec.pt", seed=0)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from manifests import ResampledRecord, iter_records, iter_rejects
+from manifests import LabelRecord, ResampledRecord, iter_records, iter_rejects
 from tests.helpers import REPO
 
 
@@ -35,7 +35,7 @@ def small_corpus(root: Path, n: int = 3) -> Path:
     return root
 
 
-@pytest.mark.parametrize("command", ["manifest", "resample", "demo"])
+@pytest.mark.parametrize("command", ["manifest", "resample", "tokenize", "demo"])
 def test_help_says_what_each_command_reads_and_writes(command: str) -> None:
     result = mert_pipe(command, "--help")
     assert result.returncode == 0
@@ -43,6 +43,7 @@ def test_help_says_what_each_command_reads_and_writes(command: str) -> None:
     words = {
         "manifest": ("Reads", "Writes", "rejects.jsonl", "train.tsv", "--ray-address", "--force", "--deep"),
         "resample": ("Reads", "Writes", "audio_24k", "--sample-rate", "--format", "--on-silence", "--force"),
+        "tokenize": ("Reads", "Writes", "--teacher", "--codec-checkpoint", "--batch-seconds", "--dtype"),
         "demo": ("--tracks",),
     }
     for word in words[command]:
@@ -143,6 +144,36 @@ def test_resample_runs_after_manifest_and_refuses_misuse(tmp_path: Path) -> None
     assert len(list((tmp_path / "w/audio_24k").rglob("*.flac"))) == 3
 
 
+def test_tokenize_misuse_and_missing_weights_are_one_line_errors(tmp_path: Path) -> None:
+    work = str(tmp_path / "w")
+    result = mert_pipe("tokenize", work)
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        == f"error: {work}/audio_24k/manifest.parquet not found: run `mert-pipe resample {work}` first"
+    )
+    assert mert_pipe("manifest", str(small_corpus(tmp_path / "m", n=1)), "--out", work).returncode == 0
+    assert mert_pipe("resample", work).returncode == 0
+    for args, message in [
+        (("--teacher", "mfcc"), "error: --teacher must be one of rvq, not 'mfcc'"),
+        (("--bandwidth", "5"), "error: --bandwidth must be one of 1.5, 3, 6, 12, 24 kbps, not 5"),
+        (("--device", "tpu"), "error: --device must be auto, cpu or cuda, not 'tpu'"),
+        (
+            ("--codec-checkpoint", str(tmp_path / "nope.pt")),
+            f"error: EnCodec checkpoint {tmp_path / 'nope.pt'} does",
+        ),
+    ]:
+        result = mert_pipe("tokenize", work, *args)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), result.stderr
+    # No checkpoint and no internet (as on CI): the error says what to download and where to put it.
+    result = mert_pipe("tokenize", work)
+    error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(error) == 1
+    assert "encodec_24khz-d7cc33bc.th" in error[0] and "--codec-checkpoint" in error[0]
+    assert "hub/checkpoints" in error[0]
+
+
 def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path: Path) -> None:
     corpus = small_corpus(tmp_path / "m")
     holder = "import sys, time; from pathlib import Path; from mert_pipeline.fs import workdir_lock\n"
@@ -176,9 +207,13 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert len(resampled) == 6 + 3 and all(r.sampling_rate == 24000 and r.channels == 1 for r in resampled)
     reasons = sorted(r.reason for r in iter_rejects(work / "audio_24k/rejects.jsonl"))
     assert reasons == ["decode_error", "non_finite"]
+    labels = list(iter_records(work / "labels/rvq/labels.parquet", record_type=LabelRecord))
+    assert sorted(r.id for r in labels) == sorted(r.id for r in resampled)
+    assert all(r.n_q == 8 and r.frames == -(-r.num_samples // 320) for r in labels)
+    assert "TEST CODEC" in result.stderr  # no internet here: the demo says loudly that it is not EnCodec
     again = mert_pipe("demo", "--out", str(tmp_path / "demo"), "--tracks", "6", "--workers", "2")
     assert again.returncode == 0
-    for stage in ("manifest", "resample"):
+    for stage in ("manifest", "resample", "tokenize_rvq"):
         stats = json.loads((work / f"stats/{stage}.json").read_text())
         assert stats["tasks"]["done"] == 0 and stats["tasks"]["skipped"] == stats["tasks"]["total"]
 

@@ -1,0 +1,675 @@
+"""Frame-level features at 75 Hz for the pseudo-label teachers: MFCC (HuBERT iteration 1), log-mel, BEST-RQ.
+
+Every teacher must emit exactly ``ceil(num_samples / 320)`` frames for 24 kHz mono audio, the frame count of
+the EnCodec RVQ teacher, so that labels from different teachers line up frame for frame.
+
+**Alignment rule.** Frame ``i`` describes the hop ``[i * 320, (i + 1) * 320)``: its analysis window is centred
+on sample ``i * 320 + 160``, the middle of that hop, whatever the window length. This is Kaldi's
+``snip_edges=False`` framing (window start ``i * hop + hop // 2 - win // 2``) extended by one frame: Kaldi
+emits ``round(n / hop)`` frames, we emit ``ceil(n / hop)`` so that a trailing partial hop gets its own
+frame. Samples outside the file are mirrored the way Kaldi does it (``x[-1 - k] = x[k]``,
+``x[n + k] = x[n - 1 - k]``), repeated for files shorter than a window, so any file of at least one sample
+gets features.
+
+**MFCC window: 25 ms (600 samples).** The HuBERT recipe defines its window in milliseconds (25 ms at 16 kHz is
+400 samples), and it sets the spectral resolution of the features, so 25 ms keeps the recipe's
+time-frequency trade-off at 24 kHz instead of widening it to 640 samples (26.7 ms) for the sake of a round
+multiple of the hop; the centring above does not need one. Both pad to a 1024-point FFT, so the cost is the
+same. Everything else is Kaldi's ``compute-mfcc-feats`` defaults as fairseq's ``dump_mfcc_feature.py`` uses
+them (23 mel bins from 20 Hz to Nyquist, povey window, pre-emphasis 0.97, DC removal, lifter 22, no
+energy), with dither 0 so the features are deterministic, followed by deltas and delta-deltas
+(``compute_deltas``, window 5, replicate padding at the file edges): 39 dims.
+
+**Log-mel for BEST-RQ: 128 HTK mel bins over a 2048-sample (85 ms) periodic Hann window, 0 Hz to Nyquist,
+power spectrum, ``log(mel + 1e-6)``.** MusicFM's input features at 24 kHz (n_fft 2048, 128 mels); only the hop
+changes, from 240 to 320, to align with the other teachers. A 1024-point FFT would leave the lowest of 128
+HTK mel filters narrower than one FFT bin (23.4 Hz), so several of them would be empty.
+
+The extractors are vectorised over frames (and over files with ``batch``), and they stream: ``stream`` takes
+the blocks of one file and yields feature blocks equal (to float rounding) to the whole-file result while
+holding at most about 6.8 s of input (gathered so that per-block overhead stays small), one window and four
+frames of delta context.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchaudio
+
+__all__ = [
+    "FRAME_RATE",
+    "HOP",
+    "SAMPLE_RATE",
+    "STREAM_MIN_SAMPLES",
+    "MFCC",
+    "BestRQ",
+    "LogMel",
+    "RunningStats",
+    "frame_signal",
+    "log_mel",
+    "mfcc",
+    "num_frames",
+]
+
+SAMPLE_RATE = 24000
+HOP = 320
+FRAME_RATE = SAMPLE_RATE / HOP  # 75.0 Hz
+_KALDI_EPS = float(torch.finfo(torch.float32).eps)  # Kaldi's floor on mel energies before the log
+# Frames per vectorised step: temporaries of a few MB stay in cache and in malloc's free lists (4096-frame
+# steps measured several times slower on the 2-core VM, from page faults on freshly mapped buffers).
+_CHUNK_FRAMES = 512
+STREAM_MIN_SAMPLES = _CHUNK_FRAMES * HOP  # `stream` processes input in pieces of at least this many samples
+
+
+def num_frames(num_samples: int, hop: int = HOP) -> int:
+    """Frames every teacher emits for a file: ceil(num_samples / hop), the EnCodec frame count."""
+    if num_samples < 0:
+        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    return -(-num_samples // hop)
+
+
+def _mirror_index(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Map any integer positions onto [0, n) by repeated mirroring with the edge sample repeated (Kaldi's)."""
+    index = torch.remainder(index, 2 * n)
+    return torch.where(index >= n, 2 * n - 1 - index, index)
+
+
+def frame_signal(waveform: torch.Tensor, win: int, hop: int = HOP) -> torch.Tensor:
+    """All analysis windows of a whole file, shape (ceil(n / hop), win): a view of one mirror-padded copy.
+
+    Window i starts at sample ``i * hop + hop // 2 - win // 2`` (centred on the middle of hop i).
+    """
+    if win < hop:
+        raise ValueError(f"window ({win}) must be at least one hop ({hop})")
+    n = waveform.shape[0]
+    m = num_frames(n, hop)
+    if m == 0:
+        return waveform.new_zeros((0, win))
+    left = win // 2 - hop // 2
+    right = (m - 1) * hop + win - left - n
+    head = waveform[_mirror_index(torch.arange(-left, 0), n)]
+    tail = waveform[_mirror_index(torch.arange(n, n + right), n)]
+    return torch.cat([head, waveform, tail]).unfold(0, win, hop)
+
+
+def _as_mono_tensor(waveform: np.ndarray | torch.Tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(waveform)
+    if tensor.ndim != 1:
+        raise ValueError(f"expected mono samples shaped (num_samples,), got shape {tuple(tensor.shape)}")
+    return tensor.to(torch.float32)
+
+
+class _Framer:
+    """Cuts the blocks of one file into the windows of `frame_signal`, keeping under a window between blocks.
+
+    Nothing is emitted before `win` samples have arrived, so the mirror at the start needs only the first
+    samples; `win` samples of tail are kept for the mirror at the end. Files shorter than a window are framed
+    whole at `finish` (they are tiny).
+    """
+
+    def __init__(self, win: int, hop: int) -> None:
+        if win < hop:
+            raise ValueError(f"window ({win}) must be at least one hop ({hop})")
+        self.win, self.hop, self.left = win, hop, win // 2 - hop // 2
+        self._pending: list[torch.Tensor] = []
+        self._received = 0
+        self._emitted = 0
+        self._buf: torch.Tensor | None = None  # padded signal from the next window's start on
+        self._tail = torch.zeros(0)
+
+    def push(self, block: torch.Tensor) -> torch.Tensor:
+        if block.shape[0] == 0:
+            return block.new_zeros((0, self.win))
+        self._received += block.shape[0]
+        if self._buf is None:
+            self._pending.append(block)
+            if self._received < self.win:
+                return block.new_zeros((0, self.win))
+            x = torch.cat(self._pending)
+            self._pending = []
+            self._buf = torch.cat([x[: self.left].flip(0), x])
+            self._tail = x[-self.win :].clone()
+        else:
+            self._buf = torch.cat([self._buf, block])
+            tail = block if block.shape[0] >= self.win else torch.cat([self._tail, block])
+            self._tail = tail[-self.win :].clone()  # a copy: a view would keep the whole block alive
+        return self._take()
+
+    def _take(self) -> torch.Tensor:
+        assert self._buf is not None
+        if self._buf.shape[0] < self.win:
+            return self._buf.new_zeros((0, self.win))
+        count = (self._buf.shape[0] - self.win) // self.hop + 1
+        windows = self._buf[: (count - 1) * self.hop + self.win].unfold(0, self.win, self.hop)
+        self._buf = self._buf[count * self.hop :].clone()
+        self._emitted += count
+        return windows
+
+    def finish(self) -> torch.Tensor:
+        if self._buf is None:
+            if not self._pending:
+                return torch.zeros((0, self.win))
+            return frame_signal(torch.cat(self._pending), self.win, self.hop)
+        total = num_frames(self._received, self.hop)
+        right = (total - 1) * self.hop + self.win - self.left - self._received
+        assert 0 <= right <= self._tail.shape[0]
+        self._buf = torch.cat([self._buf, self._tail[self._tail.shape[0] - right :].flip(0)])
+        windows = self._take()
+        assert self._emitted == total, (self._emitted, total)
+        return windows
+
+
+class _DeltaStream:
+    """Deltas of a stream of frames, equal to ``compute_deltas(win_length=5, mode="replicate")`` on the whole.
+
+    The replicate padding is real data at the file's edges (two copies of the first frame, then of the last
+    at `final`); in between, each delta needs two frames either side, so four frames are carried over.
+    """
+
+    def __init__(self) -> None:
+        self._buf: torch.Tensor | None = None
+
+    def push(self, x: torch.Tensor, final: bool = False) -> torch.Tensor:
+        if self._buf is None:
+            if x.shape[0] == 0:
+                return x
+            self._buf = torch.cat([x[:1].expand(2, -1), x])
+        else:
+            self._buf = torch.cat([self._buf, x])
+        if final:
+            self._buf = torch.cat([self._buf, self._buf[-1:].expand(2, -1)])
+        b = self._buf
+        size = b.shape[0]
+        if size < 5:
+            return b[:0]
+        out = (b[3 : size - 1] - b[1 : size - 3] + 2.0 * (b[4:] - b[: size - 4])) / 10.0
+        self._buf = b[size - 4 :]
+        return out
+
+
+class _WithDeltas:
+    """[c, delta c, delta-delta c] of a stream of frames c: delta-deltas lag the input by four frames."""
+
+    def __init__(self, dim: int) -> None:
+        self._d1, self._d2 = _DeltaStream(), _DeltaStream()
+        self._c = torch.zeros((0, dim))
+        self._d = torch.zeros((0, dim))
+
+    def push(self, c: torch.Tensor, final: bool = False) -> torch.Tensor:
+        d = self._d1.push(c, final)
+        dd = self._d2.push(d, final)
+        self._c = torch.cat([self._c, c])
+        self._d = torch.cat([self._d, d])
+        k = dd.shape[0]
+        out = torch.cat([self._c[:k], self._d[:k], dd], dim=1)
+        self._c, self._d = self._c[k:], self._d[k:]
+        return out
+
+
+class _Identity:
+    def push(self, c: torch.Tensor, final: bool = False) -> torch.Tensor:
+        return c
+
+
+class _Extractor(ABC):
+    """Shared framing, batching and streaming; subclasses turn windows into per-frame features."""
+
+    win: int
+    hop: int
+    base_dim: int  # per-frame features before deltas
+    dim: int  # output features
+
+    @abstractmethod
+    def _frame_features(self, windows: torch.Tensor) -> torch.Tensor:
+        """(frames, win) windows -> (frames, base dim) features."""
+
+    def _post(self) -> _Identity | _WithDeltas:
+        return _Identity()
+
+    def _post_whole(self, feats: torch.Tensor) -> torch.Tensor:
+        return feats
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """Every setting that changes the output, for fingerprints of derived data."""
+
+    def _features(self, windows: torch.Tensor) -> torch.Tensor:
+        """Frame features in chunks, so that a long file's temporaries stay small."""
+        if windows.shape[0] == 0:
+            return windows.new_zeros((0, self.base_dim))  # MKL's rfft rejects empty batches
+        if windows.shape[0] <= _CHUNK_FRAMES:
+            return self._frame_features(windows)
+        return torch.cat(
+            [
+                self._frame_features(windows[i : i + _CHUNK_FRAMES])
+                for i in range(0, len(windows), _CHUNK_FRAMES)
+            ]
+        )
+
+    @torch.inference_mode()
+    def __call__(self, waveform: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Features of one whole file: float32 (ceil(n / hop), dim)."""
+        windows = frame_signal(_as_mono_tensor(waveform), self.win, self.hop)
+        return self._post_whole(self._features(windows)).numpy()
+
+    @torch.inference_mode()
+    def batch(self, waveforms: Sequence[np.ndarray | torch.Tensor]) -> list[np.ndarray]:
+        """Features of many files, their frames computed together (short clips pay the per-call cost once)."""
+        out: list[np.ndarray] = []
+        group: list[torch.Tensor] = []
+        frames = 0
+
+        def flush() -> None:
+            feats = self._features(torch.cat(group)) if len(group) > 1 else self._features(group[0])
+            for part in feats.split([len(w) for w in group]):
+                out.append(self._post_whole(part).numpy())
+            group.clear()
+
+        for waveform in waveforms:
+            windows = frame_signal(_as_mono_tensor(waveform), self.win, self.hop)
+            group.append(windows)
+            frames += len(windows)
+            if frames >= _CHUNK_FRAMES:
+                flush()
+                frames = 0
+        if group:
+            flush()
+        return out
+
+    @torch.inference_mode()
+    def stream(
+        self, blocks: Iterable[np.ndarray | torch.Tensor], min_block: int = STREAM_MIN_SAMPLES
+    ) -> Iterator[np.ndarray]:
+        """Feature blocks of one file given as consecutive sample blocks (any sizes); never the whole file.
+
+        The concatenated output equals ``self(whole_file)`` up to float rounding. Input blocks are gathered
+        up to `min_block` samples (default about 6.8 s) before they are processed: per-block overhead would
+        otherwise dominate (1-second blocks ran at a third of the whole-file speed). Memory stays bounded by
+        that, one input block and one window. Empty feature blocks are not yielded.
+        """
+        framer = _Framer(self.win, self.hop)
+        post = self._post()
+        pending: list[torch.Tensor] = []
+        size = 0
+
+        def flush() -> torch.Tensor:
+            nonlocal pending, size
+            samples = torch.cat(pending) if len(pending) > 1 else pending[0]
+            pending, size = [], 0
+            return post.push(self._features(framer.push(samples)))
+
+        for block in blocks:
+            pending.append(_as_mono_tensor(block))
+            size += pending[-1].shape[0]
+            if size >= min_block:
+                feats = flush()
+                if feats.shape[0]:
+                    yield feats.numpy()
+        if pending:
+            feats = flush()
+            if feats.shape[0]:
+                yield feats.numpy()
+        feats = post.push(self._features(framer.finish()), final=True)
+        if feats.shape[0]:
+            yield feats.numpy()
+
+
+class MFCC(_Extractor):
+    """13 Kaldi MFCC + deltas + delta-deltas (39 dims) at 75 Hz, the numbers of torchaudio's kaldi.mfcc.
+
+    Vectorised re-implementation of Kaldi's pipeline with the constant parts (window, mel banks, DCT times
+    lifter) built once: per frame, remove the DC offset, pre-emphasise (first sample against itself),
+    apply the povey window, zero-pad to a power of two, power spectrum, mel banks, log (floored at float32
+    eps), DCT, lifter.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int = SAMPLE_RATE,
+        hop: int = HOP,
+        frame_length: int = 600,
+        num_mel_bins: int = 23,
+        num_ceps: int = 13,
+        deltas: bool = True,
+    ) -> None:
+        self.sample_rate, self.hop, self.win = sample_rate, hop, frame_length
+        self.num_mel_bins, self.num_ceps, self.deltas = num_mel_bins, num_ceps, deltas
+        self.low_freq, self.high_freq = 20.0, 0.0
+        self.preemphasis, self.cepstral_lifter = 0.97, 22.0
+        self.n_fft = 1 << (frame_length - 1).bit_length()
+        self.base_dim, self.dim = num_ceps, num_ceps * (3 if deltas else 1)
+        self.window = torch.hann_window(frame_length, periodic=False, dtype=torch.float64).pow(0.85).float()
+        banks, _ = torchaudio.compliance.kaldi.get_mel_banks(
+            num_mel_bins, self.n_fft, float(sample_rate), self.low_freq, self.high_freq, 100.0, -500.0, 1.0
+        )
+        # Kaldi's banks stop one bin short of Nyquist: that bin gets weight 0.
+        self.mel_banks = torch.nn.functional.pad(
+            banks.float(), (0, 1)
+        ).T.contiguous()  # (n_fft // 2 + 1, mels)
+        dct = torchaudio.functional.create_dct(num_mel_bins, num_mel_bins, "ortho")
+        dct[:, 0] = math.sqrt(1.0 / num_mel_bins)
+        i = torch.arange(num_ceps, dtype=torch.float32)
+        lifter = 1.0 + 0.5 * self.cepstral_lifter * torch.sin(math.pi * i / self.cepstral_lifter)
+        self.dct_lifter = (dct[:, :num_ceps] * lifter).contiguous()  # (mels, ceps)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": "mfcc",
+            "sample_rate": self.sample_rate,
+            "hop": self.hop,
+            "frame_length": self.win,
+            "n_fft": self.n_fft,
+            "window": "povey",
+            "num_mel_bins": self.num_mel_bins,
+            "num_ceps": self.num_ceps,
+            "low_freq": self.low_freq,
+            "high_freq": self.high_freq,
+            "preemphasis": self.preemphasis,
+            "cepstral_lifter": self.cepstral_lifter,
+            "dither": 0.0,
+            "deltas": self.deltas,
+            "alignment": "centre of hop i = i*hop + hop//2, mirrored edges, ceil(n/hop) frames",
+        }
+
+    def _frame_features(self, windows: torch.Tensor) -> torch.Tensor:
+        x = windows - windows.mean(dim=1, keepdim=True)
+        # Pre-emphasis and window written straight into the zero-padded FFT input: rfft(n=...) on the
+        # unpadded frames is several times slower than on a contiguous padded buffer.
+        padded = x.new_zeros((x.shape[0], self.n_fft))
+        torch.mul(x[:, :1], (1.0 - self.preemphasis) * self.window[:1], out=padded[:, :1])
+        torch.mul(x[:, 1:] - self.preemphasis * x[:, :-1], self.window[1:], out=padded[:, 1 : self.win])
+        spectrum = torch.fft.rfft(padded)
+        power = spectrum.real.square() + spectrum.imag.square()
+        log_mel = (power @ self.mel_banks).clamp_(min=_KALDI_EPS).log_()
+        return log_mel @ self.dct_lifter
+
+    def _post(self) -> _Identity | _WithDeltas:
+        return _WithDeltas(self.num_ceps) if self.deltas else _Identity()
+
+    def _post_whole(self, feats: torch.Tensor) -> torch.Tensor:
+        """fairseq's dump_mfcc_feature.py: [mfcc, delta, delta-delta], deltas as torchaudio's compute_deltas.
+
+        The streaming delta code run over the whole file: slices instead of compute_deltas' grouped conv1d,
+        which is several times slower on 13 channels; the tests check both give the same numbers.
+        """
+        if not self.deltas:
+            return feats
+        return _WithDeltas(self.num_ceps).push(feats, final=True)
+
+
+class LogMel(_Extractor):
+    """log(mel power + 1e-6) at 75 Hz for BEST-RQ: 128 HTK mels, 2048-sample periodic Hann window."""
+
+    def __init__(
+        self,
+        sample_rate: int = SAMPLE_RATE,
+        hop: int = HOP,
+        n_fft: int = 2048,
+        n_mels: int = 128,
+        log_offset: float = 1e-6,
+    ) -> None:
+        self.sample_rate, self.hop, self.win, self.n_fft = sample_rate, hop, n_fft, n_fft
+        self.n_mels, self.log_offset, self.base_dim, self.dim = n_mels, log_offset, n_mels, n_mels
+        self.window = torch.hann_window(n_fft, periodic=True)
+        self.mel_banks = torchaudio.functional.melscale_fbanks(
+            n_fft // 2 + 1, 0.0, sample_rate / 2.0, n_mels, sample_rate, norm=None, mel_scale="htk"
+        ).contiguous()  # (n_fft // 2 + 1, n_mels)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": "log_mel",
+            "sample_rate": self.sample_rate,
+            "hop": self.hop,
+            "n_fft": self.n_fft,
+            "window": "hann_periodic",
+            "n_mels": self.n_mels,
+            "mel_scale": "htk",
+            "f_min": 0.0,
+            "f_max": self.sample_rate / 2.0,
+            "power": 2.0,
+            "log_offset": self.log_offset,
+            "alignment": "centre of hop i = i*hop + hop//2, mirrored edges, ceil(n/hop) frames",
+        }
+
+    def _frame_features(self, windows: torch.Tensor) -> torch.Tensor:
+        spectrum = torch.fft.rfft(windows * self.window)
+        power = spectrum.real.square() + spectrum.imag.square()
+        return (power @ self.mel_banks).add_(self.log_offset).log_()
+
+
+def mfcc(waveform: np.ndarray | torch.Tensor) -> np.ndarray:
+    """39-dim MFCC features (T, 39) of one 24 kHz mono file with the default `MFCC` settings."""
+    return _default_mfcc()(waveform)
+
+
+def log_mel(waveform: np.ndarray | torch.Tensor) -> np.ndarray:
+    """128-dim log-mel features (T, 128) of one 24 kHz mono file with the default `LogMel` settings."""
+    return _default_log_mel()(waveform)
+
+
+@functools.cache
+def _default_mfcc() -> MFCC:
+    return MFCC()
+
+
+@functools.cache
+def _default_log_mel() -> LogMel:
+    return LogMel()
+
+
+# --------------------------------------------------------------------------------------------------
+# BEST-RQ
+# --------------------------------------------------------------------------------------------------
+
+
+class RunningStats:
+    """Per-dimension count, mean and sum of squared deviations (M2), in float64, one pass, mergeable.
+
+    Chan et al.'s pairwise update: each batch's own mean and M2 are combined with the running ones, which
+    is numerically stable (no sum of squares minus square of sums) and lets workers merge their partial
+    statistics in any grouping with the same result up to rounding.
+    """
+
+    _ROWS = 1 << 16  # rows converted to float64 at a time
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self.count = 0
+        self._mean = np.zeros(dim, dtype=np.float64)
+        self._m2 = np.zeros(dim, dtype=np.float64)
+
+    def _combine(self, count: int, mean: np.ndarray, m2: np.ndarray) -> None:
+        if count == 0:
+            return
+        total = self.count + count
+        delta = mean - self._mean
+        self._mean = self._mean + delta * (count / total)
+        self._m2 = self._m2 + m2 + delta * delta * (self.count * count / total)
+        self.count = total
+
+    def update(self, x: np.ndarray) -> RunningStats:
+        """Add frames x shaped (N, dim)."""
+        x = np.asarray(x)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected frames shaped (N, {self.dim}), got {x.shape}")
+        for start in range(0, len(x), self._ROWS):
+            block = x[start : start + self._ROWS].astype(np.float64)
+            mean = block.mean(axis=0)
+            block -= mean
+            self._combine(len(block), mean, np.einsum("ij,ij->j", block, block))
+        return self
+
+    def merge(self, other: RunningStats) -> RunningStats:
+        """Fold another worker's statistics (of disjoint frames) into these."""
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge stats of dim {other.dim} into dim {self.dim}")
+        self._combine(other.count, other._mean, other._m2)
+        return self
+
+    @property
+    def mean(self) -> np.ndarray:
+        if self.count == 0:
+            raise ValueError("no frames seen")
+        return self._mean.copy()
+
+    @property
+    def var(self) -> np.ndarray:
+        """Population variance (divides by N): the statistic that normalises the frames themselves."""
+        if self.count == 0:
+            raise ValueError("no frames seen")
+        return self._m2 / self.count
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.var)
+
+    def save(self, path: Path | str) -> None:
+        with open(path, "wb") as handle:
+            np.savez(handle, count=np.int64(self.count), mean=self._mean, m2=self._m2)
+
+    @classmethod
+    def load(cls, path: Path | str) -> RunningStats:
+        with np.load(path) as data:
+            stats = cls(int(data["mean"].shape[0]))
+            stats.count = int(data["count"])
+            stats._mean = data["mean"].astype(np.float64)
+            stats._m2 = data["m2"].astype(np.float64)
+        return stats
+
+
+@dataclass
+class BestRQ:
+    """BEST-RQ random-projection quantizer: frozen projection and codebooks regenerated from (seed, stats).
+
+    Frames are normalised with the dataset mean/std, projected by a Xavier-normal matrix to `proj_dim`, and
+    labelled with the nearest l2-normalised codebook entry to the l2-normalised projection. For unit vectors
+    ``|p - c|^2 = 2 - 2 p.c``, and scaling p by a positive number does not change which entry has the largest
+    dot product, so the label is ``argmax(p @ c.T)`` without normalising p. With several codebooks each one
+    has its own projection and codebook (independent targets); labels are then (num_codebooks, frames).
+
+    The random matrices come from ``numpy.random.default_rng(SeedSequence([seed, codebook]))``. `save` stores
+    a digest of them and `load` refuses a file whose matrices this numpy would regenerate differently.
+    """
+
+    stats: RunningStats
+    seed: int = 0
+    proj_dim: int = 16
+    codebook_size: int = 4096
+    num_codebooks: int = 1
+    std_floor: float = 1e-5
+    projections: np.ndarray = field(init=False, repr=False)  # (num_codebooks, input_dim, proj_dim)
+    codebooks: np.ndarray = field(init=False, repr=False)  # (num_codebooks, codebook_size, proj_dim)
+
+    _VERSION = 1
+    _CHUNK = 4096
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.codebook_size <= 32768:
+            raise ValueError(
+                f"codebook_size must be in [2, 32768] for int16 labels, got {self.codebook_size}"
+            )
+        if self.num_codebooks < 1 or self.proj_dim < 1:
+            raise ValueError("num_codebooks and proj_dim must be >= 1")
+        d, p = self.input_dim, self.proj_dim
+        projections, codebooks = [], []
+        for book in range(self.num_codebooks):
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, book]))
+            projections.append(rng.standard_normal((d, p)) * math.sqrt(2.0 / (d + p)))  # Xavier normal
+            entries = rng.standard_normal((self.codebook_size, p))
+            codebooks.append(entries / np.linalg.norm(entries, axis=1, keepdims=True))
+        self.projections = np.stack(projections).astype(np.float32)
+        self.codebooks = np.stack(codebooks).astype(np.float32)
+        self._mean = self.stats.mean.astype(np.float32)
+        self._inv_std = (1.0 / np.maximum(self.stats.std, self.std_floor)).astype(np.float32)
+
+    @property
+    def input_dim(self) -> int:
+        return self.stats.dim
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": "best-rq",
+            "version": self._VERSION,
+            "seed": self.seed,
+            "input_dim": self.input_dim,
+            "proj_dim": self.proj_dim,
+            "codebook_size": self.codebook_size,
+            "num_codebooks": self.num_codebooks,
+            "std_floor": self.std_floor,
+        }
+
+    @property
+    def config_hash(self) -> str:
+        """16 hex digits naming the labelling function: settings plus the exact mean and std used."""
+        digest = hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode())
+        digest.update(self.stats.mean.tobytes())
+        digest.update(self.stats.std.tobytes())
+        return digest.hexdigest()[:16]
+
+    def _matrices_digest(self) -> str:
+        return hashlib.sha256(self.projections.tobytes() + self.codebooks.tobytes()).hexdigest()[:16]
+
+    def labels(self, features: np.ndarray) -> np.ndarray:
+        """int16 labels: (frames,) with one codebook, (num_codebooks, frames) with several."""
+        features = np.asarray(features, dtype=np.float32)
+        if features.ndim != 2 or features.shape[1] != self.input_dim:
+            raise ValueError(f"expected features shaped (T, {self.input_dim}), got {features.shape}")
+        out = np.empty((self.num_codebooks, len(features)), dtype=np.int16)
+        for start in range(0, len(features), self._CHUNK):
+            x = (features[start : start + self._CHUNK] - self._mean) * self._inv_std
+            for book in range(self.num_codebooks):
+                scores = (x @ self.projections[book]) @ self.codebooks[book].T
+                out[book, start : start + len(x)] = scores.argmax(axis=1)
+        return out[0] if self.num_codebooks == 1 else out
+
+    def save(self, path: Path | str) -> None:
+        config = self.config()
+        with open(path, "wb") as handle:
+            np.savez(
+                handle,
+                config=np.array(json.dumps(config, sort_keys=True)),
+                count=np.int64(self.stats.count),
+                mean=self.stats._mean,
+                m2=self.stats._m2,
+                config_hash=np.array(self.config_hash),
+                matrices_digest=np.array(self._matrices_digest()),
+            )
+
+    @classmethod
+    def load(cls, path: Path | str) -> BestRQ:
+        with np.load(path) as data:
+            config = json.loads(str(data["config"]))
+            stats = RunningStats(int(data["mean"].shape[0]))
+            stats.count = int(data["count"])
+            stats._mean = data["mean"].astype(np.float64)
+            stats._m2 = data["m2"].astype(np.float64)
+            saved_hash, saved_digest = str(data["config_hash"]), str(data["matrices_digest"])
+        if config.get("kind") != "best-rq" or config.get("version") != cls._VERSION:
+            raise ValueError(f"{path}: not a version-{cls._VERSION} BEST-RQ file: {config}")
+        quantizer = cls(
+            stats=stats,
+            seed=config["seed"],
+            proj_dim=config["proj_dim"],
+            codebook_size=config["codebook_size"],
+            num_codebooks=config["num_codebooks"],
+            std_floor=config["std_floor"],
+        )
+        if quantizer.config_hash != saved_hash:
+            raise ValueError(f"{path}: config hash {quantizer.config_hash} != saved {saved_hash}")
+        if quantizer._matrices_digest() != saved_digest:
+            raise ValueError(
+                f"{path}: this numpy regenerates different random matrices from seed {config['seed']} "
+                "(labels would not match the saved quantizer's)"
+            )
+        return quantizer

@@ -1,0 +1,104 @@
+"""Task listings and per-file journals: the planning and resume plumbing that file-by-file stages share.
+
+A stage that works file by file plans by streaming its input rows into `listing/RANK.jsonl` chunks of
+`files_per_task` rows (chunk i is task i, fingerprinted by the stage config and the chunk's bytes), and
+resumes inside a task through `journal/RANK.jsonl`: one line per finished file, so a task killed halfway
+redoes only its unfinished files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from mert_pipeline.executor import Stage, Task, stage_dir
+from mert_pipeline.fs import atomic_write_bytes
+
+
+def _rank_path(stage: Stage, sub: str, rank: int, suffix: str = "") -> Path:
+    return stage_dir(stage) / sub / f"{rank:05d}{suffix}"
+
+
+def write_listings(
+    stage: Stage,
+    rows: Iterable[dict[str, Any]],
+    files_per_task: int,
+    config_fingerprint: str,
+    subdirs: Iterable[str],
+) -> list[Task]:
+    """Stream rows into task listings on disk; drop every `subdirs` output of ranks that no longer exist
+    (the input shrank), so they cannot leak into a merge."""
+    tasks: list[Task] = []
+    chunk: list[str] = []
+
+    def flush() -> None:
+        data = "".join(chunk).encode()
+        rank = len(tasks)
+        atomic_write_bytes(_rank_path(stage, "listing", rank, ".jsonl"), data)
+        fingerprint = hashlib.sha256(config_fingerprint.encode() + data).hexdigest()
+        tasks.append(Task(rank=rank, fingerprint=fingerprint, size=len(chunk)))
+        chunk.clear()
+
+    for row in rows:
+        chunk.append(json.dumps(row, ensure_ascii=True, sort_keys=True) + "\n")
+        if len(chunk) >= files_per_task:
+            flush()
+    if chunk:
+        flush()
+    for sub in subdirs:
+        for path in (stage_dir(stage) / sub).glob("[0-9]*"):
+            if int(path.name[:5]) >= len(tasks):
+                path.unlink()
+    return tasks
+
+
+def read_listing(stage: Stage, rank: int) -> list[dict[str, Any]]:
+    text = _rank_path(stage, "listing", rank, ".jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+class Journal:
+    """`journal/RANK.jsonl`: the task fingerprint on the first line, then one JSON object per finished
+    file (each with an "id"). A journal of other inputs or options is discarded; a line cut short by a
+    kill fails to parse and is ignored with everything after it. Use as a context manager."""
+
+    def __init__(self, stage: Stage, task: Task) -> None:
+        self.path = _rank_path(stage, "journal", task.rank, ".jsonl")
+        self.done: dict[str, dict[str, Any]] = {}
+        lines: list[str] = []
+        with contextlib.suppress(FileNotFoundError):
+            lines = self.path.read_text(encoding="utf-8").split("\n")
+        if lines and lines[0] == task.fingerprint:
+            for line in lines[1:]:
+                try:
+                    item = json.loads(line)
+                except json.JSONDecodeError:
+                    break
+                self.done[item["id"]] = item
+            self._handle = self.path.open("a", encoding="utf-8")
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._handle = self.path.open("w", encoding="utf-8")
+            self._handle.write(task.fingerprint + "\n")
+            self._handle.flush()
+
+    def add(self, item: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(item, ensure_ascii=False) + "\n")
+        self._handle.flush()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._handle.close()
+
+
+def drop_journals(stage: Stage, tasks: Iterable[Task]) -> None:
+    """After finalize the task parts hold everything the journals did."""
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError):
+            _rank_path(stage, "journal", task.rank, ".jsonl").unlink()

@@ -1,0 +1,190 @@
+"""Teachers the `tokenize` stage runs: plain, picklable configs whose models load once per process.
+
+A teacher turns files of 24 kHz mono audio into int16 labels of shape (n_q, ceil(num_samples / 320)).
+The stage sends it a task's files at once, so a teacher can batch across files; it yields every file
+back (labels or a reject) in whatever order files finish.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from manifests.records import Reject
+from mert_pipeline.audio import ProbeFailure, open_audio, sndfile_message
+
+READ_BLOCK = 1 << 16
+_MODELS: dict[tuple, Any] = {}  # per process: (checkpoint, bandwidth, device) -> model
+_GPU_LOCKS: list[int] = []
+
+
+@dataclass(frozen=True)
+class FileToLabel:
+    id: str
+    path: str
+    num_samples: int
+
+
+def read_blocks(
+    item: FileToLabel, failures: dict[str, Reject], block: int = READ_BLOCK
+) -> Iterator[np.ndarray]:
+    """Stream one mono file as float32 blocks. A decode failure or NaN ends the stream early and is
+    recorded in `failures`, so a batch shared with other files goes on and only this file is rejected."""
+    if not os.path.exists(item.path):  # libsndfile would call it a decode error
+        failures[item.id] = Reject(item.path, "missing", "listed in the audio manifest but no longer exists")
+        return
+    try:
+        with open_audio(item.path) as handle:
+            if handle.channels != 1:
+                raise ProbeFailure("changed", f"{handle.channels} channels; the resample stage writes mono")
+            decoded = 0
+            while True:
+                try:
+                    data = handle.read(block, dtype="float32", always_2d=True)
+                except Exception as exc:  # noqa: BLE001 - libsndfile's decode errors
+                    raise ProbeFailure(
+                        "decode_error", f"decoding stopped at sample {decoded}: {sndfile_message(exc)}"
+                    ) from exc
+                if not len(data):
+                    break
+                mono = data[:, 0]
+                if not np.isfinite(mono).all():
+                    raise ProbeFailure("non_finite", f"NaN or Inf samples after sample {decoded}")
+                decoded += len(mono)
+                yield mono
+            if decoded != item.num_samples:
+                raise ProbeFailure(
+                    "changed", f"decoded {decoded} samples, the manifest says {item.num_samples}"
+                )
+    except ProbeFailure as failure:
+        failures[item.id] = Reject(item.path, failure.reason, failure.detail)
+
+
+def claim_gpu(lock_dir: Path) -> str:
+    """`cuda:N` for this process: the first GPU no other worker of this run holds (a lock file per GPU,
+    held until the process exits), so a local pool puts one model on each GPU. Ray pins GPUs itself
+    (CUDA_VISIBLE_DEVICES), so there only one device is visible and this returns cuda:0."""
+    import torch
+
+    count = torch.cuda.device_count()
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        fd = os.open(lock_dir / f"gpu-{index}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _GPU_LOCKS.append(fd)
+        return f"cuda:{index}"
+    return f"cuda:{os.getpid() % max(count, 1)}"  # more workers than GPUs: share
+
+
+@dataclass(frozen=True)
+class RvqTeacher:
+    """EnCodec 24 kHz residual-VQ codes (MERT's acoustic teacher), exact under chunking (see codec.py).
+
+    `resolve()` (driver side) loads the weights once to fail early and records their sha256, which is
+    part of the teacher's identity; workers load the same file again, once per process.
+    """
+
+    bandwidth: float = 6.0
+    checkpoint: str | None = None  # None: the encodec package's own pretrained loader
+    checkpoint_sha256: str = ""
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (CUDA)
+    chunk_seconds: float | None = None  # streamed chunk (a multiple of 320 samples); None: see chunk_for
+    batch_seconds: float | None = None  # audio per batch; None: see batch_rows
+    threads: int = 1  # torch intra-op threads of each worker
+    gpu_lock_dir: str = ""
+
+    kind: str = "encodec_24khz"
+    sampling_rate: int = 24000
+    hop: int = 320
+    num_classes: int = 1024
+
+    @property
+    def n_q(self) -> int:
+        from mert_pipeline.codec import BANDWIDTHS
+
+        return BANDWIDTHS[float(self.bandwidth)]
+
+    def resolve(self) -> RvqTeacher:
+        """Load once here (errors surface before workers start) and fill in the checkpoint hash."""
+        from mert_pipeline.codec import load_codec
+
+        _, info = load_codec(self.checkpoint, self.bandwidth, "cpu")
+        return replace(self, checkpoint_sha256=info.checkpoint_sha256)
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies the codes: weights, codebook count, precision (bf16 flips some codes)."""
+        return {
+            "teacher": self.kind,
+            "bandwidth": float(self.bandwidth),
+            "n_q": self.n_q,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "dtype": self.dtype,
+        }
+
+    def _device(self) -> str:
+        from mert_pipeline.codec import resolve_device
+
+        device = resolve_device(self.device)
+        if device.type == "cuda" and device.index is None:
+            return claim_gpu(Path(self.gpu_lock_dir or "/tmp"))
+        return str(device)
+
+    def chunk_for(self, device: str) -> float:
+        """Streamed chunk: 2.56 s on CPU (short chunks run fastest there), 10.24 s on GPU (fewer steps)."""
+        if self.chunk_seconds is not None:
+            return self.chunk_seconds
+        return 10.24 if device.startswith("cuda") else 2.56
+
+    def batch_rows(self, device: str) -> int:
+        """Rows per batch: one on CPU, where batching does not help; 64 files side by side on GPU."""
+        chunk = self.chunk_for(device)
+        seconds = self.batch_seconds
+        if seconds is None:
+            seconds = 64 * chunk if device.startswith("cuda") else chunk
+        return max(1, round(seconds / chunk))
+
+    def model(self) -> tuple[Any, str]:
+        """This process's model (loaded on first use, then cached) and its device."""
+        from mert_pipeline.codec import configure_threads, load_codec
+
+        key = (self.checkpoint, float(self.bandwidth), self.device)
+        if key not in _MODELS:
+            configure_threads(self.threads)
+            device = self._device()
+            model, info = load_codec(self.checkpoint, self.bandwidth, device)
+            if self.checkpoint_sha256 and info.checkpoint_sha256 != self.checkpoint_sha256:
+                raise RuntimeError(
+                    f"EnCodec weights changed during the run (sha256 {info.checkpoint_sha256[:12]}, "
+                    f"planned with {self.checkpoint_sha256[:12]}); rerun"
+                )
+            _MODELS[key] = (model, device)
+        return _MODELS[key]
+
+    def label(self, files: list[FileToLabel], stats: Counter) -> Iterator[tuple[str, np.ndarray | Reject]]:
+        from mert_pipeline.codec import encode_stream
+
+        if not files:
+            return
+        model, device = self.model()
+        failures: dict[str, Reject] = {}
+        by_id = {f.id: f for f in files}
+        items = ((f.id, read_blocks(f, failures)) for f in files)
+        rows = self.batch_rows(device)
+        chunk_seconds = self.chunk_for(device)
+        chunk = round(chunk_seconds * self.sampling_rate)
+        for file_id, codes in encode_stream(model, items, chunk_seconds, rows, device, self.dtype):
+            stats["chunks"] += -(-by_id[file_id].num_samples // chunk)
+            failure = failures.pop(file_id, None)
+            yield file_id, (failure if failure is not None else codes)
