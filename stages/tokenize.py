@@ -281,7 +281,7 @@ class TokenizeStage:
         summary["removed_stale"] = _prune(labels_dir, kept)
         summary["files_seen"] = stats.get("files_seen", 0)
         summary["rejected"] = sum(v for k, v in summary.items() if k.startswith("rejected."))
-        for key in ("resumed", "batches", "chunks"):
+        for key in ("resumed", "chunks"):
             summary[key] = stats.get(key, 0)
         facts = self.teacher_facts()
         return {
