@@ -32,12 +32,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# `python benchmarks/kmeans.py` puts benchmarks/ first on sys.path, where a sibling script named like a
-# stdlib module (benchmarks/tokenize.py shadows `tokenize`, which numpy imports via inspect) would break
-# imports: search the repository root instead.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-REPO = _HERE.parent
+REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

@@ -2,9 +2,9 @@
 
 Run from the repository root:
 
-    python benchmarks/tokenize.py                       # CPU: 6 tracks of 1-5 min
-    python benchmarks/tokenize.py --device cuda         # GPU, when one is present
-    python benchmarks/tokenize.py --quick               # 2 short tracks, a sanity run
+    python benchmarks/tokenize_rvq.py                       # CPU: 6 tracks of 1-5 min
+    python benchmarks/tokenize_rvq.py --device cuda         # GPU, when one is present
+    python benchmarks/tokenize_rvq.py --quick               # 2 short tracks, a sanity run
 
 What is timed, on the same 24 kHz mono FLAC files (synthesized music, 1 to 5 minutes each):
 
@@ -25,18 +25,12 @@ shows is a lower bound.
 
 from __future__ import annotations
 
-import os
-import sys
-
-# This file shares its name with the standard library's `tokenize`, which Python imports by itself (via
-# linecache): take the script's own folder off the import path before anything else is imported.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-
 import argparse  # noqa: E402
+import os
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
+import sys
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
