@@ -26,27 +26,9 @@ from mert_pipeline.features import (
 )
 from mert_pipeline.synth import render_track
 
-LENGTHS = [
-    1,
-    2,
-    139,
-    140,
-    141,
-    319,
-    320,
-    321,
-    599,
-    600,
-    601,
-    640,
-    1000,
-    2047,
-    2048,
-    2049,
-    24000,
-    24001,
-    120007,
-]
+# Around one hop, the 600-sample MFCC window, the 2048-sample log-mel window, one second, and a long odd file.
+LENGTHS = [1, 2, 139, 140, 141, 319, 320, 321, 599, 600, 601, 640, 1000]
+LENGTHS += [2047, 2048, 2049, 24000, 24001, 120007]
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +40,9 @@ def music() -> np.ndarray:
 @pytest.fixture(scope="module")
 def extractors() -> dict[str, MFCC | LogMel]:
     return {"mfcc": MFCC(), "log_mel": LogMel()}
+
+
+_MFCC, _LOG_MEL = MFCC(), LogMel()  # for the hypothesis test, which rejects function-scoped fixtures
 
 
 def _stream(extractor: MFCC | LogMel, x: np.ndarray, sizes: list[int], min_block: int = 1) -> np.ndarray:
@@ -171,9 +156,6 @@ def test_stream_equals_whole_file(music: np.ndarray, extractors: dict, kind: str
     x = music if sizes[0] > 100 else music[:7000]  # one-sample blocks on a short excerpt keep this fast
     whole = extractors[kind](x)
     np.testing.assert_allclose(_stream(extractors[kind], x, sizes), whole, rtol=1e-5, atol=1e-4)
-
-
-_MFCC, _LOG_MEL = MFCC(), LogMel()  # module level: hypothesis rejects function-scoped fixtures
 
 
 def test_stream_with_default_gathering_equals_whole_file(extractors: dict) -> None:
