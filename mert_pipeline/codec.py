@@ -83,6 +83,7 @@ __all__ = [
     "checkpoint_url",
     "chunk_samples_for",
     "configure_threads",
+    "default_batch_rows",
     "encode_stream",
     "encode_whole",
     "hub_checkpoint_path",
@@ -202,6 +203,16 @@ def chunk_samples_for(chunk_seconds: float) -> int:
     if not chunk_seconds > 0:
         raise ValueError(f"chunk_seconds must be > 0, got {chunk_seconds}")
     return max(1, round(chunk_seconds * SAMPLE_RATE / HOP)) * HOP
+
+
+def default_batch_rows(device: str | torch.device) -> int:
+    """Rows per step: 1 on CPU, 8 on CUDA.
+
+    Measured with 2 threads on CPU, one 2.5 s row per step ran at ~20x real time and 8 rows at ~12x: a
+    row's activations stay in cache, 8 rows' do not, and there is no launch overhead to amortise. On an
+    H100, 8 rows of 10 s chunks ran at ~470x real time in total against ~250x for one row.
+    """
+    return 8 if torch.device(device).type == "cuda" else 1
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -831,7 +842,7 @@ def encode_stream(
     model: EncodecModel,
     items: Iterable[tuple[K, Iterable[np.ndarray]]],
     chunk_seconds: float = 2.5,
-    batch_rows: int = 8,
+    batch_rows: int | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype = "float32",
 ) -> Iterator[tuple[K, np.ndarray]]:
@@ -841,10 +852,14 @@ def encode_stream(
     audio); a row whose file ends takes the next file. Files are yielded as they finish, so the order can
     differ from the input order; each as (file_id, int16 codes of shape (n_q, ceil(samples / 320))). Only
     about one chunk per row is read ahead, so files of any length stream through bounded memory. device
-    None keeps the model where it is; otherwise the model is moved there.
+    None keeps the model where it is; otherwise the model is moved there. batch_rows None picks
+    ``default_batch_rows`` for the model's device. Codes do not depend on batch_rows or on which files
+    share a batch.
     """
     if device is not None:
         model.to(resolve_device(device))
+    if batch_rows is None:
+        batch_rows = default_batch_rows(_model_device(model))
     encoder = StreamingEncoder(model, batch_rows, chunk_samples_for(chunk_seconds), dtype)
     width = encoder.chunk_samples
     pending = iter(items)
