@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -102,3 +103,17 @@ def drop_journals(stage: Stage, tasks: Iterable[Task]) -> None:
     for task in tasks:
         with contextlib.suppress(FileNotFoundError):
             _rank_path(stage, "journal", task.rank, ".jsonl").unlink()
+
+
+def prune_unlisted(root: Path, kept: set[str], name: re.Pattern[str]) -> int:
+    """Delete files `root/ab/NAME` matching `name` whose relpath `ab/NAME` is not in `kept`; return how many.
+
+    Per-id outputs live in two-hex-digit folders; after a merge the folder must hold exactly what the new
+    manifest lists (files of rejected ids, or of an earlier run's options, go)."""
+    removed = 0
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and len(p.name) == 2):
+        for path in sub.iterdir():
+            if name.match(path.name) and f"{sub.name}/{path.name}" not in kept:
+                path.unlink()
+                removed += 1
+    return removed

@@ -36,7 +36,7 @@ from manifests.records import SCHEMA_VERSION, Reject, ResampledRecord
 from mert_pipeline.audio import ProbeFailure, hash_file
 from mert_pipeline.executor import Resources, Task, stage_dir
 from mert_pipeline.fs import atomic_path, remove_stale_tmp
-from mert_pipeline.listing import Journal, drop_journals, read_listing, write_listings
+from mert_pipeline.listing import Journal, drop_journals, prune_unlisted, read_listing, write_listings
 from mert_pipeline.resample import SILENCE_PEAK, OutputSpec, resample_file
 
 MANIFEST = "manifest.parquet"
@@ -262,7 +262,7 @@ class ResampleStage:
                     summary["flag.silent"] += record.silent
                     summary["flag.clipped"] += record.clipped
         drop_journals(self, tasks)
-        summary["removed_stale"] = _prune(audio_dir, kept)
+        summary["removed_stale"] = prune_unlisted(audio_dir, kept, _AUDIO_NAME)
         summary["files_seen"] = stats.get("files_seen", 0)
         summary["rejected"] = sum(v for k, v in summary.items() if k.startswith("rejected."))
         for key in ("copied", "resampled", "resumed", "source_audio_seconds"):
@@ -286,14 +286,3 @@ def _is_copy(record: ResampledRecord) -> bool:
         and record.source_channels == 1
         and record.source_hash == record.content_hash
     )
-
-
-def _prune(audio_dir: Path, kept: set[str]) -> int:
-    """Delete audio files under AUDIO_DIR/xx/ that the new manifest does not list."""
-    removed = 0
-    for sub in sorted(p for p in audio_dir.iterdir() if p.is_dir() and len(p.name) == 2):
-        for path in sub.iterdir():
-            if _AUDIO_NAME.match(path.name) and f"{sub.name}/{path.name}" not in kept:
-                path.unlink()
-                removed += 1
-    return removed

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from collections import Counter
 from collections.abc import Iterator
@@ -33,7 +34,7 @@ from manifests.io import ManifestWriter, RejectsWriter, iter_batches, iter_rejec
 from manifests.records import LabelRecord, Reject
 from mert_pipeline.executor import Resources, Task, stage_dir
 from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
-from mert_pipeline.listing import Journal, drop_journals, read_listing, write_listings
+from mert_pipeline.listing import Journal, drop_journals, prune_unlisted, read_listing, write_listings
 from mert_pipeline.teachers import FileToLabel
 from stages.resample import audio_dir_name
 
@@ -42,6 +43,7 @@ REJECTS = "rejects.jsonl"
 TEACHER = "teacher.json"
 SUBDIRS = ("listing", "parts", "rejects", "journal", "completions", "stats", "errors")
 LISTING_COLUMNS = ["id", "path", "num_samples", "sampling_rate", "split"]
+_NPY_NAME = re.compile(r"^[0-9a-f]{16}\.npy$")
 
 
 def config_hash(teacher: Teacher) -> str:
@@ -278,7 +280,7 @@ class TokenizeStage:
                     summary["frames"] += record.frames
                     summary["audio_seconds"] += record.num_samples / record.sampling_rate
         drop_journals(self, tasks)
-        summary["removed_stale"] = _prune(labels_dir, kept)
+        summary["removed_stale"] = prune_unlisted(labels_dir, kept, _NPY_NAME)
         summary["files_seen"] = stats.get("files_seen", 0)
         summary["rejected"] = sum(v for k, v in summary.items() if k.startswith("rejected."))
         for key in ("resumed", "chunks"):
@@ -300,13 +302,3 @@ def _npy_intact(path: Path, record: dict[str, Any]) -> bool:
         return np.load(path, mmap_mode="r").shape == (record["n_q"], record["frames"])
     except (OSError, ValueError):
         return False
-
-
-def _prune(labels_dir: Path, kept: set[str]) -> int:
-    removed = 0
-    for sub in sorted(p for p in labels_dir.iterdir() if p.is_dir() and len(p.name) == 2):
-        for path in sub.iterdir():
-            if path.suffix == ".npy" and f"{sub.name}/{path.name}" not in kept:
-                path.unlink()
-                removed += 1
-    return removed
