@@ -40,6 +40,9 @@ REJECT_REASONS: dict[str, str] = {
     "clipped": "too many samples at full scale and --on-clipping is reject",
     # teachers
     "label_mismatch": "teacher labels are not int16 of shape (n_q, ceil(num_samples / hop))",
+    # shard and export
+    "no_labels": "a selected teacher has no labels for the file (it rejected the file or did not run on it)",
+    "unshardable": "the audio's sample format cannot go into a FLAC shard sample for sample (float WAV)",
 }
 
 _ID = re.compile(r"^[0-9a-f]{16}$")
@@ -263,11 +266,67 @@ LABEL_SCHEMA = pa.schema(
 )
 assert [f.name for f in fields(LabelRecord)] == LABEL_SCHEMA.names
 
-Record = AudioRecord | ResampledRecord | LabelRecord
+
+@dataclass(frozen=True)
+class FeatureRecord:
+    """One file's frame features (`mert-pipe features`): a float32 `.npy` of shape (frames, dim).
+
+    Frames follow the teachers' rule, `ceil(num_samples / hop)` at `frame_rate`, so feature row i is the
+    frame that label column i describes.
+    """
+
+    id: str
+    kind: str  # the extractor, e.g. mfcc
+    config_hash: str  # of the extractor's settings
+    relpath: str  # of the .npy, relative to the features directory
+    frames: int
+    dim: int
+    dtype: str  # numpy dtype name of the stored array
+    frame_rate: float
+    num_samples: int
+    sampling_rate: int
+    split: str
+
+    def validate(self) -> None:
+        def bad(why: str) -> RecordError:
+            return RecordError(f"invalid feature record for {self.id!r}: {why}")
+
+        if not _ID.match(self.id):
+            raise bad("id is not 16 lowercase hex digits")
+        if not self.kind or not self.config_hash or self.relpath.startswith("/"):
+            raise bad("kind and config_hash must be set and relpath relative")
+        if self.dim < 1 or self.frames < 1:
+            raise bad("dim and frames must be positive")
+        hop = self.sampling_rate / self.frame_rate
+        if abs(hop - round(hop)) > 1e-9 or self.frames != -(-self.num_samples // round(hop)):
+            raise bad(f"frames must be ceil(num_samples / hop) = ceil({self.num_samples} / {hop:g})")
+        if self.split not in SPLITS:
+            raise bad(f"split must be one of {SPLITS}")
+
+
+FEATURE_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("kind", pa.string()),
+        ("config_hash", pa.string()),
+        ("relpath", pa.string()),
+        ("frames", pa.int64()),
+        ("dim", pa.int32()),
+        ("dtype", pa.string()),
+        ("frame_rate", pa.float64()),
+        ("num_samples", pa.int64()),
+        ("sampling_rate", pa.int32()),
+        ("split", pa.string()),
+    ]
+)
+assert [f.name for f in fields(FeatureRecord)] == FEATURE_SCHEMA.names
+
+Record = AudioRecord | ResampledRecord | LabelRecord | FeatureRecord
 SCHEMAS: dict[type, pa.Schema] = {
     AudioRecord: AUDIO_SCHEMA,
     ResampledRecord: RESAMPLED_SCHEMA,
     LabelRecord: LABEL_SCHEMA,
+    FeatureRecord: FEATURE_SCHEMA,
 }
 
 

@@ -23,9 +23,16 @@ from rich.table import Table
 from mert_pipeline.executor import ExecutorConfig, Stage, StageReport, Task, TaskOutcome, execute
 from mert_pipeline.fs import WorkdirBusy, atomic_write_text, ensure_writable_dir, workdir_lock
 from mert_pipeline.resample import OutputSpec
+from mert_pipeline.shards import parse_size
 from stages.manifest import DEFAULT_EXTENSIONS, ManifestConfig, ManifestStage, inside_roots, resolve_roots
 from stages.resample import ResampleConfig, ResampleStage
-from stages.tokenize import TeacherMismatch, TokenizeConfig, TokenizeStage, default_files_per_task
+from stages.tokenize import (
+    TeacherMismatch,
+    TokenizeConfig,
+    TokenizeStage,
+    default_files_per_task,
+    default_workers,
+)
 
 app = typer.Typer(
     name="mert-pipe",
@@ -311,7 +318,7 @@ def resample(
     run_stage(ResampleStage(config), exec_config)
 
 
-TEACHERS = ("rvq",)
+TEACHERS = ("rvq", "kmeans", "bestrq")
 
 
 def _existing_audio_dir(workdir: Path, sample_rate: int) -> Path:
@@ -364,7 +371,7 @@ def _rvq_teacher(
 
 def run_tokenize(config: TokenizeConfig, exec_config: ExecutorConfig) -> StageReport:
     stage = TokenizeStage(config)
-    if config.teacher.device != "cpu":
+    if getattr(config.teacher, "device", "cpu") != "cpu":
         from mert_pipeline.codec import resolve_device
 
         if resolve_device(config.teacher.device).type == "cuda":
@@ -379,10 +386,25 @@ def run_tokenize(config: TokenizeConfig, exec_config: ExecutorConfig) -> StageRe
 @app.command()
 def tokenize(
     workdir: Annotated[Path, typer.Argument(help="WORKDIR holding audio_24k/ (from `resample`).")],
-    teacher: Annotated[str, typer.Option("--teacher", help="Which teacher labels the audio: rvq.")] = "rvq",
+    teacher: Annotated[
+        str, typer.Option("--teacher", help="Which teacher labels the audio: rvq, kmeans or bestrq.")
+    ] = "rvq",
     name: Annotated[
-        str | None, typer.Option("--name", help="Label set name, WORKDIR/labels/NAME (default: the teacher).")
+        str | None,
+        typer.Option(
+            "--name", help="Label set name, WORKDIR/labels/NAME (default: rvq, kmeans<k> or bestrq)."
+        ),
     ] = None,
+    centroids: Annotated[
+        Path | None,
+        typer.Option("--centroids", help="kmeans: (k, 39) centroids .npy (default: the last `kmeans fit`)."),
+    ] = None,
+    codebooks: Annotated[int, typer.Option("--codebooks", min=1, help="bestrq: random codebooks.")] = 1,
+    codebook_size: Annotated[
+        int, typer.Option("--codebook-size", min=2, max=32768, help="bestrq: entries per codebook.")
+    ] = 4096,
+    proj_dim: Annotated[int, typer.Option("--proj-dim", min=1, help="bestrq: projection dimension.")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="bestrq: seed of the projection and codebooks.")] = 0,
     bandwidth: Annotated[
         float,
         typer.Option("--bandwidth", help="EnCodec kbps: 1.5, 3, 6, 12, 24 -> 2, 4, 8, 16, 32 codebooks."),
@@ -416,14 +438,22 @@ def tokenize(
         typer.Option("--files-per-task", min=1, help="Files per task (default: 4 on CPU, 256 on GPU)."),
     ] = None,
     executor: ExecutorOpt = "local",
-    workers: WorkersOpt = DEFAULT_WORKERS,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Worker processes (default: one per GPU; on CPU one, with a torch thread per core).",
+        ),
+    ] = None,
     ray_address: RayAddressOpt = None,
     max_retries: MaxRetriesOpt = 3,
     cpus_per_task: CpusOpt = None,
     gpus_per_task: GpusOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Label every resampled file with a teacher: EnCodec 24 kHz RVQ codes (`--teacher rvq`).
+    """Label every resampled file with a teacher: EnCodec 24 kHz RVQ codes (`--teacher rvq`), k-means on
+    MFCC (`--teacher kmeans`) or BEST-RQ random-projection codes of log-mel (`--teacher bestrq`).
 
     Reads: WORKDIR/audio_24k/manifest.parquet and its audio. Writes: WORKDIR/labels/NAME/ab/<id>.npy (int16,
     shape (n_q, ceil(num_samples / 320)), 75 Hz), WORKDIR/labels/NAME/labels.parquet (id, teacher, config
@@ -432,23 +462,30 @@ def tokenize(
     if teacher not in TEACHERS:
         raise fail(f"--teacher must be one of {', '.join(TEACHERS)}, not {teacher!r}")
     workdir = _existing_audio_dir(workdir, 24000)
+    if device not in ("auto", "cpu", "cuda"):
+        raise fail(f"--device must be auto, cpu or cuda, not {device!r}")
     try:
+        if workers is None:
+            workers = default_workers(device) if teacher == "rvq" else DEFAULT_WORKERS
         exec_config = executor_config(
             executor, workers, ray_address, force, max_retries, cpus_per_task, gpus_per_task
         )
-    except UsageError as exc:
+    except (UsageError, ValueError) as exc:
         raise fail(str(exc)) from exc
-    lock_dir = workdir / ".work" / "gpu-locks"
-    rvq = _rvq_teacher(
-        bandwidth, codec_checkpoint, device, dtype, chunk_seconds, batch_seconds, workers, lock_dir
-    )
-    try:
-        config = TokenizeConfig(
-            workdir=workdir,
-            teacher=rvq,
-            name=name or teacher,
-            files_per_task=files_per_task or default_files_per_task(rvq.device),
+    if teacher != "rvq":
+        chosen = _feature_teacher(
+            teacher, workdir, exec_config, centroids, codebooks, codebook_size, proj_dim, seed, workers
         )
+        label_set = name or (f"kmeans{chosen.num_classes}" if teacher == "kmeans" else teacher)
+        per_task = files_per_task or 16
+    else:
+        lock_dir = workdir / ".work" / "gpu-locks"
+        chosen = _rvq_teacher(
+            bandwidth, codec_checkpoint, device, dtype, chunk_seconds, batch_seconds, workers, lock_dir
+        )
+        label_set, per_task = name or teacher, files_per_task or default_files_per_task(chosen.device)
+    try:
+        config = TokenizeConfig(workdir=workdir, teacher=chosen, name=label_set, files_per_task=per_task)
     except ValueError as exc:
         raise fail(str(exc)) from exc
     report = run_tokenize(config, exec_config)
@@ -458,6 +495,397 @@ def tokenize(
         f"{facts.get('num_classes')} at {facts.get('label_rate'):g} Hz",
         highlight=False,
     )
+
+
+def _feature_teacher(
+    teacher: str,
+    workdir: Path,
+    exec_config: ExecutorConfig,
+    centroids: Path | None,
+    codebooks: int,
+    codebook_size: int,
+    proj_dim: int,
+    seed: int,
+    workers: int,
+):
+    """The k-means or BEST-RQ teacher, checked on the driver. BEST-RQ first runs (or resumes) its log-mel
+    mean/std pass over the train files, then saves its quantizer under WORKDIR/bestrq/<hash>.npz."""
+    from mert_pipeline.features import BestRQ, RunningStats
+    from mert_pipeline.teachers import BestRQTeacher, KMeansTeacher
+    from stages.features import STATS, FeaturesStage, log_mel_stats_config
+    from stages.kmeans import KMeansInputError, last_centroids
+
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    if teacher == "kmeans":
+        try:
+            path = centroids if centroids is not None else last_centroids(workdir)
+            return KMeansTeacher(centroids=str(path.resolve()), threads=threads).resolve()
+        except (KMeansInputError, ValueError) as exc:
+            raise fail(str(exc)) from exc
+    stats_stage = FeaturesStage(log_mel_stats_config(workdir, threads))
+    run_stage(stats_stage, exec_config)
+    stats = RunningStats.load(stats_stage.config.features_dir / STATS)
+    if stats.count == 0:
+        raise fail(f"no train files in {workdir}/audio_24k/manifest.parquet to compute log-mel statistics on")
+    try:
+        quantizer = BestRQ(
+            stats, seed=seed, proj_dim=proj_dim, codebook_size=codebook_size, num_codebooks=codebooks
+        )
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    return BestRQTeacher.save_quantizer(quantizer, workdir / "bestrq", threads)
+
+
+@app.command()
+def features(
+    workdir: Annotated[Path, typer.Argument(help="WORKDIR holding audio_24k/ (from `resample`).")],
+    kind: Annotated[
+        str, typer.Option("--kind", help="mfcc: 39-dim MFCC+deltas at 75 Hz (HuBERT iteration 1).")
+    ] = "mfcc",
+    sample_frames: Annotated[
+        int,
+        typer.Option(
+            "--sample-frames", min=0, help="Frames kept (uniformly, over the corpus) for `kmeans fit`."
+        ),
+    ] = 1_000_000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the frame sample.")] = 0,
+    files_per_task: Annotated[int, typer.Option("--files-per-task", min=1, help="Files per task.")] = 16,
+    executor: ExecutorOpt = "local",
+    workers: WorkersOpt = DEFAULT_WORKERS,
+    ray_address: RayAddressOpt = None,
+    max_retries: MaxRetriesOpt = 3,
+    cpus_per_task: CpusOpt = None,
+    gpus_per_task: GpusOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Frame features of every resampled file, plus the frame sample and statistics `kmeans fit` uses.
+
+    Reads: WORKDIR/audio_24k/manifest.parquet and its audio. Writes: WORKDIR/features/KIND/ab/<id>.npy
+    (float32, shape (ceil(num_samples / 320), 39)), features.parquet, rejects.jsonl, stats.npz (mean/std),
+    sample.npy (at most --sample-frames frames), features.json, WORKDIR/stats/features_KIND.json.
+    """
+    from stages.features import FeaturesConfig, FeaturesStage
+
+    if kind != "mfcc":
+        hint = " (--kind model waits for the trainer's checkpoint format)" if kind == "model" else ""
+        raise fail(f"--kind must be mfcc, not {kind!r}{hint}")
+    workdir = _existing_audio_dir(workdir, 24000)
+    try:
+        exec_config = executor_config(
+            executor, workers, ray_address, force, max_retries, cpus_per_task, gpus_per_task
+        )
+        config = FeaturesConfig(
+            workdir=workdir,
+            kind=kind,
+            sample_frames=sample_frames,
+            seed=seed,
+            files_per_task=files_per_task,
+            threads=max(1, (os.cpu_count() or 1) // workers),
+        )
+    except (UsageError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    report = run_stage(FeaturesStage(config), exec_config)
+    sample = report.summary.get("features", {}).get("sample", {})
+    console.print(
+        f"sample for `kmeans fit`: {sample.get('frames', 0)} of {sample.get('from_frames', 0)} frames",
+        highlight=False,
+    )
+
+
+kmeans_app = typer.Typer(help="Fit k-means centroids and report on label quality.", no_args_is_help=True)
+app.add_typer(kmeans_app, name="kmeans")
+
+
+@kmeans_app.command("fit")
+def kmeans_fit(
+    workdir: Annotated[Path, typer.Argument(help="WORKDIR holding features/FEATURES/ (from `features`).")],
+    features: Annotated[str, typer.Option("--features", help="Which features: mfcc.")] = "mfcc",
+    k: Annotated[
+        int, typer.Option("--k", min=1, max=32768, help="Clusters (int16 labels: at most 32768).")
+    ] = 500,
+    sample_frames: Annotated[
+        int | None,
+        typer.Option("--sample-frames", min=1, help="Fit on this many frames of the sample (default: all)."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the subsample and of the fit.")] = 0,
+    backend: Annotated[
+        str, typer.Option("--backend", help="faiss (default), or sklearn: fairseq's MiniBatchKMeans recipe.")
+    ] = "faiss",
+    name: Annotated[
+        str | None, typer.Option("--name", help="Fit name: WORKDIR/kmeans/NAME (default: FEATURES_kK).")
+    ] = None,
+) -> None:
+    """Fit k centroids on the frame sample of `mert-pipe features`; the fit becomes the default centroids of
+    `tokenize --teacher kmeans`.
+
+    Reads: WORKDIR/features/FEATURES/sample.npy. Writes: WORKDIR/kmeans/NAME/centroids.npy (float32 (k, dim)),
+    WORKDIR/kmeans/NAME/fit.json (config, inertia, seconds), WORKDIR/kmeans/last.json.
+    """
+    from stages.kmeans import KMeansInputError, fit_from_features
+
+    if backend not in ("faiss", "sklearn"):
+        raise fail(f"--backend must be faiss or sklearn, not {backend!r}")
+    if name is not None and (not name or not all(c.isalnum() or c in "-_" for c in name)):
+        raise fail(f"--name must be letters, digits, '-' and '_' only, not {name!r}")
+    workdir = _check_workdir(workdir)
+    start = time.perf_counter()
+    try:
+        with workdir_lock(workdir), console.status(f"fitting k={k} on {features} frames ({backend})"):
+            fit = fit_from_features(workdir, features, k, sample_frames, seed, backend, name)  # type: ignore[arg-type]
+    except (KMeansInputError, WorkdirBusy) as exc:
+        raise fail(str(exc)) from exc
+    table = Table(title="kmeans fit summary", show_header=False, title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in ("name", "k", "backend", "seed", "sample_frames", "sample_available", "inertia_per_frame"):
+        value = fit[key]
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    table.add_row("fit time", f"{fit['fit_seconds']:.2f} s")
+    seconds = time.perf_counter() - start
+    table.add_row("wall time", f"{seconds:.2f} s ({fit['sample_frames'] / seconds:,.0f} frames/s)")
+    table.add_row("centroids", fit["centroids"])
+    console.print(table)
+
+
+@kmeans_app.command("report")
+def kmeans_report(
+    workdir: Annotated[Path, typer.Argument(help="WORKDIR holding labels/ (from `tokenize`).")],
+    teacher: Annotated[
+        str | None,
+        typer.Option("--teacher", help="Label set to report on (default: every k-means label set)."),
+    ] = None,
+) -> None:
+    """Cluster usage (clusters used, perplexity) of a label set and its agreement (mutual information,
+    purity) with every other label set on the files both labelled, as fairseq's measure_teacher_quality.
+
+    Reads: WORKDIR/labels/*/. Writes: WORKDIR/labels/NAME/report.json.
+    """
+    from stages.kmeans import KMeansInputError, label_report
+
+    workdir = _check_workdir(workdir)
+    start = time.perf_counter()
+    try:
+        with console.status("reading labels"):
+            reports = label_report(workdir, teacher)
+    except KMeansInputError as exc:
+        raise fail(str(exc)) from exc
+    frames = 0
+    for name, report in reports.items():
+        usage = Table(title=f"{name}: cluster usage ({report['files']} files)", title_justify="left")
+        for column in ("codebook", "frames", "used", "perplexity", "entropy bits"):
+            usage.add_column(column, justify="right")
+        for row in report["usage"]:
+            usage.add_row(
+                str(row["codebook"]), str(row["frames"]), f"{row['used']} / {report['num_classes']}",
+                f"{row['perplexity']:.1f}", f"{row['entropy_bits']:.3f}",
+            )  # fmt: skip
+            frames += row["frames"]
+        console.print(usage)
+        if report["agreement"]:
+            agree = Table(
+                title=f"t = {name} against each other label set o (codebook 0; MI in bits)",
+                title_justify="left",
+            )
+            for column in ("o", "frames", "MI", "MI/H(t)", "MI/H(o)", "NMI", "pur(o|t)", "pur(t|o)"):
+                agree.add_column(column, justify="right")
+            for other, m in report["agreement"].items():
+                agree.add_row(
+                    other, str(m["frames"]), f"{m['mutual_information']:.3f}",
+                    f"{m['mi_over_entropy_a']:.3f}", f"{m['mi_over_entropy_b']:.3f}", f"{m['nmi']:.3f}",
+                    f"{m['purity_b_given_a']:.3f}", f"{m['purity_a_given_b']:.3f}",
+                )  # fmt: skip
+            console.print(agree)
+        console.print(f"report: {workdir / 'labels' / name / 'report.json'}", highlight=False)
+    seconds = time.perf_counter() - start
+    console.print(
+        f"{len(reports)} label sets, {frames} frames counted in {seconds:.2f} s "
+        f"({frames / max(seconds, 1e-9):,.0f} frames/s)",
+        highlight=False,
+    )
+
+
+def _teacher_list(text: str | None) -> list[str] | None:
+    names = [name.strip() for name in (text or "").split(",") if name.strip()]
+    return names or None
+
+
+def run_shard(stage: Stage, exec_config: ExecutorConfig) -> StageReport:
+    """Run a shard stage; its own input errors (missing labels, misaligned frames) are one-line errors."""
+    try:
+        ensure_writable_dir(stage.workdir)
+    except OSError as exc:
+        raise fail(exc.strerror or str(exc)) from exc
+    try:
+        report = run_stage(stage, exec_config, unit="files" if stage.name == "shard" else "shards")
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    totals = report.summary.get("totals", {})
+    for split in ("train", "valid"):
+        part = totals.get(split, {})
+        console.print(
+            f"{split}: {part.get('shards', 0)} shards, {part.get('samples', 0)} samples, "
+            f"{part.get('seconds', 0) / 3600:.3f} h, {part.get('bytes', 0) / 1e6:.1f} MB "
+            f"(+{part.get('sidecar_bytes', 0) / 1e6:.1f} MB sidecars)",
+            highlight=False,
+        )
+    return report
+
+
+@app.command()
+def shard(
+    workdir: Annotated[
+        Path, typer.Argument(help="WORKDIR holding audio_24k/ and labels/ (from `tokenize`).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="SHARDS: where train/, valid/ and index.json go.")],
+    segment_seconds: Annotated[
+        float, typer.Option("--segment-seconds", min=0.02, help="Longest segment; tracks cut evenly.")
+    ] = 30.0,
+    shard_size: Annotated[
+        str, typer.Option("--shard-size", help="Close a shard at about this size.")
+    ] = "256MB",
+    shard_samples: Annotated[
+        int | None, typer.Option("--shard-samples", min=1, help="Also close a shard at this many samples.")
+    ] = None,
+    teachers: Annotated[
+        str | None,
+        typer.Option("--teachers", help="Comma-separated label sets (default: every one in WORKDIR/labels)."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the global shuffle of segments across shards.")] = 0,
+    labels_only: Annotated[
+        bool, typer.Option("--labels-only", help="Add label-only sidecar shards for --teacher.")
+    ] = False,
+    teacher: Annotated[
+        str | None, typer.Option("--teacher", help="With --labels-only: the new label set's name.")
+    ] = None,
+    executor: ExecutorOpt = "local",
+    workers: WorkersOpt = DEFAULT_WORKERS,
+    ray_address: RayAddressOpt = None,
+    max_retries: MaxRetriesOpt = 3,
+    cpus_per_task: CpusOpt = None,
+    gpus_per_task: GpusOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Write WebDataset shards of audio segments and every teacher's labels (--labels-only: sidecars).
+
+    Reads: WORKDIR/audio_24k/manifest.parquet and its audio, WORKDIR/labels/*/. Writes: SHARDS/{train,valid}/
+    shard-NNNNNN.tar (KEY.flac, KEY.json, KEY.<teacher>.npy per sample), SHARDS/index.json (per shard:
+    samples, bytes, sha256, seconds; totals; teachers), SHARDS/rejects.jsonl. With --labels-only --teacher
+    NAME: SHARDS/{train,valid}/shard-NNNNNN.NAME.tar holding KEY.NAME.npy for the same keys.
+    """
+    from stages.shard import ShardConfig, ShardStage, SidecarConfig, SidecarStage
+
+    workdir = _existing_audio_dir(workdir, 24000)
+    try:
+        exec_config = executor_config(
+            executor, workers, ray_address, force, max_retries, cpus_per_task, gpus_per_task
+        )
+        stage: Stage
+        if labels_only:
+            if not teacher:
+                raise UsageError("--labels-only needs --teacher NAME")
+            stage = SidecarStage(SidecarConfig(workdir=workdir, out=out.resolve(), teacher=teacher))
+        else:
+            if teacher:
+                raise UsageError("--teacher goes with --labels-only; to choose label sets use --teachers")
+            names = _teacher_list(teachers)
+            stage = ShardStage(
+                ShardConfig(
+                    workdir=workdir,
+                    out=out.resolve(),
+                    teachers=tuple(names) if names else None,
+                    segment_seconds=segment_seconds,
+                    shard_bytes=parse_size(shard_size),
+                    shard_samples=shard_samples,
+                    seed=seed,
+                )
+            )
+    except (ValueError, UsageError) as exc:
+        raise fail(str(exc)) from exc
+    run_shard(stage, exec_config)
+
+
+@app.command()
+def verify(
+    shards: Annotated[Path, typer.Argument(help="SHARDS folder holding index.json (from `shard`).")],
+    workers: WorkersOpt = DEFAULT_WORKERS,
+    max_problems: Annotated[
+        int, typer.Option("--max-problems", min=1, help="Print at most this many problems.")
+    ] = 200,
+) -> None:
+    """Re-read every shard: sha256 and size against index.json, every audio member decoded, label shapes,
+    frame alignment, key sets (sidecars included). Exit code 1 when anything is wrong."""
+    from mert_pipeline.shards import verify_all
+
+    if not (shards / "index.json").exists():
+        raise fail(f"{shards / 'index.json'} not found: run `mert-pipe shard WORKDIR --out {shards}` first")
+    start = time.perf_counter()
+    progress = Progress(
+        TextColumn("[bold]verify[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
+        TimeElapsedColumn(), console=console, disable=not console.is_terminal,
+    )  # fmt: skip
+    with progress:
+        bar = progress.add_task("verify", total=None)
+        report = verify_all(shards, workers, on_shard=lambda check: progress.advance(bar))
+    seconds = time.perf_counter() - start
+    for problem in report.problems[:max_problems]:
+        console.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+    if len(report.problems) > max_problems:
+        console.print(f"... and {len(report.problems) - max_problems} more problems", highlight=False)
+    samples = sum(c.samples for c in report.checks)
+    size = sum(c.bytes for c in report.checks)
+    audio = sum(c.seconds for c in report.checks)
+    console.print(
+        f"verify: {len(report.checks)} shards, {samples} samples, {audio / 3600:.3f} h, {size / 1e6:.1f} MB "
+        f"in {seconds:.2f} s ({samples / max(seconds, 1e-9):.1f} samples/s, "
+        f"{size / 1e6 / max(seconds, 1e-9):.1f} MB/s): {len(report.problems)} problems",
+        highlight=False,
+    )
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+export_app = typer.Typer(help="Write the pipeline's outputs in other tools' formats.", no_args_is_help=True)
+app.add_typer(export_app, name="export")
+
+
+@export_app.command("fairseq")
+def export_fairseq_command(
+    workdir: Annotated[Path, typer.Argument(help="WORKDIR holding audio_24k/ and labels/.")],
+    out: Annotated[Path, typer.Option("--out", help="DIR: receives the tsv, label and dict files.")],
+    teachers: Annotated[
+        str, typer.Option("--teachers", help="Comma-separated label sets, e.g. rvq or rvq,kmeans500.")
+    ] = "rvq",
+) -> None:
+    """tsv manifests and label files exactly as the official MERT fairseq task reads them.
+
+    Writes: DIR/{train,valid}.tsv (root line, then relpath<TAB>num_samples), DIR/{split}.encodec_{i} per
+    EnCodec codebook and DIR/{split}.km for a single-codebook (k-means) teacher (one line of space-separated
+    labels per tsv row), DIR/dict.{label}.txt (`<id> 1` lines), DIR/rejects.jsonl (rows dropped because a
+    teacher has no labels for them), DIR/export.json.
+    """
+    from mert_pipeline.shards import ShardError
+    from stages.export import export_fairseq
+
+    workdir = _existing_audio_dir(workdir, 24000)
+    names = _teacher_list(teachers)
+    if not names:
+        raise fail("--teachers needs at least one label set")
+    _check_workdir(out)
+    start = time.perf_counter()
+    try:
+        with console.status("exporting"):
+            summary = export_fairseq(workdir, out.resolve(), names)
+    except (FileNotFoundError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    except ShardError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=1) from exc
+    report = StageReport(
+        "export fairseq", 1, 1, 0, [], summary["counts"], time.perf_counter() - start, summary
+    )
+    print_report(report, "files")
+    labels = ", ".join(label for group in summary["labels"].values() for label in group)
+    console.print(f"labels: {labels} at {summary['label_rate']:g} Hz -> {out}", highlight=False)
 
 
 @app.command()
@@ -506,11 +934,45 @@ def demo(
     )
     tokenize_config = TokenizeConfig(workdir=config.workdir, teacher=rvq, name="rvq", files_per_task=4)
     outputs.update(run_tokenize(tokenize_config, exec_config).summary["outputs"])
+    outputs.update(_demo_kmeans(config.workdir, exec_config, workers))
+    from mert_pipeline.shards import verify_all
+    from stages.shard import ShardConfig, ShardStage
+
+    shard_config = ShardConfig(
+        workdir=config.workdir, out=out / "shards", segment_seconds=10.0, shard_bytes=4 * 10**6
+    )
+    outputs.update(run_shard(ShardStage(shard_config), exec_config).summary["outputs"])
+    checked = verify_all(shard_config.out, workers)
+    for problem in checked.problems:
+        console.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+    if not checked.ok:
+        raise typer.Exit(code=1)
+    console.print(f"verify: {len(checked.checks)} shards re-read, no problems", highlight=False)
     console.print(
         f"\n[bold green]demo finished[/] in {time.perf_counter() - start:.1f} s. Outputs:", highlight=False
     )
     for name, path in outputs.items():
         console.print(f"  {name:16s} {path}", highlight=False)
+
+
+def _demo_kmeans(workdir: Path, exec_config: ExecutorConfig, workers: int) -> dict[str, str]:
+    """HuBERT iteration 1 on the demo corpus: MFCC features, a k-means fit (k = 100 at most: the corpus
+    is small), and its labels as the label set `kmeans`."""
+    from mert_pipeline.teachers import KMeansTeacher
+    from stages.features import FeaturesConfig, FeaturesStage
+    from stages.kmeans import fit_from_features
+
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    features = FeaturesConfig(workdir=workdir, sample_frames=100_000, files_per_task=4, threads=threads)
+    summary = run_stage(FeaturesStage(features), exec_config).summary
+    k = max(2, min(100, summary["features"]["sample"]["frames"] // 20))
+    with console.status(f"kmeans fit: k={k} on the MFCC sample"):
+        fit = fit_from_features(workdir, "mfcc", k, name="demo")
+    console.print(f"kmeans fit: k={k}, inertia/frame {fit['inertia_per_frame']:.2f}", highlight=False)
+    teacher = KMeansTeacher(centroids=fit["centroids"], threads=threads).resolve()
+    config = TokenizeConfig(workdir=workdir, teacher=teacher, name="kmeans", files_per_task=4)
+    labels = run_tokenize(config, exec_config).summary["outputs"]
+    return {"features_dir": summary["outputs"]["features_dir"], "kmeans_labels": labels["labels_dir"]}
 
 
 def _demo_codec(out: Path) -> Path | None:

@@ -65,7 +65,7 @@ from encodec.modules.seanet import SEANetResnetBlock
 from encodec.utils import _get_checkpoint_url
 from torch import nn
 
-from mert_pipeline.fs import atomic_write_bytes
+from mert_pipeline.fs import atomic_write_bytes, sha256_file
 
 __all__ = [
     "BANDWIDTHS",
@@ -262,14 +262,6 @@ def hub_checkpoint_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / CHECKPOINT_NAME
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _state_dict_sha256(state: Mapping[str, torch.Tensor]) -> str:
     """Canonical hash of weights: sorted keys, dtype, shape and raw bytes (independent of file format)."""
     digest = hashlib.sha256()
@@ -303,7 +295,7 @@ def _load_pretrained() -> tuple[EncodecModel, str]:
         ) from exc
     finally:
         socket.setdefaulttimeout(previous)
-    sha = _sha256_file(target) if target.is_file() else _state_dict_sha256(model.state_dict())
+    sha = sha256_file(target) if target.is_file() else _state_dict_sha256(model.state_dict())
     return model, sha
 
 
@@ -359,7 +351,7 @@ def load_codec(
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
             raise CodecCheckpointError(f"cannot load EnCodec checkpoint {path}: {_one_line(exc)}") from exc
-        sha = _sha256_file(path)
+        sha = sha256_file(path)
     model.set_target_bandwidth(float(bandwidth))
     model.eval().to(dev)
     for param in model.parameters():

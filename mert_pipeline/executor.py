@@ -48,10 +48,15 @@ class Task:
 
 @dataclass(frozen=True)
 class Resources:
-    """What one task needs from the scheduler (Ray honours it; the local pool runs one task per worker)."""
+    """What one task needs from the scheduler (Ray honours it; the local pool runs one task per worker).
+
+    `model`: the stage loads a model (a codec, a network). On Ray its tasks then run on a pool of
+    long-lived actors, each holding the model for the whole run, instead of on Ray tasks, whose worker
+    processes may come and go. (Local pool workers are long-lived already.)"""
 
     cpus: float = 1.0
     gpus: float = 0.0
+    model: bool = False
 
 
 class Stage(Protocol):
@@ -75,6 +80,7 @@ class TaskOutcome:
     stats: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     error: str | None = None
+    node: str = ""  # the Ray node that ran the task ("" locally): shows where a cluster ran the work
 
 
 def _rank_name(rank: int) -> str:
@@ -222,6 +228,7 @@ def execute(
                 "failed": len(failed),
             },
             "failures": [{"rank": o.rank, "error": o.error} for o in failed],
+            "nodes": dict(sorted(Counter(o.node for o in outcomes if o.node and o.status == "done").items())),
             "counters": merged,
             "summary": report.summary,
             "wall_seconds": round(report.seconds, 3),
@@ -309,6 +316,7 @@ def _run_ray(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Iterato
             ray.init(address=address, log_to_driver=True)
         else:
             ray.init(
+                address="local",  # a new cluster even when `ray start` left one (or its address file)
                 num_cpus=max(1, config.workers),
                 num_gpus=None,
                 include_dashboard=False,
@@ -319,7 +327,10 @@ def _run_ray(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Iterato
     try:
         cpus = config.cpus_per_task if config.cpus_per_task is not None else stage.resources.cpus
         gpus = config.gpus_per_task if config.gpus_per_task is not None else stage.resources.gpus
-        remote = ray.remote(run_task).options(
+        if stage.resources.model:
+            yield from _run_ray_actors(stage, tasks, config, cpus, gpus)
+            return
+        remote = ray.remote(_run_task_on_ray).options(
             num_cpus=cpus, num_gpus=gpus, max_retries=config.max_retries, retry_exceptions=False
         )
         stage_ref = ray.put(stage)
@@ -338,3 +349,78 @@ def _run_ray(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Iterato
     finally:
         if started_here:
             ray.shutdown()
+
+
+class _TaskRunner:
+    """A Ray actor that runs tasks through `run_task`; the stage's model, cached per process by the
+    stage, therefore loads once per actor."""
+
+    def run(self, stage: Stage, task: Task) -> TaskOutcome:
+        return _run_task_on_ray(stage, task)
+
+
+def _run_task_on_ray(stage: Stage, task: Task) -> TaskOutcome:
+    import ray
+
+    return dataclasses.replace(run_task(stage, task), node=ray.get_runtime_context().get_node_id())
+
+
+def _run_ray_actors(
+    stage: Stage, tasks: list[Task], config: ExecutorConfig, cpus: float, gpus: float
+) -> Iterator[TaskOutcome]:
+    """Feed tasks to a pool of actors, one task in flight per actor (the driver holds at most one result
+    per actor). An actor whose process dies is restarted by Ray and its task retried, up to
+    `max_retries` times; after that its task fails and the pool goes on with the actors left."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    todo = [task for task in tasks if not is_complete(stage, task)]
+    for task in tasks:
+        if is_complete(stage, task):
+            yield run_task(stage, task)  # reads the saved stats, runs nothing
+    if not todo:
+        return
+    resources = ray.cluster_resources()
+    if gpus > 0:
+        capacity = int(resources.get("GPU", 0) / gpus)
+        if capacity < 1:
+            raise RuntimeError(f"the Ray cluster has no GPU for a {gpus:g}-GPU actor")
+    else:
+        capacity = int(resources.get("CPU", 1) / max(cpus, 1e-3))
+    actor_class = ray.remote(_TaskRunner).options(
+        num_cpus=cpus,
+        num_gpus=gpus,
+        max_restarts=config.max_retries,
+        max_task_retries=config.max_retries,
+    )
+    actors = [actor_class.remote() for _ in range(max(1, min(capacity, len(todo))))]
+    stage_ref = ray.put(stage)
+    queue = iter(todo)
+    pending: dict[Any, tuple[Any, Task]] = {}
+
+    def feed(actor: Any) -> None:
+        task = next(queue, None)
+        if task is not None:
+            pending[actor.run.remote(stage_ref, task)] = (actor, task)
+
+    for actor in actors:
+        feed(actor)
+    try:
+        while pending:
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            actor, task = pending.pop(ref)
+            try:
+                yield ray.get(ref)
+            except RayActorError as exc:  # restarts exhausted: this actor is gone for good
+                yield TaskOutcome(task.rank, "failed", error=f"ray actor died: {one_line(exc)}")
+                actors.remove(actor)
+                if not actors:  # nothing left to run the queue on: fail what remains, a rerun resumes
+                    for rest in queue:
+                        yield TaskOutcome(rest.rank, "failed", error="every Ray actor died; rerun to resume")
+                continue
+            except Exception as exc:  # noqa: BLE001 - report, keep the others going
+                yield TaskOutcome(task.rank, "failed", error=f"ray: {one_line(exc)}")
+            feed(actor)
+    finally:
+        for actor in actors:
+            ray.kill(actor)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import uuid
@@ -55,6 +56,15 @@ def to_json(obj: Any) -> str:
 
 def atomic_write_json(final: Path | str, obj: Any) -> None:
     atomic_write_text(final, to_json(obj))
+
+
+def sha256_file(path: Path | str) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (weights, centroids: identities of teachers)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def remove_stale_tmp(directory: Path) -> int:

@@ -27,6 +27,7 @@ __all__ = [
     "cluster_usage",
     "fit_kmeans",
     "teacher_agreement",
+    "usage_from_counts",
 ]
 
 # Rows per distance block: a (1024, k) float32 block stays in cache for k in the hundreds (1024-row blocks
@@ -158,6 +159,7 @@ class KMeansResult:
     backend: str
     seconds: float  # the fit, seeding included; not the inertia pass
     config: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: float = 0.0  # process CPU time of the fit: less sensitive than `seconds` to other load
 
     @property
     def k(self) -> int:
@@ -232,12 +234,12 @@ def fit_kmeans(
             raise ValueError(f"unknown seeding {seeding!r} (sklearn or faiss)")
         config.update(params, init=init, gpu=use_gpu, omp_threads=faiss.omp_get_max_threads())
         km = faiss.Kmeans(d, k, seed=seed, gpu=use_gpu, verbose=verbose, spherical=False, **params, **extra)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if seeding == "sklearn":
             km.train(x, init_centroids=_greedy_seeds(x, k, seed, FAISS_DEFAULTS["seed_points_per_centroid"]))
         else:
             km.train(x)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         centroids = np.ascontiguousarray(km.centroids, dtype=np.float32)
     elif backend == "sklearn":
         from sklearn.cluster import MiniBatchKMeans
@@ -247,14 +249,14 @@ def fit_kmeans(
             params["max_iter"] = niter
         config.update(params)
         model = MiniBatchKMeans(n_clusters=k, random_state=seed, verbose=int(verbose), **params)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         model.fit(x)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         centroids = np.ascontiguousarray(model.cluster_centers_, dtype=np.float32)
     else:
         raise ValueError(f"unknown backend {backend!r} (faiss or sklearn)")
     _, sq = assign_with_distances(x, centroids)
-    return KMeansResult(centroids, float(sq.sum(dtype=np.float64)), backend, seconds, config)
+    return KMeansResult(centroids, float(sq.sum(dtype=np.float64)), backend, seconds, config, cpu)
 
 
 def _greedy_seeds(x: np.ndarray, k: int, seed: int, points_per_centroid: int) -> np.ndarray:
@@ -328,6 +330,12 @@ def cluster_usage(labels: np.ndarray | Iterable[np.ndarray], k: int) -> dict[str
         if len(part) and (part.min() < 0 or part.max() >= k):
             raise ValueError(f"labels outside [0, {k})")
         counts += np.bincount(part.astype(np.int64), minlength=k)
+    return usage_from_counts(counts)
+
+
+def usage_from_counts(counts: np.ndarray) -> dict[str, float]:
+    """`cluster_usage` figures from a per-cluster histogram (for callers counting several rows at once)."""
+    counts = np.asarray(counts)
     total = int(counts.sum())
     if total == 0:
         raise ValueError("no labels")

@@ -12,9 +12,12 @@ import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pyarrow.parquet as pq
 
 from mert_pipeline.executor import Stage, Task, stage_dir
 from mert_pipeline.fs import atomic_write_bytes
@@ -30,11 +33,14 @@ def write_listings(
     files_per_task: int,
     config_fingerprint: str,
     subdirs: Iterable[str],
+    task_key: Callable[[dict[str, Any]], Any] | None = None,
 ) -> list[Task]:
     """Stream rows into task listings on disk; drop every `subdirs` output of ranks that no longer exist
-    (the input shrank), so they cannot leak into a merge."""
+    (the input shrank), so they cannot leak into a merge. With `task_key`, a row whose key differs from
+    the previous row's starts a new task (one task per output file, e.g. a shard)."""
     tasks: list[Task] = []
     chunk: list[str] = []
+    current: list[Any] = []
 
     def flush() -> None:
         data = "".join(chunk).encode()
@@ -45,6 +51,11 @@ def write_listings(
         chunk.clear()
 
     for row in rows:
+        if task_key is not None:
+            key = task_key(row)
+            if chunk and current[0] != key:
+                flush()
+            current[:] = [key]
         chunk.append(json.dumps(row, ensure_ascii=True, sort_keys=True) + "\n")
         if len(chunk) >= files_per_task:
             flush()
@@ -117,3 +128,26 @@ def prune_unlisted(root: Path, kept: set[str], name: re.Pattern[str]) -> int:
                 path.unlink()
                 removed += 1
     return removed
+
+
+def merge_task_parts(
+    stage: Stage,
+    tasks: Iterable[Task],
+    manifest: Any,
+    rejects: Any,
+    record_type: type,
+    summary: Counter,
+) -> Iterator[Any]:
+    """Finalize's merge for file-by-file stages: copy each task's `rejects/RANK.jsonl` (counted as
+    `rejected.REASON` in `summary`) and `parts/RANK.parquet` records, in rank order, into the final
+    `RejectsWriter` and `ManifestWriter`; yield every record written, for the caller's own counts."""
+    from manifests.io import iter_rejects
+
+    for task in tasks:
+        for reject in iter_rejects(_rank_path(stage, "rejects", task.rank, ".jsonl")):
+            rejects.write(reject)
+            summary[f"rejected.{reject.reason}"] += 1
+        for row in pq.read_table(_rank_path(stage, "parts", task.rank, ".parquet")).to_pylist():
+            record = record_type(**row)
+            manifest.write(record)
+            yield record

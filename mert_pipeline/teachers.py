@@ -188,3 +188,196 @@ class RvqTeacher:
             stats["chunks"] += -(-by_id[file_id].num_samples // chunk)
             failure = failures.pop(file_id, None)
             yield file_id, (failure if failure is not None else codes)
+
+
+# --------------------------------------------------------------------------------------------------
+# Feature teachers: k-means on MFCC, BEST-RQ on log-mel
+# --------------------------------------------------------------------------------------------------
+
+_FEATURE_TEACHERS: dict[tuple, Any] = {}  # per process: (kind, identity) -> loaded state
+
+
+def stream_features(extractor: Any, item: FileToLabel, failures: dict[str, Reject]) -> Iterator[np.ndarray]:
+    """Feature blocks of one file, streamed from its audio blocks (`read_blocks`, `_Extractor.stream`).
+
+    Every consumer (the features stage and the feature teachers) goes through this one path, so features
+    stored by `mert-pipe features` and those a teacher computes on the fly are the same bits. A failure
+    ends the stream and lands in `failures`; callers check it before using the blocks.
+    """
+    yield from extractor.stream(read_blocks(item, failures))
+
+
+def _label_frames(
+    files: list[FileToLabel], extractor: Any, to_labels: Any, rows: int
+) -> Iterator[tuple[str, np.ndarray | Reject]]:
+    """Each file's features, block by block, through `to_labels` ((frames, dim) -> int16 (rows, frames)),
+    joined along frames; a file whose audio fails is a reject."""
+    for item in files:
+        failures: dict[str, Reject] = {}
+        parts = [to_labels(block) for block in stream_features(extractor, item, failures)]
+        if item.id in failures:
+            yield item.id, failures[item.id]
+        else:
+            yield item.id, np.concatenate(parts, axis=1) if parts else np.zeros((rows, 0), np.int16)
+
+
+def set_torch_threads(threads: int) -> None:
+    """Give this worker process `threads` intra-op threads (workers x threads should fit the cores)."""
+    import torch
+
+    if threads >= 1 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class KMeansTeacher:
+    """Nearest of k centroids to each 39-dim MFCC frame (HuBERT iteration 1), computed from the audio.
+
+    MFCC is computed on the fly (hundreds of times real time, see benchmarks/RESULTS.md) rather than read
+    from `mert-pipe features`: tokenizing then needs no 156-bytes-per-frame feature store, and the labels
+    equal the assignment of stored features bit for bit because both stream the same blocks through
+    `stream_features`. `resolve()` loads the centroids once on the driver and records their sha256, which
+    is part of the teacher's identity; workers check it when they load them.
+    """
+
+    centroids: str  # path of a (k, 39) float32 .npy
+    centroids_sha256: str = ""
+    num_classes: int = 0  # k, from the centroids
+    threads: int = 1  # torch intra-op threads of each worker
+
+    kind: str = "kmeans"
+    sampling_rate: int = 24000
+    hop: int = 320
+    n_q: int = 1
+
+    def resolve(self) -> KMeansTeacher:
+        """Check the centroids here (errors surface before workers start) and fill in k and the hash."""
+        from mert_pipeline.fs import sha256_file
+
+        centroids = _load_centroids(self.centroids)
+        return replace(self, centroids_sha256=sha256_file(self.centroids), num_classes=len(centroids))
+
+    def describe(self) -> dict[str, Any]:
+        from mert_pipeline.features import MFCC
+
+        return {
+            "teacher": self.kind,
+            "features": MFCC().config(),
+            "k": self.num_classes,
+            "centroids_sha256": self.centroids_sha256,
+            "distance": "squared_l2, exact",
+        }
+
+    def _state(self) -> tuple[Any, np.ndarray]:
+        from mert_pipeline.features import MFCC
+        from mert_pipeline.fs import sha256_file
+
+        key = (self.kind, self.centroids_sha256)
+        if key not in _FEATURE_TEACHERS:
+            set_torch_threads(self.threads)
+            if sha256_file(self.centroids) != self.centroids_sha256:
+                raise RuntimeError(f"{self.centroids} changed during the run; rerun")
+            _FEATURE_TEACHERS[key] = (MFCC(), _load_centroids(self.centroids))
+        return _FEATURE_TEACHERS[key]
+
+    def label(self, files: list[FileToLabel], stats: Counter) -> Iterator[tuple[str, np.ndarray | Reject]]:
+        from mert_pipeline.kmeans import assign
+
+        if not files:
+            return
+        extractor, centroids = self._state()
+        yield from _label_frames(files, extractor, lambda block: assign(block, centroids)[None], 1)
+
+
+def _load_centroids(path: str) -> np.ndarray:
+    """A (k, 39) finite float32 array, k in [1, 32768]; anything else is a ValueError naming the file."""
+    try:
+        centroids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read centroids {path}: {exc}") from exc
+    if centroids.ndim != 2 or centroids.shape[1] != 39 or not 1 <= len(centroids) <= 32768:
+        raise ValueError(f"centroids {path} have shape {centroids.shape}, expected (k <= 32768, 39) for MFCC")
+    if not np.issubdtype(centroids.dtype, np.floating) or not np.isfinite(centroids).all():
+        raise ValueError(f"centroids {path} must be finite floats")
+    return np.ascontiguousarray(centroids, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class BestRQTeacher:
+    """BEST-RQ labels: log-mel (128, 75 Hz) normalised with train-set statistics, a frozen random
+    projection and the nearest l2-normalised random codebook entry, one row per codebook.
+
+    The quantizer (seed, settings, mean/std) is saved by `save_quantizer` as an `.npz` named by its hash;
+    workers load it with `BestRQ.load`, which refuses a file whose random matrices this numpy would not
+    regenerate, so labels are reproducible from that file alone.
+    """
+
+    quantizer: str  # path of the saved BestRQ .npz
+    quantizer_hash: str
+    num_codebooks: int
+    codebook_size: int
+    threads: int = 1
+
+    kind: str = "bestrq"
+    sampling_rate: int = 24000
+    hop: int = 320
+
+    @property
+    def n_q(self) -> int:
+        return self.num_codebooks
+
+    @property
+    def num_classes(self) -> int:
+        return self.codebook_size
+
+    @classmethod
+    def save_quantizer(cls, quantizer: Any, directory: Path, threads: int = 1) -> BestRQTeacher:
+        """Write `quantizer` (a `features.BestRQ`) to DIRECTORY/<config_hash>.npz, atomically, and return
+        the teacher that uses it. The name is content-addressed, so reruns reuse the same file."""
+        from mert_pipeline.fs import atomic_path
+
+        path = directory / f"{quantizer.config_hash}.npz"
+        if not path.exists():
+            with atomic_path(path) as tmp:
+                quantizer.save(tmp)
+        return cls(
+            quantizer=str(path),
+            quantizer_hash=quantizer.config_hash,
+            num_codebooks=quantizer.num_codebooks,
+            codebook_size=quantizer.codebook_size,
+            threads=threads,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        from mert_pipeline.features import LogMel
+
+        return {
+            "teacher": self.kind,
+            "features": LogMel().config(),
+            "quantizer_hash": self.quantizer_hash,
+            "num_codebooks": self.num_codebooks,
+            "codebook_size": self.codebook_size,
+        }
+
+    def _state(self) -> tuple[Any, Any]:
+        from mert_pipeline.features import BestRQ, LogMel
+
+        key = (self.kind, self.quantizer_hash)
+        if key not in _FEATURE_TEACHERS:
+            set_torch_threads(self.threads)
+            quantizer = BestRQ.load(self.quantizer)
+            if quantizer.config_hash != self.quantizer_hash:
+                raise RuntimeError(
+                    f"{self.quantizer} holds quantizer {quantizer.config_hash}, not the planned one"
+                )
+            _FEATURE_TEACHERS[key] = (LogMel(), quantizer)
+        return _FEATURE_TEACHERS[key]
+
+    def label(self, files: list[FileToLabel], stats: Counter) -> Iterator[tuple[str, np.ndarray | Reject]]:
+        if not files:
+            return
+        extractor, quantizer = self._state()
+        rows = self.num_codebooks
+        yield from _label_frames(
+            files, extractor, lambda block: quantizer.labels(block).reshape(rows, -1), rows
+        )

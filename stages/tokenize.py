@@ -59,6 +59,18 @@ def default_files_per_task(device: str) -> int:
     return 256 if resolve_device(device).type == "cuda" else 4
 
 
+def default_workers(device: str) -> int:
+    """One worker per GPU; on CPU one worker whose torch threads use every core. EnCodec's intra-op
+    threads scale almost linearly here (2 threads ran 1.9x one), and a single worker cannot be left
+    with the one long task while the others idle, which is what several 1-thread workers did on a
+    small corpus (benchmarks/RESULTS.md)."""
+    import torch
+
+    from mert_pipeline.codec import resolve_device
+
+    return max(1, torch.cuda.device_count()) if resolve_device(device).type == "cuda" else 1
+
+
 class TeacherMismatch(RuntimeError):
     """The labels directory holds another teacher configuration's labels."""
 
@@ -116,7 +128,7 @@ class TokenizeStage:
 
     config: TokenizeConfig
     name: str = "tokenize"
-    resources: Resources = field(default_factory=Resources)
+    resources: Resources = field(default_factory=lambda: Resources(model=True))  # Ray: an actor pool
 
     def __post_init__(self) -> None:
         self.name = f"tokenize_{self.config.name}"  # one bookkeeping directory per label set

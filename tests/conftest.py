@@ -20,7 +20,13 @@ def _repo_on_pythonpath() -> None:
 def ray_cluster(_repo_on_pythonpath: None):
     """One real local Ray cluster shared by the tests that ask for it (starting one costs seconds)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=128 * 1024 * 1024, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=128 * 1024 * 1024,
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 

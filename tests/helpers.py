@@ -9,6 +9,7 @@ import hashlib
 import os
 import signal
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class ToyStage:
     n_tasks: int = 8
     crash_ranks: tuple[int, ...] = ()  # raise while WORKDIR/crash exists
     kill_rank: int | None = None  # SIGKILL mid-write, once
+    delay: float = 0.0  # seconds each task takes (so a cluster spreads tasks, a driver can be killed)
     name: str = "toy"
     resources: Resources = field(default_factory=Resources)
 
@@ -47,6 +49,7 @@ class ToyStage:
     def run(self, task: Task, stats: Counter) -> None:
         if task.rank in self.crash_ranks and (self.workdir / "crash").exists():
             raise ValueError(f"boom in task {task.rank}")
+        time.sleep(self.delay)
         payload = hashlib.sha256(f"payload {task.rank}".encode()).hexdigest() * 100
         with atomic_path(stage_dir(self) / "out" / f"{task.rank:05d}.txt") as tmp:
             with tmp.open("w") as handle:
@@ -110,3 +113,30 @@ def visible_files(root: Path) -> dict[str, bytes]:
 
 def hidden_tmp_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if ".tmp-" in p.name]
+
+
+ODD_LENGTHS = (1, 319, 320, 321, 599, 2047, 72017)  # samples at 24 kHz: shorter than a window, around a hop
+
+
+def resampled_workdir(root: Path, n_tracks: int = 3, seed: int = 21) -> Path:
+    """A WORKDIR after `manifest` and `resample`: a few synthesized tracks plus one file of each of
+    `ODD_LENGTHS` samples (min_seconds 0 keeps them), with a train/valid split."""
+    import soundfile as sf
+
+    from mert_pipeline.executor import ExecutorConfig, execute
+    from mert_pipeline.synth import render_track, synthesize_demo_corpus
+    from stages.manifest import ManifestConfig, ManifestStage, resolve_roots
+    from stages.resample import ResampleConfig, ResampleStage
+
+    corpus, workdir = root / "corpus", root / "work"
+    synthesize_demo_corpus(corpus, n_tracks=n_tracks, seed=seed, with_bad_files=False)
+    for n in ODD_LENGTHS:
+        wav = render_track(n, n / 24000 + 0.01, 24000, 1)[:n]
+        sf.write(corpus / f"len_{n}.wav", wav, 24000, subtype="PCM_16")
+    local = ExecutorConfig(kind="local", workers=1)
+    config = ManifestConfig(
+        roots=resolve_roots([corpus]), workdir=workdir, valid_percent=0.3, min_seconds=0.0
+    )
+    assert execute(ManifestStage(config), local).ok
+    assert execute(ResampleStage(ResampleConfig(workdir=workdir)), local).ok
+    return workdir

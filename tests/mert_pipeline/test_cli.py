@@ -155,7 +155,7 @@ def test_tokenize_misuse_and_missing_weights_are_one_line_errors(tmp_path: Path)
     assert mert_pipe("manifest", str(small_corpus(tmp_path / "m", n=1)), "--out", work).returncode == 0
     assert mert_pipe("resample", work).returncode == 0
     for args, message in [
-        (("--teacher", "mfcc"), "error: --teacher must be one of rvq, not 'mfcc'"),
+        (("--teacher", "mfcc"), "error: --teacher must be one of rvq, kmeans, bestrq, not 'mfcc'"),
         (("--bandwidth", "5"), "error: --bandwidth must be one of 1.5, 3, 6, 12, 24 kbps, not 5"),
         (("--device", "tpu"), "error: --device must be auto, cpu or cuda, not 'tpu'"),
         (
@@ -211,10 +211,14 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert sorted(r.id for r in labels) == sorted(r.id for r in resampled)
     assert all(r.n_q == 8 and r.frames == -(-r.num_samples // 320) for r in labels)
     assert "TEST CODEC" in result.stderr  # no internet here: the demo says loudly that it is not EnCodec
+    index = json.loads((tmp_path / "demo/shards/index.json").read_text())
+    assert index["totals"]["all"]["seconds"] == pytest.approx(sum(r.duration for r in resampled))
+    assert "no problems" in result.stderr  # the demo ends with a verify of its shards
     again = mert_pipe("demo", "--out", str(tmp_path / "demo"), "--tracks", "6", "--workers", "2")
     assert again.returncode == 0
-    for stage in ("manifest", "resample", "tokenize_rvq"):
-        stats = json.loads((work / f"stats/{stage}.json").read_text())
+    stats_files = [work / f"stats/{stage}.json" for stage in ("manifest", "resample", "tokenize_rvq")]
+    for path in [*stats_files, tmp_path / "demo/shards/stats/shard.json"]:
+        stats = json.loads(path.read_text())
         assert stats["tasks"]["done"] == 0 and stats["tasks"]["skipped"] == stats["tasks"]["total"]
 
 

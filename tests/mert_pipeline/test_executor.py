@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mert_pipeline.executor import ExecutorConfig, execute, marker_path, merged_stats_path
+from mert_pipeline.executor import ExecutorConfig, Resources, execute, marker_path, merged_stats_path
 from tests.helpers import REPO, ToyStage, hidden_tmp_files, visible_files
 
 LOCAL1 = ExecutorConfig(kind="local", workers=1)
@@ -156,3 +160,128 @@ def test_ray_task_exception_is_not_retried(tmp_path: Path, ray_cluster: None) ->
 def test_ray_tasks_reserve_the_requested_resources(tmp_path: Path, ray_cluster: None) -> None:
     report = execute(ToyStage(tmp_path / "w"), ExecutorConfig(kind="ray", cpus_per_task=0.5))
     assert report.ok and report.stats["ray_cpus"] == pytest.approx(8 * 0.5)
+
+
+@pytest.mark.ray
+def test_ray_actor_pool_matches_local_and_restarts_a_killed_actor(tmp_path: Path, ray_cluster: None) -> None:
+    """Model stages run on long-lived actors: a SIGKILLed actor is restarted and its task retried."""
+    expected = reference_outputs(tmp_path)
+    workdir = tmp_path / "w"
+    stage = ToyStage(workdir, kill_rank=3, resources=Resources(model=True))
+    report = execute(stage, ExecutorConfig(kind="ray", max_retries=2))
+    assert report.ok, report.failed
+    assert report.done == 8
+    assert (workdir / ".killed-3").exists(), "the actor really died once and Ray retried its task"
+    assert outputs(workdir) == expected
+    nodes = json.loads(merged_stats_path(stage).read_text())["nodes"]
+    assert sum(nodes.values()) == 8, "every task reports the Ray node that ran it"
+
+    again = execute(ToyStage(workdir, resources=Resources(model=True)), ExecutorConfig(kind="ray"))
+    assert (again.done, again.skipped) == (0, 8)
+
+
+@pytest.mark.ray
+def test_ray_actor_that_keeps_dying_fails_only_its_task(tmp_path: Path, ray_cluster: None) -> None:
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    stage = ToyStage(workdir, kill_rank=3, resources=Resources(model=True))
+    # max_retries=0: no restart, so the one kill is final; the other tasks still finish
+    report = execute(stage, ExecutorConfig(kind="ray", max_retries=0))
+    assert [o.rank for o in report.failed] == [3]
+    assert "actor died" in (report.failed[0].error or "")
+    assert report.done == 7
+    rerun = execute(stage, ExecutorConfig(kind="ray", max_retries=0))
+    assert rerun.ok and (rerun.done, rerun.skipped) == (1, 7)
+
+
+RAY_DRIVER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from mert_pipeline.executor import ExecutorConfig, Resources, execute
+    from tests.helpers import ToyStage
+    workdir, address, delay, model = Path(sys.argv[1]), sys.argv[2] or None, float(sys.argv[3]), sys.argv[4]
+    stage = ToyStage(workdir, delay=delay, resources=Resources(model=model == "actors"))
+    report = execute(stage, ExecutorConfig(kind="ray", workers=2, ray_address=address))
+    assert report.ok, report.failed
+    """
+)
+
+
+# Ray's token authentication (on by default for `ray start --head` since Ray 2.5x) would need the token
+# on every node; a test cluster on one machine turns it off for its nodes and its driver.
+RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+
+
+@contextlib.contextmanager
+def ray_node(*args: str) -> Iterator[None]:
+    """One Ray node of a real cluster on this machine (`ray start --block`), up while the block runs.
+    Stopping it by SIGTERM stops only this node, never other Ray clusters of the machine."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    common = ["--num-cpus", "1", "--disable-usage-stats", "--block"]
+    proc = subprocess.Popen(
+        [ray_cli, "start", *args, *common],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=RAY_ENV,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            lines.append(line)
+            if "block forever" in line:
+                break
+        else:
+            raise RuntimeError("ray start failed:\n" + "".join(lines[-30:]))
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("mode", ["tasks", "actors"])
+def test_two_node_ray_cluster_runs_tasks_on_both_nodes(tmp_path: Path, mode: str) -> None:
+    """A head node plus a second node joined by address (`ray start --head` / `ray start --address`), one
+    CPU each: the driver connects by address and the stats show tasks done on both nodes."""
+    expected = reference_outputs(tmp_path)
+    port = 6390 + (os.getpid() % 200)
+    address = f"127.0.0.1:{port}"
+    workdir = tmp_path / "w"
+    with ray_node("--head", f"--port={port}", "--include-dashboard=false"), ray_node(f"--address={address}"):
+        proc = subprocess.run(
+            [sys.executable, "-c", RAY_DRIVER, str(workdir), address, "1.0", mode],
+            cwd=REPO,
+            capture_output=True,
+            timeout=300,
+            env=RAY_ENV,
+        )
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    nodes = json.loads((workdir / "stats/toy.json").read_text())["nodes"]
+    assert len(nodes) == 2 and sum(nodes.values()) == 8, nodes
+    assert outputs(workdir) == expected
+
+
+@pytest.mark.ray
+def test_sigkill_of_a_ray_driver_then_rerun_resumes(tmp_path: Path) -> None:
+    """Kill the driver (and so its local Ray) mid-stage; rerunning the same command finishes the job
+    from the completion markers, with the same bytes as an uninterrupted run."""
+    expected = reference_outputs(tmp_path)
+    workdir = tmp_path / "w"
+    driver = [sys.executable, "-c", RAY_DRIVER, str(workdir), "", "0.5", "actors"]
+    proc = subprocess.Popen(driver, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    markers = workdir / ".work/toy/completions"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and len(list(markers.glob("*"))) < 2 and proc.poll() is None:
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    finished = len(list(markers.glob("*")))
+    assert 2 <= finished < 8, "the driver died mid-stage"
+    assert not (workdir / "result.txt").exists()
+    rerun = subprocess.run(driver, cwd=REPO, capture_output=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr.decode()[-3000:]
+    stats = json.loads((workdir / "stats/toy.json").read_text())
+    assert stats["tasks"]["skipped"] >= finished and stats["tasks"]["done"] + stats["tasks"]["skipped"] == 8
+    assert outputs(workdir) == expected

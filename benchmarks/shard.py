@@ -1,0 +1,198 @@
+"""Benchmark of the shard stage: write speed against `cp`, and read+decode speed with webdataset.
+
+Run from the repository root:
+
+    /tmp/v1/bin/python benchmarks/shard.py            # the figures in benchmarks/RESULTS.md
+    /tmp/v1/bin/python benchmarks/shard.py --quick    # fewer, shorter tracks: a sanity run
+
+Inputs, made in a temporary folder on the disk under test (`--dir`, default the system temp folder):
+synthesized music-like tracks through the real `manifest` and `resample` stages (24 kHz mono FLAC
+PCM_16), and one label set of 8 codebooks in the tokenize layout (random int16 codes: the shard stage's
+cost does not depend on the values, and running the EnCodec teacher on CPU would take far longer).
+
+Write: the shard stage, one local worker, 30 s segments, 256 MB shards; MB/s of tar bytes written.
+`cp` copies the very same tar bytes on the same disk (warm page cache in both cases), so the ratio
+is what the stage costs over moving its output bytes. Two variants of the stage: the real one (FLAC
+encoding of every segment) and one whose audio member is the raw int16 PCM `.npy` (what FLAC costs;
+the benchmark swaps the encoder, the shard format stays FLAC). Reading the source FLAC, slicing
+labels, tar writing and hashing are in both. Repeats are interleaved; medians are reported.
+
+Read: `webdataset.WebDataset` over the shards, decoding every sample (FLAC -> int16 via soundfile, the
+labels via numpy), in the main process and through a `torch.utils.data.DataLoader` with 2 workers;
+samples/s and seconds of audio per second (x real time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import soundfile as sf  # noqa: E402
+
+import stages.shard as shard_stage  # noqa: E402
+from manifests import LabelRecord, ResampledRecord, iter_records  # noqa: E402
+from manifests.io import ManifestWriter  # noqa: E402
+from mert_pipeline.executor import ExecutorConfig, execute  # noqa: E402
+from mert_pipeline.fs import atomic_write_json  # noqa: E402
+from mert_pipeline.shards import npy_bytes  # noqa: E402
+from mert_pipeline.synth import render_track  # noqa: E402
+from stages.manifest import ManifestConfig, ManifestStage, resolve_roots  # noqa: E402
+from stages.resample import ResampleConfig, ResampleStage  # noqa: E402
+
+LOCAL = ExecutorConfig(kind="local", workers=1)
+
+
+def make_inputs(root: Path, tracks: int, seconds: float) -> Path:
+    corpus, work = root / "corpus", root / "work"
+    corpus.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(tracks):
+        length = seconds * rng.uniform(0.6, 1.4)
+        n = int(length * 24000)
+        sf.write(corpus / f"t{i:04d}.flac", render_track(i, length, 24000, 1)[:n], 24000, subtype="PCM_16")
+    config = ManifestConfig(roots=resolve_roots([corpus]), workdir=work, valid_percent=0.05, min_seconds=1.0)
+    assert execute(ManifestStage(config), LOCAL).ok
+    assert execute(ResampleStage(ResampleConfig(workdir=work)), LOCAL).ok
+    labels = work / "labels" / "rvq"
+    facts = {"name": "rvq", "kind": "encodec_24khz", "config_hash": "bench", "config": {}, "n_q": 8}
+    facts |= {"num_classes": 1024, "label_rate": 75.0, "hop": 320, "sampling_rate": 24000}
+    with ManifestWriter(labels / "labels.parquet", str(labels), record_type=LabelRecord) as writer:
+        for audio in iter_records(work / "audio_24k/manifest.parquet", record_type=ResampledRecord):
+            frames = -(-audio.num_samples // 320)
+            relpath = f"{audio.id[:2]}/{audio.id}.npy"
+            (labels / relpath).parent.mkdir(parents=True, exist_ok=True)
+            np.save(labels / relpath, rng.integers(0, 1024, (8, frames), dtype=np.int16))
+            writer.write(
+                LabelRecord(
+                    audio.id,
+                    "rvq",
+                    "encodec_24khz",
+                    "bench",
+                    relpath,
+                    8,
+                    frames,
+                    1024,
+                    75.0,
+                    audio.num_samples,
+                    24000,
+                    audio.split,
+                )  # fmt: skip
+            )
+    atomic_write_json(labels / "teacher.json", facts)
+    return work
+
+
+def write_shards(work: Path, out: Path, raw_pcm: bool) -> tuple[float, int]:
+    """Seconds and bytes of one full shard run into a fresh `out`."""
+    shutil.rmtree(out, ignore_errors=True)
+    real = shard_stage.encode_flac
+    if raw_pcm:
+        shard_stage.encode_flac = lambda samples, rate, subtype: npy_bytes(samples)
+    try:
+        config = shard_stage.ShardConfig(workdir=work, out=out, segment_seconds=30.0, shard_bytes=256 * 10**6)
+        start = time.perf_counter()
+        report = execute(shard_stage.ShardStage(config), LOCAL)
+        seconds = time.perf_counter() - start
+    finally:
+        shard_stage.encode_flac = real
+    assert report.ok, report.failed
+    return seconds, int(report.stats["bytes"])
+
+
+def cp_seconds(source: Path, target: Path) -> float:
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    folders = [str(source / split) for split in ("train", "valid") if (source / split).is_dir()]
+    start = time.perf_counter()
+    subprocess.run(["cp", "-r", *folders, str(target)], check=True)
+    return time.perf_counter() - start
+
+
+def decode(sample: dict) -> tuple[int, int]:
+    audio, _ = sf.read(io.BytesIO(sample["flac"]), dtype="int16")
+    labels = np.load(io.BytesIO(sample["rvq.npy"]))
+    return len(audio), labels.shape[1]
+
+
+class Decoded:
+    """Picklable map for DataLoader workers."""
+
+    def __call__(self, sample: dict) -> int:
+        return decode(sample)[0]
+
+
+def read_rate(shards: Path, workers: int) -> tuple[float, float]:
+    """Samples/s and audio seconds per second of reading + decoding every sample once."""
+    import torch
+    import webdataset as wds
+
+    urls = sorted(str(p) for p in shards.rglob("shard-*.tar"))
+    start = time.perf_counter()
+    if workers == 0:
+        lengths = [decode(s)[0] for s in wds.WebDataset(urls, shardshuffle=False)]
+    else:
+        dataset = wds.WebDataset(urls, shardshuffle=False, workersplitter=wds.split_by_worker).map(Decoded())
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
+        lengths = [int(n) for n in loader]
+    seconds = time.perf_counter() - start
+    return len(lengths) / seconds, sum(lengths) / 24000 / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    tracks, seconds = (8, 20.0) if args.quick else (48, 75.0)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"load average (1, 5, 15 min): {load}, cpus: {os.cpu_count()}")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        root = Path(tmp)
+        work = make_inputs(root, tracks, seconds)
+        audio_hours = sum(r.duration for r in iter_records(work / "audio_24k/manifest.parquet",
+                                                            record_type=ResampledRecord)) / 3600  # fmt: skip
+        print(f"inputs: {tracks} tracks, {audio_hours:.3f} h of 24 kHz mono audio, 8 codebooks of labels")
+        times: dict[str, list[float]] = {"flac": [], "npy": [], "cp_flac": [], "cp_npy": []}
+        sizes: dict[str, int] = {}
+        for _ in range(args.repeats):
+            for kind in ("flac", "npy"):
+                taken, size = write_shards(work, root / f"shards_{kind}", raw_pcm=kind == "npy")
+                times[kind].append(taken)
+                sizes[kind] = size
+                times[f"cp_{kind}"].append(cp_seconds(root / f"shards_{kind}", root / f"copy_{kind}"))
+        print(f"\nwrite ({args.repeats} interleaved repeats, medians):")
+        for kind in ("flac", "npy"):
+            stage = sizes[kind] / 1e6 / statistics.median(times[kind])
+            cp = sizes[kind] / 1e6 / statistics.median(times[f"cp_{kind}"])
+            hours = audio_hours * 3600 / statistics.median(times[kind])
+            print(
+                f"  audio as {kind:4s}: {sizes[kind] / 1e6:7.1f} MB of shards, stage {stage:7.1f} MB/s "
+                f"({hours:6.0f} x real time), cp {cp:7.1f} MB/s, stage/cp {stage / cp:.2f}"
+            )
+        print("\nread + decode every sample (FLAC shards):")
+        for workers in (0, 2):
+            rates = [read_rate(root / "shards_flac", workers) for _ in range(args.repeats)]
+            samples = statistics.median(r[0] for r in rates)
+            xrt = statistics.median(r[1] for r in rates)
+            where = "main process" if workers == 0 else f"DataLoader, {workers} workers"
+            print(f"  {where:24s}: {samples:7.1f} samples/s ({xrt:6.0f} x real time)")
+    print(f"\nload after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,445 @@
+"""The shard format: deterministic WebDataset tars of audio segments and teacher labels, and their check.
+
+A shard is a plain tar read by `webdataset.WebDataset`. Each sample is one segment of one track:
+
+- `KEY.flac`: 24 kHz mono, the very integer samples the teachers encoded (same bit depth), lossless;
+- `KEY.json`: id, split, segment index, offset and num_samples in samples, sample and label rate, and
+  the teachers' config hashes;
+- `KEY.<teacher>.npy`: int16 labels of shape (n_q, ceil(num_samples / 320)) per teacher.
+
+A label-only sidecar `shard-NNNNNN.<teacher>.tar` holds `KEY.<teacher>.npy` for exactly the keys of
+`shard-NNNNNN.tar`, in the same order, so a reader can zip the two streams.
+
+Tar headers carry no time, owner or mode of the writer (all fixed), so the same samples give the same
+bytes on any machine, executor or run. `SHARDS/index.json` lists every shard with its sample count,
+bytes, sha256 and seconds of audio; `verify_shard` re-reads one shard (and its sidecars) against it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import soundfile as sf
+
+INDEX = "index.json"
+FORMAT = "mert-pipeline-shards/1"
+SPLITS = ("train", "valid")
+SHARD_NAME = re.compile(r"^shard-(\d{6})\.tar$")
+SIDECAR_NAME = re.compile(r"^shard-(\d{6})\.([A-Za-z0-9_-]+)\.tar$")
+FLAC_SUBTYPES = ("PCM_16", "PCM_24")  # what FLAC holds; the shard keeps the source's bit depth
+_READ_DTYPE = {"PCM_16": "int16", "PCM_24": "int32"}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+class ShardError(RuntimeError):
+    """Inputs that must not become a shard (labels that do not align, audio that changed); names the file."""
+
+
+def parse_size(text: str) -> int:
+    """`256MB`, `1.5GB`, `512MiB`, `100000` (bytes) -> bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"cannot read the size {text!r}; write e.g. 256MB, 1GB or 512MiB")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    prefix = unit[:1] if unit[:1] in "kmgt" and unit else ""
+    scale = _UNITS[prefix] if "i" not in unit else 1024 ** " kmgt".index(prefix)
+    size = int(number * scale)
+    if size < 1:
+        raise ValueError(f"size {text!r} is below one byte")
+    return size
+
+
+def frames_for(num_samples: int, hop: int) -> int:
+    return -(-num_samples // hop)
+
+
+def segment_bounds(num_samples: int, max_frames: int, hop: int) -> list[tuple[int, int]]:
+    """(offset, num_samples) of each segment: as few segments as fit `max_frames` frames each, of equal
+    length to a frame, cut on frame boundaries (multiples of `hop` samples) so labels slice exactly.
+    Equal lengths mean no track ends in a useless sliver: the shortest segment of a long track is about
+    half a full one."""
+    frames = frames_for(num_samples, hop)
+    count = -(-frames // max_frames)
+    starts = [index * frames // count * hop for index in range(count)]
+    ends = starts[1:] + [num_samples]
+    return [(start, end - start) for start, end in zip(starts, ends, strict=True)]
+
+
+def segment_key(file_id: str, index: int) -> str:
+    """WebDataset keys end at the first dot, so a key holds none."""
+    return f"{file_id}_{index:04d}"
+
+
+def read_segment(path: str, subtype: str, offset: int, num_samples: int, source_samples: int) -> np.ndarray:
+    """The segment's integer samples as stored (int16, or int32 holding 24-bit values)."""
+    try:
+        with sf.SoundFile(path) as handle:
+            if handle.channels != 1 or handle.frames != source_samples or handle.subtype != subtype:
+                raise ShardError(
+                    f"{path}: now {handle.channels} ch, {handle.frames} samples, {handle.subtype}; the audio "
+                    f"manifest says 1 ch, {source_samples} samples, {subtype}: rerun resample and tokenize"
+                )
+            handle.seek(offset)
+            data = handle.read(num_samples, dtype=_READ_DTYPE[subtype])
+    except ShardError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - libsndfile's errors: name the file
+        raise ShardError(f"{path}: cannot read samples {offset}..{offset + num_samples}: {exc}") from exc
+    if len(data) != num_samples:
+        raise ShardError(f"{path}: decoding stopped at sample {offset + len(data)}, expected {num_samples}")
+    return data
+
+
+def encode_flac(samples: np.ndarray, sample_rate: int, subtype: str) -> bytes:
+    """Lossless FLAC of integer samples at the given bit depth: decodes to the same integers."""
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, sample_rate, format="FLAC", subtype=subtype)
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+def json_bytes(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+class HashingWriter:
+    """A write-only file that hashes and counts what passes through (the tar is hashed as written)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.handle.write(data)
+        self.sha256.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+
+class DeterministicTar:
+    """A tar whose bytes depend only on member names and contents (fixed mtime, owner and mode)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.out = HashingWriter(handle)
+        self.tar = tarfile.open(fileobj=self.out, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
+
+    def add(self, name: str, data: bytes) -> None:
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        info.mtime = 0
+        info.mode = 0o444
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def close(self) -> tuple[int, str]:
+        """Finish the archive; return its size and sha256."""
+        self.tar.close()
+        return self.out.size, self.out.sha256.hexdigest()
+
+
+class HashingReader:
+    """Reads a file through, hashing every byte, so a shard is checked in one pass."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle = handle
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        self.sha256.update(data)
+        self.size += len(data)
+        return data
+
+    def drain(self) -> None:
+        while self.read(1 << 20):
+            pass
+
+
+def iter_members(stream: Any) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every regular member of a tar read as a stream."""
+    with tarfile.open(fileobj=stream, mode="r|") as tar:
+        for member in tar:
+            if member.isfile():
+                handle = tar.extractfile(member)
+                yield member.name, handle.read() if handle is not None else b""
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """WebDataset's rule: the key is everything before the first dot of the basename."""
+    head, _, base = name.rpartition("/")
+    key, _, ext = base.partition(".")
+    return (f"{head}/{key}" if head else key), ext
+
+
+def iter_samples(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """Group consecutive members by key, as webdataset does: (key, {extension: bytes})."""
+    key: str | None = None
+    sample: dict[str, bytes] = {}
+    for name, data in iter_members(stream):
+        member_key, ext = split_name(name)
+        if key is not None and member_key != key:
+            yield key, sample
+            sample = {}
+        if ext in sample:
+            sample[f"{ext}#dup"] = data
+        key = member_key
+        sample[ext] = data
+    if key is not None:
+        yield key, sample
+
+
+def read_index(shards: Path) -> dict[str, Any]:
+    path = shards / INDEX
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            f"{path} not found: run `mert-pipe shard WORKDIR --out {shards}` first"
+        ) from exc
+
+
+@dataclass
+class ShardCheck:
+    """What verifying one shard (and its sidecars) found."""
+
+    shard: str
+    samples: int = 0
+    seconds: float = 0.0
+    bytes: int = 0
+    keys: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # "NAME[: KEY]: what is wrong"
+
+
+def _check_file(root: Path, name: str, entry: dict[str, Any], check: ShardCheck) -> HashingReader | None:
+    path = root / name
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        check.problems.append(f"{name}: missing (listed in index.json)")
+        return None
+    if size != entry["bytes"]:
+        check.problems.append(f"{name}: {size} bytes, index.json says {entry['bytes']}")
+    return HashingReader(open(path, "rb"))  # noqa: SIM115 - closed by the caller
+
+
+def _finish_file(name: str, entry: dict[str, Any], reader: HashingReader, check: ShardCheck) -> None:
+    reader.drain()
+    reader.handle.close()
+    if reader.sha256.hexdigest() != entry["sha256"]:
+        check.problems.append(f"{name}: sha256 {reader.sha256.hexdigest()[:16]}… differs from index.json")
+    check.bytes += reader.size
+
+
+def _check_labels(
+    data: bytes | None, facts: dict[str, Any], frames: int, where: str, problems: list[str]
+) -> None:
+    if data is None:
+        problems.append(f"{where}: missing")
+        return
+    try:
+        labels = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # noqa: BLE001 - any corruption of the member
+        problems.append(f"{where}: not a readable .npy ({' '.join(str(exc).split())})")
+        return
+    expected = (facts["n_q"], frames)
+    if labels.dtype != np.int16 or labels.shape != expected:
+        problems.append(f"{where}: {labels.dtype}{labels.shape}, expected int16{expected}")
+    elif labels.size and (labels.min() < 0 or labels.max() >= facts["num_classes"]):
+        problems.append(f"{where}: values outside [0, {facts['num_classes']})")
+
+
+def _check_sample(
+    shard: str, key: str, sample: dict[str, bytes], index: dict[str, Any], check: ShardCheck
+) -> int | None:
+    """Check one sample of an audio shard; return its num_samples (None when unreadable)."""
+    teachers = index["teachers"]
+    rate, hop = index["sample_rate"], index["hop"]
+    where = f"{shard}: {key}"
+    expected = {"flac", "json"} | {f"{name}.npy" for name in teachers}
+    if set(sample) != expected:
+        missing, extra = sorted(expected - set(sample)), sorted(set(sample) - expected)
+        check.problems.append(f"{where}: members {sorted(sample)}; missing {missing}, unexpected {extra}")
+    try:
+        meta = json.loads(sample["json"])
+        num_samples, offset = int(meta["num_samples"]), int(meta["offset"])
+    except Exception as exc:  # noqa: BLE001 - missing or corrupt metadata
+        check.problems.append(f"{where}: unreadable json ({type(exc).__name__}: {exc})")
+        return None
+    if meta.get("key") != key or offset % hop or meta.get("sample_rate") != rate:
+        check.problems.append(f"{where}: json key/offset/sample_rate inconsistent ({meta})")
+    if meta.get("teachers") != {name: facts["config_hash"] for name, facts in teachers.items()}:
+        check.problems.append(f"{where}: teachers {meta.get('teachers')} differ from index.json's")
+    try:
+        audio, sr = sf.read(io.BytesIO(sample["flac"]), dtype="int32", always_2d=True)
+        if sr != rate or audio.shape != (num_samples, 1):
+            check.problems.append(
+                f"{where}: flac is {sr} Hz {audio.shape}, json says {rate} Hz ({num_samples}, 1)"
+            )
+    except Exception as exc:  # noqa: BLE001 - a member that does not decode
+        check.problems.append(f"{where}: flac does not decode ({' '.join(str(exc).split())})")
+    frames = frames_for(num_samples, hop)
+    for name, facts in teachers.items():
+        _check_labels(sample.get(f"{name}.npy"), facts, frames, f"{where}.{name}.npy", check.problems)
+    check.seconds += num_samples / rate
+    return num_samples
+
+
+def verify_shard(root: Path, shard: str, index: dict[str, Any]) -> ShardCheck:
+    """Re-read one audio shard and its sidecars: checksums, every audio member decoded, label shapes,
+    frame alignment and key sets; each problem names the shard and the key."""
+    entry = index["shards"][shard]
+    check = ShardCheck(shard)
+    lengths: dict[str, int | None] = {}
+    reader = _check_file(root, shard, entry, check)
+    if reader is None:
+        return check
+    try:
+        for key, sample in iter_samples(reader):
+            if key in lengths:
+                check.problems.append(f"{shard}: {key}: key appears twice")
+            lengths[key] = _check_sample(shard, key, sample, index, check)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        check.problems.append(f"{shard}: tar unreadable after {len(lengths)} samples ({exc})")
+    _finish_file(shard, entry, reader, check)
+    check.keys = list(lengths)
+    check.samples = len(lengths)
+    if check.samples != entry["samples"]:
+        check.problems.append(f"{shard}: {check.samples} samples, index.json says {entry['samples']}")
+    if abs(check.seconds - entry["seconds"]) > 1e-6 * max(1.0, entry["seconds"]):
+        check.problems.append(f"{shard}: {check.seconds:.3f} s of audio, index.json says {entry['seconds']}")
+    for name, side in sorted(index["shards"].items()):
+        if side.get("base") == shard:
+            _verify_sidecar(root, name, side, index, lengths, check)
+    return check
+
+
+def _verify_sidecar(
+    root: Path,
+    name: str,
+    entry: dict[str, Any],
+    index: dict[str, Any],
+    lengths: dict[str, int | None],
+    check: ShardCheck,
+) -> None:
+    teacher = entry["teacher"]
+    facts = index.get("sidecars", {}).get(teacher)
+    if facts is None:
+        check.problems.append(f"{name}: teacher {teacher!r} is not among index.json's sidecars")
+        return
+    if entry.get("base_sha256") != index["shards"][entry["base"]]["sha256"]:
+        check.problems.append(f"{name}: made for another version of {entry['base']} (base sha256 differs)")
+    reader = _check_file(root, name, entry, check)
+    if reader is None:
+        return
+    keys: list[str] = []
+    try:
+        for key, sample in iter_samples(reader):
+            keys.append(key)
+            where = f"{name}: {key}"
+            if set(sample) != {f"{teacher}.npy"}:
+                check.problems.append(f"{where}: members {sorted(sample)}, expected ['{teacher}.npy']")
+            num_samples = lengths.get(key)
+            if num_samples is not None:
+                frames = frames_for(num_samples, index["hop"])
+                _check_labels(
+                    sample.get(f"{teacher}.npy"), facts, frames, f"{where}.{teacher}.npy", check.problems
+                )
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        check.problems.append(f"{name}: tar unreadable after {len(keys)} samples ({exc})")
+    _finish_file(name, entry, reader, check)
+    if keys != list(lengths):
+        missing = [k for k in lengths if k not in set(keys)]
+        extra = [k for k in keys if k not in lengths]
+        check.problems.append(
+            f"{name}: keys differ from {entry['base']} ({len(missing)} missing, e.g. {missing[:2]}; "
+            f"{len(extra)} unexpected, e.g. {extra[:2]}; or out of order)"
+        )
+
+
+def unlisted_tars(root: Path, index: dict[str, Any]) -> list[str]:
+    """Visible tars in the split folders that index.json does not list (stale or foreign)."""
+    found = []
+    for split in SPLITS:
+        folder = root / split
+        if folder.is_dir():
+            for path in sorted(folder.iterdir()):
+                name = f"{split}/{path.name}"
+                if (
+                    path.name.endswith(".tar")
+                    and not path.name.startswith(".")
+                    and name not in index["shards"]
+                ):
+                    found.append(name)
+    return found
+
+
+@dataclass
+class VerifyReport:
+    checks: list[ShardCheck]
+    problems: list[str]  # every problem, shard by shard, then the ones across shards
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_all(root: Path, workers: int = 1, on_shard: Any = None) -> VerifyReport:
+    """Verify every audio shard (with its sidecars) listed in `root/index.json`, `workers` processes at a
+    time; then what spans shards: keys in two shards, tars the index does not list, totals."""
+    index = read_index(root)
+    bases = sorted(name for name, entry in index["shards"].items() if "teacher" not in entry)
+    problems: list[str] = []
+    for name, entry in sorted(index["shards"].items()):
+        if "teacher" in entry and entry.get("base") not in index["shards"]:
+            problems.append(f"{name}: sidecar of {entry.get('base')}, which index.json does not list")
+    checks: list[ShardCheck] = []
+    if workers <= 1:
+        results: Any = (verify_shard(root, name, index) for name in bases)
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        results = pool.map(verify_shard, [root] * len(bases), bases, [index] * len(bases))
+    try:
+        for check in results:
+            checks.append(check)
+            problems.extend(check.problems)
+            if on_shard is not None:
+                on_shard(check)
+    finally:
+        if workers > 1:
+            pool.shutdown()
+    owner: dict[str, str] = {}
+    for check in checks:
+        for key in check.keys:
+            if key in owner:
+                problems.append(f"{check.shard}: {key}: also in {owner[key]}")
+            owner[key] = check.shard
+    problems.extend(f"{name}: a tar that index.json does not list" for name in unlisted_tars(root, index))
+    totals = index.get("totals", {}).get("all", {})
+    samples = sum(c.samples for c in checks)
+    if totals.get("samples") != samples:
+        problems.append(f"index.json: totals say {totals.get('samples')} samples, the shards hold {samples}")
+    return VerifyReport(checks, problems)

@@ -1,0 +1,568 @@
+"""`shard` stage: WebDataset tars of audio segments and every selected teacher's labels (see
+`mert_pipeline.shards` for the format), plus label-only sidecar shards for a teacher added later.
+
+Plan (driver): read `WORKDIR/audio_24k/manifest.parquet` and each teacher's `labels.parquet`. A file
+goes to `SHARDS/rejects.jsonl` when a teacher lacks its labels (`no_labels`), its labels were computed
+from another length (`label_mismatch`) or its samples are float (`unshardable`). Every other file is cut
+into segments of at most `--segment-seconds` on multiples of 320 samples; the segments of each split are
+shuffled with `--seed` across the whole split and dealt in order into shards that close at about
+`--shard-size` bytes (estimated from the source files) or `--shard-samples` samples. Shard k of a split
+is task `SPLIT/shard-k`, so a rerun overwrites exactly its own shards.
+
+Run (worker): one shard per task. Each segment's integer samples are read from the resampled file and
+FLAC-encoded at the same bit depth (the teachers' exact input, never requantised), its labels sliced
+frame-exactly after checking frames == ceil(num_samples / 320) for the whole file (a mismatch fails the
+task naming the .npy); the tar is written to a hidden temporary name, hashed as it is written, and
+renamed when complete.
+
+Finalize (driver): `SHARDS/index.json` (per shard: split, samples, bytes, sha256, seconds; per split
+and overall totals; the teachers and their configs) and `SHARDS/rejects.jsonl`; shards of an earlier
+plan that no longer exist in this one are deleted, and so are sidecars whose audio shard changed.
+
+Bookkeeping lives in `SHARDS/.work/` (the stage's workdir is SHARDS), so several shard sets can be
+made from one WORKDIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import xxhash
+
+from manifests.io import RejectsWriter, iter_batches, iter_rejects
+from manifests.records import Reject
+from mert_pipeline.executor import Resources, Task, marker_path, stage_dir
+from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
+from mert_pipeline.listing import read_listing, write_listings
+from mert_pipeline.shards import (
+    FLAC_SUBTYPES,
+    FORMAT,
+    INDEX,
+    SHARD_NAME,
+    SIDECAR_NAME,
+    SPLITS,
+    DeterministicTar,
+    ShardError,
+    encode_flac,
+    frames_for,
+    iter_samples,
+    json_bytes,
+    npy_bytes,
+    read_index,
+    read_segment,
+    segment_bounds,
+    segment_key,
+)
+from stages.resample import audio_dir_name
+from stages.tokenize import LABELS, TEACHER
+
+SUBDIRS = ("listing", "parts", "completions", "stats", "errors")
+AUDIO_COLUMNS = ["id", "path", "relpath", "subtype", "sampling_rate", "num_samples", "size_bytes"]
+AUDIO_COLUMNS += ["content_hash", "split", "format"]
+LABEL_COLUMNS = ["id", "relpath", "config_hash", "num_samples", "n_q", "frames"]
+TAR_OVERHEAD = 1024  # bytes per member: its 512-byte header and, on average, half a block of padding
+
+
+def discover_teachers(workdir: Path) -> dict[str, dict[str, Any]]:
+    """Every label set under WORKDIR/labels (its teacher.json), by name."""
+    found = {}
+    for path in sorted((workdir / "labels").glob(f"*/{TEACHER}")):
+        found[path.parent.name] = json.loads(path.read_text())
+    return found
+
+
+def teacher_facts(workdir: Path, names: list[str] | None) -> dict[str, dict[str, Any]]:
+    """The selected teachers (all found when `names` is None), checked to be complete and aligned."""
+    found = discover_teachers(workdir)
+    if names is None:
+        names = sorted(found)
+    if not names:
+        raise ValueError(f"no labels under {workdir / 'labels'}: run `mert-pipe tokenize {workdir}` first")
+    facts = {}
+    for name in names:
+        if name not in found:
+            known = ", ".join(sorted(found)) or "none"
+            raise ValueError(f"no teacher {name!r} under {workdir / 'labels'} (found: {known})")
+        if not (workdir / "labels" / name / LABELS).exists():
+            raise ValueError(f"{workdir / 'labels' / name / LABELS} not found: let `tokenize` finish first")
+        facts[name] = found[name]
+    rates = {(f["sampling_rate"], f["hop"]) for f in facts.values()}
+    if len(rates) != 1:
+        raise ValueError(f"the teachers disagree on sample rate and hop: {sorted(rates)}")
+    return facts
+
+
+def load_labels(labels_dir: Path) -> dict[str, tuple[str, str, int]]:
+    """id -> (relpath, config_hash, num_samples) of one label set."""
+    table = pq.read_table(labels_dir / LABELS, columns=["id", "relpath", "config_hash", "num_samples"])
+    columns = [table.column(name).to_pylist() for name in ("id", "relpath", "config_hash", "num_samples")]
+    return {row[0]: (row[1], row[2], row[3]) for row in zip(*columns, strict=True)}
+
+
+def load_aligned(path: Path, n_q: int, num_samples: int, hop: int) -> np.ndarray:
+    """A file's labels, memory-mapped, after checking they cover exactly its audio; else a ShardError."""
+    try:
+        labels = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ShardError(f"{path}: unreadable labels ({exc})") from exc
+    expected = (n_q, frames_for(num_samples, hop))
+    if labels.dtype != np.int16 or labels.shape != expected:
+        raise ShardError(
+            f"{path}: labels are {labels.dtype}{labels.shape} but the audio has {num_samples} samples, "
+            f"so int16{expected} (frames = ceil(num_samples / {hop})); rerun tokenize for this label set"
+        )
+    return labels
+
+
+@dataclass(frozen=True)
+class ShardConfig:
+    workdir: Path  # WORKDIR with audio_24k/ and labels/
+    out: Path  # SHARDS
+    teachers: tuple[str, ...] | None = None  # None: every label set under WORKDIR/labels
+    segment_seconds: float = 30.0
+    shard_bytes: int = 256 * 10**6
+    shard_samples: int | None = None  # also close a shard at this many samples
+    seed: int = 0
+    sample_rate: int = 24000
+
+    def __post_init__(self) -> None:
+        if self.segment_seconds <= 0:
+            raise ValueError("--segment-seconds must be positive")
+        if self.shard_bytes < 1 or (self.shard_samples is not None and self.shard_samples < 1):
+            raise ValueError("--shard-size and --shard-samples must be positive")
+        if self.out.resolve() == self.workdir.resolve():
+            raise ValueError("--out must be a folder of its own, not WORKDIR")
+
+    @property
+    def audio_dir(self) -> Path:
+        return self.workdir / audio_dir_name(self.sample_rate)
+
+
+class _WritesShards:
+    """Both shard stages keep their bookkeeping in SHARDS/.work (the stage's workdir is SHARDS) and one
+    small JSON part per task (the shard's size, hash and counts) for finalize to merge into index.json."""
+
+    config: Any
+
+    @property
+    def workdir(self) -> Path:
+        return self.config.out
+
+    def _part(self, rank: int) -> Path:
+        return stage_dir(self) / "parts" / f"{rank:05d}.json"  # type: ignore[arg-type]
+
+
+@dataclass
+class ShardStage(_WritesShards):
+    """Audio + labels shards. Picklable: plan on the driver, one shard per task on any worker."""
+
+    config: ShardConfig
+    name: str = "shard"
+    resources: Resources = field(default_factory=Resources)
+    facts: dict[str, dict[str, Any]] = field(default_factory=dict)  # filled by plan()
+
+    def plan(self) -> list[Task]:
+        config = self.config
+        manifest = config.audio_dir / "manifest.parquet"
+        if not manifest.exists():
+            raise FileNotFoundError(f"{manifest} not found: run `mert-pipe resample` first")
+        self.facts = teacher_facts(config.workdir, list(config.teachers) if config.teachers else None)
+        hop = next(iter(self.facts.values()))["hop"]
+        rate = next(iter(self.facts.values()))["sampling_rate"]
+        if rate != config.sample_rate:
+            raise ValueError(f"the teachers' labels are for {rate} Hz audio, not {config.sample_rate} Hz")
+        max_frames = int(config.segment_seconds * rate) // hop
+        if max_frames < 1:
+            raise ValueError(f"--segment-seconds {config.segment_seconds} is shorter than one frame")
+        labels = {name: load_labels(config.workdir / "labels" / name) for name in self.facts}
+        for split in SPLITS:
+            remove_stale_tmp(config.out / split)
+        files: list[dict[str, Any]] = []
+        segments: dict[str, list[tuple[str, int, int, int, int]]] = {split: [] for split in SPLITS}
+        counts: Counter = Counter()
+        with RejectsWriter(stage_dir(self) / "rejects.jsonl") as rejects:
+            for batch in iter_batches(manifest, columns=AUDIO_COLUMNS):
+                for row in batch.to_pylist():
+                    counts["files_seen"] += 1
+                    reject = self._admit(row, labels, rate)
+                    if reject is not None:
+                        rejects.write(reject)
+                        counts[f"rejected.{reject.reason}"] += 1
+                        continue
+                    file_index = len(files)
+                    files.append(row)
+                    counts["files"] += 1
+                    for index, (offset, n) in enumerate(segment_bounds(row["num_samples"], max_frames, hop)):
+                        est = row["size_bytes"] * n // row["num_samples"] + self._label_bytes(n, hop)
+                        segments[row["split"]].append(
+                            (segment_key(row["id"], index), file_index, offset, n, est)
+                        )
+        shards: dict[str, list[tuple[str, int, int, int, int]]] = {}
+        for split_index, split in enumerate(SPLITS):
+            made = 0
+            ordered = sorted(segments[split])  # by key: independent of the manifest's row order
+            order = np.random.default_rng([config.seed, split_index]).permutation(len(ordered))
+            current: list[tuple[str, int, int, int, int]] = []
+            size = 0
+            for position in order:
+                segment = ordered[position]
+                full = config.shard_samples is not None and len(current) >= config.shard_samples
+                if current and (full or size + segment[4] > config.shard_bytes):
+                    shards[f"{split}/shard-{made:06d}.tar"], made = current, made + 1
+                    current, size = [], 0
+                current.append(segment)
+                size += segment[4]
+            if current:
+                shards[f"{split}/shard-{made:06d}.tar"] = current
+        counts["segments"] = sum(len(v) for v in shards.values())
+        atomic_write_json(stage_dir(self) / "plan.json", {"counts": dict(counts), "shards": sorted(shards)})
+
+        def rows() -> Any:
+            for shard, members in shards.items():
+                for key, file_index, offset, n, _ in members:
+                    row = files[file_index]
+                    yield {
+                        "shard": shard,
+                        "key": key,
+                        "id": row["id"],
+                        "path": row["path"],
+                        "relpath": row["relpath"],
+                        "content_hash": row["content_hash"],
+                        "subtype": row["subtype"],
+                        "format": row["format"],
+                        "split": row["split"],
+                        "segment": int(key.rsplit("_", 1)[1]),
+                        "offset": offset,
+                        "num_samples": n,
+                        "source_num_samples": row["num_samples"],
+                        "labels": {name: labels[name][row["id"]][0] for name in self.facts},
+                    }
+
+        fingerprint = json.dumps(
+            {"teachers": self.facts, "rate": rate, "hop": hop, "version": 1}, sort_keys=True, default=str
+        )
+        tasks = write_listings(self, rows(), sys.maxsize, fingerprint, SUBDIRS, task_key=lambda r: r["shard"])
+        for task, shard in zip(tasks, shards, strict=True):  # a shard deleted by hand is written again
+            if not (config.out / shard).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    marker_path(self, task.rank).unlink()
+        return tasks
+
+    def _label_bytes(self, num_samples: int, hop: int) -> int:
+        frames = frames_for(num_samples, hop)
+        per_teacher = sum(128 + 2 * facts["n_q"] * frames for facts in self.facts.values())
+        return per_teacher + 300 + TAR_OVERHEAD * (2 + len(self.facts))
+
+    def _admit(self, row: dict[str, Any], labels: dict[str, dict], rate: int) -> Reject | None:
+        """Why a file of the audio manifest cannot be sharded, or None."""
+        if row["subtype"] not in FLAC_SUBTYPES or row["sampling_rate"] != rate:
+            return Reject(
+                row["path"],
+                "unshardable",
+                f"{row['subtype']} at {row['sampling_rate']} Hz; shards hold "
+                f"{' or '.join(FLAC_SUBTYPES)} at {rate} Hz (resample with --format flac)",
+            )
+        for name, facts in self.facts.items():
+            found = labels[name].get(row["id"])
+            if found is None:
+                return Reject(row["path"], "no_labels", f"teacher {name!r} has no labels for this file")
+            relpath, config_hash, num_samples = found
+            npy = self.config.workdir / "labels" / name / relpath
+            if config_hash != facts["config_hash"] or num_samples != row["num_samples"]:
+                return Reject(
+                    row["path"],
+                    "label_mismatch",
+                    f"{npy} was made for {num_samples} samples with config {config_hash}; the audio "
+                    f"has {row['num_samples']} and the teacher is {facts['config_hash']}",
+                )
+        return None
+
+    def run(self, task: Task, stats: Counter) -> None:
+        rows = read_listing(self, task.rank)
+        if not self.facts:
+            self.facts = teacher_facts(self.config.workdir, sorted(rows[0]["labels"]))
+        hop = next(iter(self.facts.values()))["hop"]
+        rate = self.config.sample_rate
+        shard = rows[0]["shard"]
+        hashes = {name: facts["config_hash"] for name, facts in self.facts.items()}
+        seconds = 0.0
+        with atomic_path(self.config.out / shard) as tmp, open(tmp, "wb") as handle:
+            tar = DeterministicTar(handle)
+            for row in rows:
+                n, offset = row["num_samples"], row["offset"]
+                first, frames = offset // hop, frames_for(n, hop)
+                slices = {}
+                for name, facts in self.facts.items():  # check every teacher before writing the sample
+                    path = self.config.workdir / "labels" / name / row["labels"][name]
+                    labels = load_aligned(path, facts["n_q"], row["source_num_samples"], hop)
+                    slices[name] = np.asarray(labels[:, first : first + frames])
+                flac = segment_flac(row, rate)
+                meta = {
+                    "key": row["key"],
+                    "id": row["id"],
+                    "relpath": row["relpath"],
+                    "split": row["split"],
+                    "segment": row["segment"],
+                    "offset": offset,
+                    "num_samples": n,
+                    "source_num_samples": row["source_num_samples"],
+                    "sample_rate": rate,
+                    "label_rate": rate / hop,
+                    "hop": hop,
+                    "frames": frames,
+                    "teachers": hashes,
+                }
+                tar.add(f"{row['key']}.flac", flac)
+                tar.add(f"{row['key']}.json", json_bytes(meta))
+                for name in sorted(slices):
+                    tar.add(f"{row['key']}.{name}.npy", npy_bytes(slices[name]))
+                seconds += n / rate
+                stats["samples"] += 1
+                stats["frames"] += frames
+                stats["audio_seconds"] += n / rate
+            size, sha256 = tar.close()
+        stats["bytes"] += size
+        stats["shards"] += 1
+        split = rows[0]["split"]
+        part = {"shard": shard, "split": split, "samples": len(rows), "bytes": size, "sha256": sha256}
+        atomic_write_json(self._part(task.rank), {**part, "seconds": seconds})
+
+    def finalize(self, tasks: list[Task], stats: dict[str, float]) -> dict[str, Any]:
+        config = self.config
+        plan = json.loads((stage_dir(self) / "plan.json").read_text())
+        entries = {}
+        for task in tasks:
+            part = json.loads(self._part(task.rank).read_text())
+            shard = part.pop("shard")
+            entries[shard] = part
+        with RejectsWriter(config.out / "rejects.jsonl") as rejects:
+            for reject in iter_rejects(stage_dir(self) / "rejects.jsonl"):
+                rejects.write(reject)
+        old = _old_index(config.out)
+        sidecars = {}
+        for name, entry in old.get("shards", {}).items():  # sidecars of unchanged audio shards stay
+            base = entries.get(entry.get("base", ""))
+            if "teacher" in entry and base is not None and base["sha256"] == entry.get("base_sha256"):
+                if entry["teacher"] not in self.facts:
+                    sidecars[name] = entry
+        removed = _prune(config.out, set(entries) | set(sidecars))
+        teachers_of_sidecars = {e["teacher"] for e in sidecars.values()}
+        sidecar_facts = {k: v for k, v in old.get("sidecars", {}).items() if k in teachers_of_sidecars}
+        facts = next(iter(self.facts.values()))
+        index = {
+            "format": FORMAT,
+            "sample_rate": config.sample_rate,
+            "hop": facts["hop"],
+            "label_rate": config.sample_rate / facts["hop"],
+            "segment_seconds": config.segment_seconds,
+            "seed": config.seed,
+            "teachers": self.facts,
+            "sidecars": sidecar_facts,
+            "shards": {**entries, **sidecars},
+        }
+        _add_totals(index)
+        atomic_write_json(config.out / INDEX, index)
+        counts = dict(plan["counts"])
+        counts["rejected"] = sum(v for k, v in counts.items() if k.startswith("rejected."))
+        counts["accepted"] = counts.pop("files", 0)
+        for key in ("samples", "bytes", "shards", "audio_seconds"):
+            counts[key] = stats.get(key, 0)
+        counts["removed_stale"] = removed
+        return {
+            "counts": {key: counts[key] for key in sorted(counts)},
+            "totals": index["totals"],
+            "outputs": {"shards": str(config.out), "index": str(config.out / INDEX)},
+        }
+
+
+def segment_flac(row: dict[str, Any], rate: int) -> bytes:
+    """The segment as FLAC. A whole track that already is FLAC goes in as its own bytes (the file the
+    teachers read, no decode or encode); any other segment is decoded to integers and re-encoded
+    losslessly at the same bit depth. FLAC frames (4096 samples) do not fall on the 320-sample segment
+    boundaries, so byte ranges of a longer file cannot be copied."""
+    whole = row["offset"] == 0 and row["num_samples"] == row["source_num_samples"]
+    if whole and row["format"] == "FLAC":
+        data = Path(row["path"]).read_bytes()
+        if xxhash.xxh3_128(data).hexdigest() != row["content_hash"]:  # the very file the teachers read
+            raise ShardError(f"{row['path']} changed after resample: rerun resample and tokenize")
+        return data
+    samples = read_segment(
+        row["path"], row["subtype"], row["offset"], row["num_samples"], row["source_num_samples"]
+    )
+    return encode_flac(samples, rate, row["subtype"])
+
+
+def _old_index(out: Path) -> dict[str, Any]:
+    try:
+        return read_index(out)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _prune(out: Path, kept: set[str]) -> int:
+    """Delete shard and sidecar tars of earlier plans (names this index does not list)."""
+    removed = 0
+    for split in SPLITS:
+        folder = out / split
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            named = SHARD_NAME.match(path.name) or SIDECAR_NAME.match(path.name)
+            if named and f"{split}/{path.name}" not in kept:
+                path.unlink()
+                removed += 1
+    return removed
+
+
+def _add_totals(index: dict[str, Any]) -> None:
+    """Per split and overall: audio shards' samples, seconds and bytes (sidecar bytes apart)."""
+    totals: dict[str, Any] = {}
+    for split in SPLITS:
+        audio = {k: v for k, v in index["shards"].items() if v["split"] == split and "teacher" not in v}
+        side = [v for v in index["shards"].values() if v["split"] == split and "teacher" in v]
+        totals[split] = {
+            "shards": len(audio),
+            "samples": sum(v["samples"] for v in audio.values()),
+            "seconds": sum(v["seconds"] for v in audio.values()),
+            "bytes": sum(v["bytes"] for v in audio.values()),
+            "sidecar_bytes": sum(v["bytes"] for v in side),
+        }
+    totals["all"] = {key: sum(totals[s][key] for s in SPLITS) for key in totals["train"]}
+    index["totals"] = totals
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    workdir: Path
+    out: Path
+    teacher: str
+
+
+_LABEL_CACHE: dict[tuple[str, float], dict[str, tuple[str, str, int]]] = {}
+
+
+@dataclass
+class SidecarStage(_WritesShards):
+    """`shard --labels-only --teacher NAME`: one label-only tar per audio shard, same keys, same order."""
+
+    config: SidecarConfig
+    name: str = "shard_labels"
+    resources: Resources = field(default_factory=Resources)
+    facts: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.name = f"shard_labels_{self.config.teacher}"
+
+    def plan(self) -> list[Task]:
+        index = read_index(self.config.out)
+        teacher = self.config.teacher
+        if teacher in index["teachers"]:
+            raise ValueError(
+                f"the audio shards already hold {teacher!r} labels; sidecars are for new teachers"
+            )
+        self.facts = teacher_facts(self.config.workdir, [teacher])[teacher]
+        if (self.facts["sampling_rate"], self.facts["hop"]) != (index["sample_rate"], index["hop"]):
+            raise ValueError(
+                f"teacher {teacher!r} labels {self.facts['sampling_rate']} Hz audio with hop "
+                f"{self.facts['hop']}; the shards are {index['sample_rate']} Hz with hop {index['hop']}"
+            )
+        for split in SPLITS:
+            remove_stale_tmp(self.config.out / split)
+        bases = sorted(name for name, entry in index["shards"].items() if "teacher" not in entry)
+        rows = [{"shard": name, "sha256": index["shards"][name]["sha256"]} for name in bases]
+        fingerprint = json.dumps({"teacher": self.facts, "version": 1}, sort_keys=True, default=str)
+        tasks = write_listings(self, rows, 1, fingerprint, SUBDIRS)
+        for task, base in zip(tasks, bases, strict=True):
+            if not (self.config.out / sidecar_name(base, teacher)).exists():
+                with contextlib.suppress(FileNotFoundError):
+                    marker_path(self, task.rank).unlink()
+        return tasks
+
+    def _labels(self) -> dict[str, tuple[str, str, int]]:
+        """The teacher's label table, read once per worker process."""
+        path = self.config.workdir / "labels" / self.config.teacher / LABELS
+        key = (str(path), path.stat().st_mtime)
+        if key not in _LABEL_CACHE:
+            _LABEL_CACHE.clear()
+            _LABEL_CACHE[key] = load_labels(path.parent)
+        return _LABEL_CACHE[key]
+
+    def run(self, task: Task, stats: Counter) -> None:
+        (row,) = read_listing(self, task.rank)
+        base, teacher = row["shard"], self.config.teacher
+        facts = self.facts or teacher_facts(self.config.workdir, [teacher])[teacher]
+        hop = facts["hop"]
+        table = self._labels()
+        labels_dir = self.config.workdir / "labels" / teacher
+        seconds, samples = 0.0, 0
+        with open(self.config.out / base, "rb") as source:
+            metas = [json.loads(sample["json"]) for _, sample in iter_samples(source)]
+        missing = [m["id"] for m in metas if m["id"] not in table]
+        if missing:
+            raise ShardError(
+                f"teacher {teacher!r} has no labels for {len(missing)} tracks of {base} (e.g. {missing[0]}); "
+                f"label them, or reshard with --teachers including {teacher}"
+            )
+        with atomic_path(self.config.out / sidecar_name(base, teacher)) as tmp, open(tmp, "wb") as handle:
+            tar = DeterministicTar(handle)
+            for meta in metas:
+                relpath, config_hash, num_samples = table[meta["id"]]
+                path = labels_dir / relpath
+                if config_hash != facts["config_hash"] or num_samples != meta["source_num_samples"]:
+                    raise ShardError(
+                        f"{path}: made for {num_samples} samples with config {config_hash}; the shard's "
+                        f"audio has {meta['source_num_samples']} and the teacher is {facts['config_hash']}"
+                    )
+                labels = load_aligned(path, facts["n_q"], num_samples, hop)
+                first, frames = meta["offset"] // hop, frames_for(meta["num_samples"], hop)
+                tar.add(f"{meta['key']}.{teacher}.npy", npy_bytes(labels[:, first : first + frames]))
+                seconds += meta["num_samples"] / meta["sample_rate"]
+                samples += 1
+                stats["samples"] += 1
+                stats["audio_seconds"] += meta["num_samples"] / meta["sample_rate"]
+            size, sha256 = tar.close()
+        stats["bytes"] += size
+        stats["shards"] += 1
+        part = {"base": base, "base_sha256": row["sha256"], "samples": samples, "bytes": size}
+        atomic_write_json(self._part(task.rank), {**part, "sha256": sha256, "seconds": seconds})
+
+    def finalize(self, tasks: list[Task], stats: dict[str, float]) -> dict[str, Any]:
+        teacher = self.config.teacher
+        index = read_index(self.config.out)
+        shards = {k: v for k, v in index["shards"].items() if v.get("teacher") != teacher}
+        for task in tasks:
+            part = json.loads(self._part(task.rank).read_text())
+            base = part["base"]
+            shards[sidecar_name(base, teacher)] = {
+                **part,
+                "split": index["shards"][base]["split"],
+                "teacher": teacher,
+            }
+        index["shards"] = shards
+        index.setdefault("sidecars", {})[teacher] = (
+            self.facts or teacher_facts(self.config.workdir, [teacher])[teacher]
+        )
+        _add_totals(index)
+        removed = _prune(self.config.out, set(shards))
+        atomic_write_json(self.config.out / INDEX, index)
+        counts = {key: stats.get(key, 0) for key in ("samples", "bytes", "shards", "audio_seconds")}
+        counts["removed_stale"] = removed
+        return {
+            "counts": counts,
+            "totals": index["totals"],
+            "outputs": {"shards": str(self.config.out), "index": str(self.config.out / INDEX)},
+        }
+
+
+def sidecar_name(base: str, teacher: str) -> str:
+    """`train/shard-000000.tar` -> `train/shard-000000.TEACHER.tar`."""
+    return re.sub(r"\.tar$", f".{teacher}.tar", base)

@@ -1,0 +1,157 @@
+"""The trainer end to end: real `torchrun` (python -m torch.distributed.run), 2 processes, gloo, on shards
+of learnable synthesized audio. One reference run is shared: it must learn, and every interrupted run
+(resumed from one of its checkpoints, or SIGKILLed and resumed) must repeat its losses step for step.
+The shard set has one train shard, fewer than ranks x workers: every run here is that case too."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO
+from tests.trainer.shardgen import write_shards
+from trainer.pretrain import main
+
+STEPS = 100
+COMMON = [
+    "teachers=[rvq,kmeans]",
+    "log_interval=1",
+    f"max_steps={STEPS}",
+    "eval_interval=50",
+    "epoch_batches=4",
+]
+
+
+def torchrun(shards: Path, out: Path, *args: str, resume: bool = False) -> list[str]:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += ["trainer/pretrain.py", "--config", "trainer/configs/tiny.yaml", "--shards", str(shards)]
+    return command + ["--out", str(out)] + (["--resume"] if resume else []) + COMMON + list(args)
+
+
+def run(command: list[str], timeout: float = 150) -> None:
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def records(out: Path, kind: str = "train") -> dict[int, dict]:
+    """The last record of each step (a resumed run logs again the steps after its checkpoint)."""
+    found = {}
+    for line in (out / "log.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record["kind"] == kind:
+            found[record["step"]] = record
+    return found
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_shards(tmp_path_factory.mktemp("shards"), train_shards=1, valid_shards=1, per_shard=48)
+
+
+@pytest.fixture(scope="module")
+def reference(shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    run(torchrun(shards, out, "ckpt_interval=40", "keep_last=5", "num_workers=0"))
+    return out
+
+
+def test_loss_falls_and_accuracy_beats_chance(reference: Path) -> None:
+    train = records(reference)
+    assert sorted(train) == list(range(1, STEPS + 1))
+    for key in ("loss", "loss_rvq", "loss_kmeans"):  # the total, and each teacher's cross-entropy
+        start = sum(train[s][key] for s in range(1, 11)) / 10
+        end = sum(train[s][key] for s in range(STEPS - 9, STEPS + 1)) / 10
+        assert end < 0.8 * start, (key, start, end)
+    valid = records(reference, "valid")
+    assert sorted(valid) == [50, 100]
+    # chance: 1/8 for rvq 0 (pitch), 1/4 for rvq 1 (pitch % 4, 4 of 8 classes used) and kmeans
+    for head, chance in (("acc_rvq_0", 1 / 8), ("acc_rvq_1", 1 / 4), ("acc_kmeans_0", 1 / 4)):
+        early = sum(train[s][head] for s in range(1, 11)) / 10
+        late = sum(train[s][head] for s in range(STEPS - 19, STEPS + 1)) / 20
+        assert late > max(1.3 * chance, early + 0.1), (head, early, late)
+        assert valid[STEPS][head] > 1.1 * chance, (head, valid[STEPS])
+    assert {"lr", "grad_norm", "samples_per_s", "audio_s_per_s", "cqt_mse"} <= set(train[STEPS])
+    assert [p.name for p in sorted(reference.glob("ckpt-*.pt"))] == [
+        f"ckpt-{s:08d}.pt" for s in (40, 80, 100)
+    ]
+    state = torch.load(reference / "ckpt-00000040.pt", weights_only=True)  # no pickled objects
+    assert state["step"] == 40 and state["config"]["train"]["seed"] == 1
+    assert state["data"] == {"epoch": 9, "batch": 4, "world": 2, "workers": 0}  # 4 batches per epoch
+    assert {"model", "optimizer", "scheduler", "rng"} <= set(state)
+    assert any((reference / "tb").iterdir())  # TensorBoard events (tensorboard is a dependency)
+
+
+def test_resume_repeats_the_uninterrupted_losses(shards: Path, reference: Path, tmp_path: Path) -> None:
+    shutil.copy(reference / "ckpt-00000040.pt", tmp_path / "ckpt-00000040.pt")  # a run stopped at 40
+    run(torchrun(shards, tmp_path, "stop_after=46", "num_workers=0", resume=True))
+    resumed, full = records(tmp_path), records(reference)
+    assert sorted(resumed) == list(range(41, 47))
+    for step in resumed:
+        assert resumed[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-4, abs=1e-5), step
+        assert resumed[step]["acc_rvq_0"] == pytest.approx(full[step]["acc_rvq_0"], abs=1e-6), step
+
+
+def test_sigkill_mid_run_resumes_from_the_last_checkpoint(
+    shards: Path, reference: Path, tmp_path: Path
+) -> None:
+    process = subprocess.Popen(
+        torchrun(shards, tmp_path, "ckpt_interval=10", "num_workers=1"),  # the data stream of 0 workers
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "log.jsonl").exists() or max(records(tmp_path), default=0) < 12:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:  # SIGKILL the trainers (each leads its own group, with its loader workers), then torchrun
+        children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+        for child in map(int, children):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(os.getpgid(child), signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    saved = sorted(p.name for p in tmp_path.glob("ckpt-*.pt"))
+    assert saved and saved[-1] in ("ckpt-00000010.pt", "ckpt-00000020.pt")
+    killed_at = max(records(tmp_path))
+    run(
+        torchrun(
+            shards, tmp_path, "ckpt_interval=10", "num_workers=1", f"stop_after={killed_at + 2}", resume=True
+        )
+    )
+    after, full = records(tmp_path), records(reference)
+    assert max(after) == killed_at + 2
+    for step in range(1, killed_at + 3):
+        assert after[step]["loss"] == pytest.approx(full[step]["loss"], rel=1e-4, abs=1e-5), step
+
+
+def test_fewer_shards_than_ranks_times_workers(tmp_path: Path) -> None:
+    one = write_shards(tmp_path / "shards", train_shards=1, valid_shards=1, per_shard=8)
+    out = tmp_path / "run"
+    # 2 ranks x 2 workers = 4 slots on one shard; 2 batches per epoch, 3 steps: an epoch end
+    run(
+        torchrun(one, out, "num_workers=2", "epoch_batches=2", "stop_after=3", "eval_interval=3"), timeout=120
+    )
+    assert max(records(out)) == 3 and sorted(records(out, "valid")) == [3]
+    state = torch.load(out / "ckpt-00000003.pt", weights_only=True)
+    assert state["data"] == {"epoch": 1, "batch": 1, "world": 2, "workers": 2}
+
+
+def test_misuse_is_one_line_error(shards: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    base = ["--config", "trainer/configs/tiny.yaml", "--shards", str(shards), "--out", str(tmp_path)]
+    for extra, message in (["no_such_key=1"], "unknown config keys"), (["teachers=[bestrq]"], "not in"):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -1,0 +1,1 @@
+"""The compact DDP MERT trainer: `torchrun trainer/pretrain.py` with model.py, data.py and configs/."""

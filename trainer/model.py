@@ -1,0 +1,423 @@
+"""MERT: a HuBERT encoder on 24 kHz audio that predicts acoustic-teacher codes and a CQT on masked frames.
+
+Module names follow transformers' `HubertModel` (feature_extractor.conv_layers.N.conv, feature_projection,
+encoder.pos_conv_embed.conv, encoder.layers.N.attention.q_proj, ..., masked_spec_embed), so exporting the
+encoder is a rename-free copy of these keys; `final_proj`, `label_embs_concat` and `cqt_head` are
+training-only and dropped at export.
+
+Frames and alignment: the conv front end (kernels 10,3,3,3,3,2,2, strides 5,2,2,2,2,2,2) turns n samples
+into floor((n - 400) / 320) + 1 frames, so a crop of n = 320 k samples (the loader's crops are multiples
+of 320) gives k - 1 frames (120000 -> 374), while the teachers label ceil(n / 320) = k frames (375).
+Frame t of the conv features covers samples [320 t, 320 t + 400), label frame t starts at 320 t and CQT
+frame t (center=True) is centred on 320 t: all three start on the same grid, so labels and CQT are sliced
+to the first k - 1 frames and the teachers' last frame, which no conv window covers fully, is dropped.
+
+All random choices of a step (noise mixture, masking, layerdrop) come from torch's CPU generator, and
+dropout from the device's; the trainer reseeds both at every step, which is what makes resume exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelConfig:
+    # conv front end (320 samples per frame at 24 kHz = 75 Hz)
+    conv_dim: int = 512
+    conv_kernels: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
+    conv_strides: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
+    feat_extract_norm: str = "group"  # "group": GroupNorm on layer 0 only; "layer": LayerNorm on every layer
+    # transformer
+    embed_dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    ffn_dim: int = 3072
+    layer_norm_first: bool = False  # pre-LN (transformers' do_stable_layer_norm); False = post-LN
+    pos_conv_kernel: int = 128
+    pos_conv_groups: int = 16
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    dropout_input: float = 0.1  # after the feature projection (fairseq's dropout_input)
+    layerdrop: float = 0.05
+    attention_relax: float = 0.0  # > 0: softmax((s/a - max(s/a)) * a), an fp16 guard; 0: SDPA
+    feature_grad_mult: float = 0.1
+    # masking
+    mask_prob: float = 0.8
+    mask_length: int = 5
+    min_masks: int = 2
+    # losses
+    final_dim: int = 64
+    logit_temp: float = 0.1
+    feature_pen_weight: float = 10.0
+    cqt_weight: float = 1.0
+    cqt_fmin: float = 32.7
+    cqt_bins: int = 336
+    cqt_bins_per_octave: int = 48
+    # in-batch noise mixture (training only)
+    noise_prob: float = 0.5
+    noise_min_samples: int = 12000
+    noise_max_samples: int = 24000
+    noise_max_segments: int = 3
+    sample_rate: int = 24000
+    # (teacher, n_q, num_classes) of each selected teacher; set by the trainer from the shard index
+    codebooks: list[tuple[str, int, int]] = field(default_factory=list)
+
+    @property
+    def hop(self) -> int:
+        return math.prod(self.conv_strides)
+
+
+def conv_frames(num_samples: int, cfg: ModelConfig) -> int:
+    """Frames the conv front end makes of `num_samples` samples (no padding)."""
+    n = num_samples
+    for kernel, stride in zip(cfg.conv_kernels, cfg.conv_strides, strict=True):
+        n = (n - kernel) // stride + 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------------
+# random choices: span masking and the in-batch noise mixture
+# ---------------------------------------------------------------------------------------------------
+
+
+def span_mask(batch: int, frames: int, prob: float, length: int, min_masks: int) -> torch.Tensor:
+    """HuBERT/wav2vec 2 span masking: per row, max(min_masks, round-randomly prob * frames / length) span
+    starts drawn uniformly, each masking `length` frames, overlaps allowed (prob 0.8, length 5 masks about
+    55% of frames). Returns a bool (batch, frames) tensor on the CPU."""
+    length = min(length, frames)
+    counts = (prob * frames / length + torch.rand(batch)).long().clamp(min=min_masks)
+    counts = counts.clamp(max=frames - length + 1)
+    most = int(counts.max())
+    starts = torch.randint(0, frames - length + 1, (batch, most))
+    keep = torch.arange(most)[None, :] < counts[:, None]
+    spans = (starts[:, :, None] + torch.arange(length)[None, None, :]).reshape(batch, -1)
+    hits = torch.zeros(batch, frames, dtype=torch.long)  # spans overlap: count, then threshold
+    hits.scatter_add_(1, spans, keep[:, :, None].expand(-1, -1, length).reshape(batch, -1).long())
+    return hits > 0
+
+
+def mix_noise(
+    audio: torch.Tensor, prob: float, min_samples: int, max_samples: int, max_segments: int
+) -> torch.Tensor:
+    """MERT's in-batch noise mixture: each clip, with probability `prob`, gets 1..max_segments segments of
+    min..max samples cut from *other* clips of the batch, added at random positions at volume 1."""
+    batch, length = audio.shape
+    if batch < 2 or prob <= 0:
+        return audio
+    mixed = audio.clone()
+    chosen = (torch.rand(batch) < prob).nonzero().flatten().tolist()
+    for row in chosen:
+        for _ in range(int(torch.randint(1, max_segments + 1, ()))):
+            other = int(torch.randint(0, batch - 1, ()))
+            other += other >= row  # never the clip itself
+            size = int(torch.randint(min(min_samples, length), min(max_samples, length) + 1, ()))
+            src = int(torch.randint(0, length - size + 1, ()))
+            dst = int(torch.randint(0, length - size + 1, ()))
+            mixed[row, dst : dst + size] += audio[other, src : src + size]
+    return mixed
+
+
+class GradMultiply(torch.autograd.Function):
+    """Identity forward, gradient scaled by `scale` (fairseq's feature_grad_mult)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:  # type: ignore[override]
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return grad * ctx.scale, None
+
+
+# ---------------------------------------------------------------------------------------------------
+# encoder
+# ---------------------------------------------------------------------------------------------------
+
+
+class ConvLayer(nn.Module):
+    def __init__(self, c_in: int, c_out: int, kernel: int, stride: int, norm: str | None) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(c_in, c_out, kernel, stride, bias=False)
+        self.norm = norm
+        if norm == "group":
+            self.layer_norm = nn.GroupNorm(c_out, c_out)
+        elif norm == "layer":
+            self.layer_norm = nn.LayerNorm(c_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        if self.norm == "group":
+            x = self.layer_norm(x)
+        elif self.norm == "layer":
+            x = self.layer_norm(x.transpose(1, 2)).transpose(1, 2)
+        return F.gelu(x)
+
+
+class FeatureExtractor(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        layers = []
+        for i, (kernel, stride) in enumerate(zip(cfg.conv_kernels, cfg.conv_strides, strict=True)):
+            norm = "layer" if cfg.feat_extract_norm == "layer" else ("group" if i == 0 else None)
+            layers.append(ConvLayer(1 if i == 0 else cfg.conv_dim, cfg.conv_dim, kernel, stride, norm))
+        self.conv_layers = nn.ModuleList(layers)
+
+    def forward(self, audio: torch.Tensor) -> torch.Tensor:
+        x = audio[:, None, :]
+        for layer in self.conv_layers:
+            x = layer(x)
+        return x  # (B, C, T)
+
+
+class FeatureProjection(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.layer_norm = nn.LayerNorm(cfg.conv_dim)
+        self.projection = nn.Linear(cfg.conv_dim, cfg.embed_dim)
+        self.dropout = nn.Dropout(cfg.dropout_input)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.projection(self.layer_norm(x)))
+
+
+class PositionalConvEmbedding(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        conv = nn.Conv1d(
+            cfg.embed_dim,
+            cfg.embed_dim,
+            cfg.pos_conv_kernel,
+            padding=cfg.pos_conv_kernel // 2,
+            groups=cfg.pos_conv_groups,
+        )
+        std = math.sqrt(4.0 / (cfg.pos_conv_kernel * cfg.embed_dim))  # fairseq's init
+        nn.init.normal_(conv.weight, mean=0.0, std=std)
+        nn.init.zeros_(conv.bias)
+        self.conv = nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        self.remove = 1 if cfg.pos_conv_kernel % 2 == 0 else 0  # transformers' HubertSamePadLayer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x.transpose(1, 2))
+        if self.remove:
+            y = y[:, :, : -self.remove]
+        return F.gelu(y).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.heads = cfg.num_heads
+        self.dropout = cfg.attention_dropout
+        self.relax = cfg.attention_relax
+        dim = cfg.embed_dim
+        self.q_proj, self.k_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.v_proj, self.out_proj = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, frames, dim = x.shape
+        q, k, v = (
+            proj(x).view(batch, frames, self.heads, dim // self.heads).transpose(1, 2)
+            for proj in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        dropout = self.dropout if self.training else 0.0
+        if self.relax > 0:  # MERT's attention relaxation: equal to softmax, kept for fidelity
+            scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1]) / self.relax
+            scores = (scores - scores.amax(-1, keepdim=True).detach()) * self.relax
+            probs = F.dropout(scores.float().softmax(-1).to(v.dtype), dropout, self.training)
+            out = probs @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        return self.out_proj(out.transpose(1, 2).reshape(batch, frames, dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_dropout = nn.Dropout(cfg.activation_dropout)
+        self.intermediate_dense = nn.Linear(cfg.embed_dim, cfg.ffn_dim)
+        self.output_dense = nn.Linear(cfg.ffn_dim, cfg.embed_dim)
+        self.output_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.intermediate_dropout(F.gelu(self.intermediate_dense(x)))
+        return self.output_dropout(self.output_dense(x))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pre_ln = cfg.layer_norm_first
+        self.attention = Attention(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layer_norm = nn.LayerNorm(cfg.embed_dim)
+        self.feed_forward = FeedForward(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.embed_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_ln:  # transformers' HubertEncoderLayerStableLayerNorm
+            x = x + self.dropout(self.attention(self.layer_norm(x)))
+            return x + self.feed_forward(self.final_layer_norm(x))
+        x = self.layer_norm(x + self.dropout(self.attention(x)))
+        return self.final_layer_norm(x + self.feed_forward(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.pre_ln = cfg.layer_norm_first
+        self.layerdrop = cfg.layerdrop
+        self.pos_conv_embed = PositionalConvEmbedding(cfg)
+        self.layer_norm = nn.LayerNorm(cfg.embed_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.pos_conv_embed(x)
+        if not self.pre_ln:
+            x = self.layer_norm(x)
+        x = self.dropout(x)
+        drops = torch.rand(len(self.layers)) if self.training and self.layerdrop > 0 else None
+        for i, layer in enumerate(self.layers):
+            if drops is not None and drops[i] < self.layerdrop:
+                continue
+            x = layer(x)
+        return self.layer_norm(x) if self.pre_ln else x
+
+
+class CQT(nn.Module):
+    """nnAudio's CQT (CQT1992v2: hann, norm 1, center, magnitude) in fp32 whatever the autocast. Its
+    kernels are rebuilt at construction and kept out of the state dict (hundreds of MB at 336 bins)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        from nnAudio.features import CQT1992v2
+
+        self.cqt = CQT1992v2(
+            sr=cfg.sample_rate,
+            hop_length=cfg.hop,
+            fmin=cfg.cqt_fmin,
+            n_bins=cfg.cqt_bins,
+            bins_per_octave=cfg.cqt_bins_per_octave,
+            norm=1,
+            window="hann",
+            center=True,
+            output_format="Magnitude",
+            verbose=False,
+        )
+        for name in list(self.cqt._buffers):
+            self.cqt.register_buffer(name, self.cqt._buffers.pop(name), persistent=False)
+
+    @property
+    def pad(self) -> int:
+        return self.cqt.kernel_width // 2
+
+    def forward(self, audio: torch.Tensor, frames: int) -> torch.Tensor:
+        """(B, N) audio -> (B, frames, bins) magnitudes, frame t centred on sample hop * t."""
+        with torch.autocast(audio.device.type, enabled=False):
+            spec = self.cqt(audio.float())
+        return spec[:, :, :frames].transpose(1, 2)
+
+
+class MERT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if not cfg.codebooks:
+            raise ValueError("ModelConfig.codebooks is empty: select at least one teacher")
+        self.cfg = cfg
+        self.feature_extractor = FeatureExtractor(cfg)
+        self.feature_projection = FeatureProjection(cfg)
+        self.masked_spec_embed = nn.Parameter(torch.empty(cfg.embed_dim).uniform_())
+        self.encoder = Encoder(cfg)
+        self.heads = [(name, q) for name, n_q, _ in cfg.codebooks for q in range(n_q)]
+        self.classes = [classes for _, n_q, classes in cfg.codebooks for _ in range(n_q)]
+        self.final_proj = nn.Linear(cfg.embed_dim, cfg.final_dim * len(self.heads))
+        self.label_embs_concat = nn.Parameter(torch.empty(sum(self.classes), cfg.final_dim).uniform_())
+        self.cqt_head = nn.Linear(cfg.embed_dim, cfg.cqt_bins) if cfg.cqt_weight > 0 else None
+        self.cqt = CQT(cfg) if cfg.cqt_weight > 0 else None
+        self.apply(_init_weights)
+
+    def encode(self, audio: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Audio (B, N) -> (hidden states (B, T, D), feature penalty); `mask` (B, T) frames get mask_emb."""
+        features = self.feature_extractor(audio)
+        mult = self.cfg.feature_grad_mult
+        if self.training and mult != 1.0:
+            features = GradMultiply.apply(features, mult) if mult > 0 else features.detach()
+        features = features.transpose(1, 2)
+        penalty = features.float().pow(2).mean()
+        x = self.feature_projection(features)
+        if mask is not None:
+            x = torch.where(mask[..., None], self.masked_spec_embed.to(x.dtype), x)
+        return self.encoder(x), penalty
+
+    def forward(self, audio: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss and metrics of one batch. `audio` (B, N) clean 24 kHz audio, N a multiple of the hop;
+        `labels[teacher]` (B, n_q, >= T) integer codes. Training mode adds the noise mixture."""
+        cfg = self.cfg
+        clean = audio
+        if self.training and cfg.noise_prob > 0:
+            audio = mix_noise(
+                audio, cfg.noise_prob, cfg.noise_min_samples, cfg.noise_max_samples, cfg.noise_max_segments
+            )
+        frames = conv_frames(audio.shape[1], cfg)
+        mask = span_mask(audio.shape[0], frames, cfg.mask_prob, cfg.mask_length, cfg.min_masks)
+        mask = mask.to(audio.device, non_blocking=True)
+        hidden, penalty = self.encode(audio, mask)
+        masked = hidden[mask]  # (M, D): the losses are on masked frames only
+        chunks = self.final_proj(masked).float().chunk(len(self.heads), dim=-1)
+        embeddings = F.normalize(self.label_embs_concat.float(), dim=-1).split(self.classes)
+        out: dict[str, torch.Tensor] = {}
+        loss = cfg.feature_pen_weight * penalty
+        for (name, q), chunk, emb in zip(self.heads, chunks, embeddings, strict=True):
+            logits = F.normalize(chunk, dim=-1) @ emb.T / cfg.logit_temp  # cosine similarity / temperature
+            target = labels[name][:, q, :frames][mask].long()
+            ce = F.cross_entropy(logits, target)
+            loss = loss + ce
+            out[f"loss_{name}"] = out.get(f"loss_{name}", 0.0) + ce.detach()
+            out[f"acc_{name}_{q}"] = (logits.argmax(-1) == target).float().mean().detach()
+        if self.cqt is not None and self.cqt_head is not None:
+            target = self.cqt(clean, frames)[mask]
+            mse = F.mse_loss(self.cqt_head(masked).float(), target)
+            loss = loss + cfg.cqt_weight * mse
+            out["cqt_mse"] = mse.detach()
+        out["feature_pen"] = penalty.detach()
+        out["mask_frac"] = mask.float().mean()
+        out["loss"] = loss
+        return out
+
+
+def _init_weights(module: nn.Module) -> None:
+    """transformers' Hubert init: Linear N(0, 0.02) with zero bias, norms at identity, convs Kaiming."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm | nn.GroupNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv1d) and module.kernel_size[0] < 100 and module.groups == 1:
+        nn.init.kaiming_normal_(module.weight)
+
+
+def flops_per_clip(cfg: ModelConfig, num_samples: int) -> float:
+    """Training FLOPs (forward + backward) for one clip, for the MFU estimate: 6 x matmul parameters x
+    frames, attention scores 12 x layers x T^2 x D, and the conv front end (its first layer has no input
+    gradient). The CQT target (a fixed conv) and the elementwise ops are not counted."""
+    frames = conv_frames(num_samples, cfg)
+    conv, n = 0.0, num_samples
+    for i, (kernel, stride) in enumerate(zip(cfg.conv_kernels, cfg.conv_strides, strict=True)):
+        n = (n - kernel) // stride + 1
+        c_in = 1 if i == 0 else cfg.conv_dim
+        conv += 2 * c_in * cfg.conv_dim * kernel * n * (2 if i == 0 else 3)
+    d, f, layers = cfg.embed_dim, cfg.ffn_dim, cfg.num_layers
+    dense = layers * (4 * d * d + 2 * d * f) + cfg.conv_dim * d
+    dense += d * d * cfg.pos_conv_kernel // cfg.pos_conv_groups
+    attention = 12 * layers * frames * frames * d
+    return conv + 6 * dense * frames + attention

@@ -1,0 +1,375 @@
+"""Pretrain MERT on a shard set with DDP: one file, run by torchrun.
+
+From the repository root (after `pip install -e .`):
+
+    # one GPU (or CPU: gloo, fp32)
+    torchrun --standalone --nproc_per_node 1 trainer/pretrain.py --config trainer/configs/mert_95m.yaml \\
+        --shards SHARDS --out runs/mert95m
+    # 8 GPUs on one machine; key=value overrides any config key
+    torchrun --standalone --nproc_per_node 8 trainer/pretrain.py --config trainer/configs/mert_95m.yaml \\
+        --shards SHARDS --out runs/mert95m batch_size=15 max_steps=400000
+    # 2 machines x 8 GPUs: run on each machine, NODE_RANK 0 and 1, MASTER_ADDR = machine 0's address
+    torchrun --nnodes 2 --node_rank $NODE_RANK --nproc_per_node 8 --master_addr $MASTER_ADDR \\
+        --master_port 29500 trainer/pretrain.py --config trainer/configs/mert_330m.yaml \\
+        --shards SHARDS --out runs/mert330m
+    # continue from the newest checkpoint in --out (starts fresh when there is none)
+    torchrun ... trainer/pretrain.py ... --resume
+
+RUN_DIR gets `ckpt-STEP.pt` (the last `keep_last`), `log.jsonl`, `config.json` and, when tensorboard is
+installed, `tb/`. Only rank 0 logs and writes. A checkpoint is one dict of tensors and plain values
+(model, optimizer, scheduler, step, config, rng, data position), loadable with
+`torch.load(path, weights_only=True)`. Every step reseeds torch from (seed, step, rank) and the loader
+restarts at its saved (epoch, batch), so a resumed run repeats the uninterrupted run's losses; resume
+with the same world size and `num_workers`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run by path: make `trainer` and `mert_pipeline` importable
+    sys.path.insert(0, str(REPO))
+
+from mert_pipeline.fs import atomic_path, atomic_write_json  # noqa: E402
+from trainer.data import CropSpec, Loader, ShardIndex, load_shard_index, valid_batches  # noqa: E402
+from trainer.model import MERT, ModelConfig, flops_per_clip  # noqa: E402
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
+
+
+@dataclass
+class TrainConfig:
+    teachers: tuple[str, ...] = ("rvq",)  # any teachers the shards hold, e.g. [rvq, kmeans500]
+    batch_size: int = 8  # clips per rank per micro-step
+    grad_accum: int = 1
+    crop_samples: int = 120000  # 5 s at 24 kHz
+    min_samples: int = 72000  # clips under 3 s are dropped
+    shuffle_buffer: int = 1000
+    num_workers: int = 4
+    epoch_batches: int = 0  # batches per rank per epoch; 0: train samples / (world x batch_size)
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_steps: int = 32000
+    max_steps: int = 400000  # linear decay to 0 at max_steps
+    grad_clip: float = 10.0  # 0: no clipping
+    log_interval: int = 100
+    eval_interval: int = 2000  # 0: never
+    eval_batches: int = 20  # per rank
+    ckpt_interval: int = 2000
+    keep_last: int = 3
+    stop_after: int = 0  # stop (and checkpoint) after this step without changing the schedule
+    seed: int = 1
+    precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; fp32: always fp32
+    peak_flops: float = 0.0  # per device, for MFU; 0: looked up from the GPU's name
+
+
+def load_config(path: str | Path, overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
+    """A flat yaml of ModelConfig and TrainConfig keys, then `key=value` overrides (values read as yaml)."""
+    values = yaml.safe_load(Path(path).read_text()) or {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        values[key.strip()] = yaml.safe_load(text)
+    model_keys = {f.name: f for f in fields(ModelConfig)}
+    train_keys = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - set(model_keys) - set(train_keys) - {"codebooks"})
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}")
+    tuples = {k for k, f in {**model_keys, **train_keys}.items() if str(f.type).startswith("tuple")}
+    values = {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()}
+    model = ModelConfig(**{k: v for k, v in values.items() if k in model_keys and k != "codebooks"})
+    train = TrainConfig(**{k: v for k, v in values.items() if k in train_keys})
+    return model, train
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1 over warmup_steps, then linear decay to 0 at max_steps."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    return max(0.0, (cfg.max_steps - step) / max(1, cfg.max_steps - cfg.warmup_steps))
+
+
+def reseed(seed: int, step: int, rank: int) -> None:
+    """All of a step's randomness (noise mixture, masks, layerdrop, dropout) from (seed, step, rank)."""
+    torch.manual_seed(int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0]))
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return sorted(out.glob("ckpt-*.pt"))
+
+
+def save_checkpoint(out: Path, state: dict[str, Any], keep_last: int) -> Path:
+    """Write to a hidden temporary name, rename, then delete all but the newest `keep_last`."""
+    path = out / f"ckpt-{state['step']:08d}.pt"
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+    for old in checkpoints(out)[:-keep_last] if keep_last > 0 else []:
+        old.unlink(missing_ok=True)
+    return path
+
+
+class Logger:
+    """Rank 0's metrics: one line to stdout, one JSON line to RUN_DIR/log.jsonl, TensorBoard if installed."""
+
+    def __init__(self, out: Path, enabled: bool) -> None:
+        self.enabled, self.path, self.tb = enabled, out / "log.jsonl", None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:  # without tensorboard: stdout and log.jsonl only
+                pass
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        shown = " | ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "kind"
+        )
+        print(f"[{record['kind']}] {shown}", flush=True)
+        if self.tb is not None:
+            for key, value in record.items():
+                if isinstance(value, int | float) and key != "step":
+                    self.tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
+            self.tb.flush()
+
+
+def mean_over_ranks(sums: dict[str, torch.Tensor], count: float, device: torch.device) -> dict[str, float]:
+    """Average metric sums over `count` items per rank and over ranks (one all_reduce)."""
+    keys = sorted(sums)
+    packed = torch.stack([torch.as_tensor(float(count), device=device)] + [sums[k].float() for k in keys])
+    if dist.is_initialized():
+        dist.all_reduce(packed)
+    total = float(packed[0])
+    return {k: float(v) / total for k, v in zip(keys, packed[1:], strict=True)} if total else {}
+
+
+@torch.no_grad()
+def evaluate(
+    model: MERT, index: ShardIndex, spec: CropSpec, tcfg: TrainConfig, rank: int, world: int, autocast: Any
+) -> dict[str, float]:
+    """Masked loss and accuracy on the valid shards (no noise mixture, fixed masks), over all ranks."""
+    model.eval()
+    torch.manual_seed(tcfg.seed)
+    device = next(model.parameters()).device
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    for batch in valid_batches(index, spec, rank, world, tcfg.eval_batches):
+        with autocast:
+            out = model(batch["audio"].to(device), {k: v.to(device) for k, v in batch["labels"].items()})
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().float()
+        count += 1
+    model.train()
+    if not sums:  # this rank had no valid batch: still join the all_reduce with zeros
+        sums = {k: torch.zeros((), device=device) for k in metric_names(model)}
+    return mean_over_ranks(sums, count, device)
+
+
+def metric_names(model: MERT) -> list[str]:
+    names = ["loss", "feature_pen", "mask_frac"] + [f"loss_{t}" for t, _, _ in model.cfg.codebooks]
+    names += [f"acc_{t}_{q}" for t, q in model.heads]
+    return names + (["cqt_mse"] if model.cqt is not None else [])
+
+
+def peak_flops(tcfg: TrainConfig, device: torch.device) -> float:
+    if tcfg.peak_flops or device.type != "cuda":
+        return tcfg.peak_flops
+    name = torch.cuda.get_device_name(device)
+    return next(
+        (peak for key, peak in sorted(PEAK_BF16.items(), key=lambda kv: -len(kv[0])) if key in name), 0.0
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--shards", required=True, help="folder with index.json and {train,valid}/ shards")
+    parser.add_argument("--out", required=True, help="run folder: checkpoints and logs")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        mcfg, tcfg = load_config(args.config, args.overrides)
+        index = load_shard_index(args.shards)
+        missing = [t for t in tcfg.teachers if t not in index.teachers]
+        if missing:
+            raise ValueError(
+                f"teachers {missing} not in {args.shards}/index.json (it has {sorted(index.teachers)})"
+            )
+        if index.hop != mcfg.hop or index.sample_rate != mcfg.sample_rate:
+            raise ValueError(
+                f"shards are {index.sample_rate} Hz / hop {index.hop}, the model expects "
+                f"{mcfg.sample_rate} Hz / hop {mcfg.hop}"
+            )
+    except (OSError, ValueError, TypeError, yaml.YAMLError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    mcfg.codebooks = [(t, *index.teachers[t]) for t in tcfg.teachers]
+    train(mcfg, tcfg, index, Path(args.out), args.resume)
+    return 0
+
+
+def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, resume: bool) -> None:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if world > 1:
+        if cuda:
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if cuda else "gloo")
+    master = rank == 0
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    bf16 = cuda and tcfg.precision == "auto"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+    out.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(tcfg.seed)
+    raw = MERT(mcfg).to(device)
+    decay = [p for p in raw.parameters() if p.dim() >= 2]  # no decay on biases and norms
+    no_decay = [p for p in raw.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=tcfg.lr,
+        betas=tcfg.betas,
+        eps=tcfg.eps,
+        fused=cuda,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tcfg))
+    step, position = 0, None
+    found = checkpoints(out) if resume else []
+    if found:
+        state = torch.load(found[-1], map_location="cpu", weights_only=True)
+        raw.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, position = int(state["step"]), state["data"]
+        torch.set_rng_state(state["rng"]["cpu"])
+        if cuda and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+    model: Any = raw
+    if world > 1:
+        model = DistributedDataParallel(
+            raw,
+            device_ids=[local_rank] if cuda else None,
+            forward_sync_buffers=False,  # no running stats; the CQT kernels are constant
+            find_unused_parameters=mcfg.layerdrop > 0,  # dropped layers get no gradient
+        )
+    spec = CropSpec(
+        tuple(tcfg.teachers),
+        tcfg.batch_size,
+        tcfg.crop_samples,
+        tcfg.min_samples,
+        tcfg.shuffle_buffer,
+        tcfg.seed,
+    )
+    loader = Loader(
+        index,
+        spec,
+        rank=rank,
+        world=world,
+        workers=tcfg.num_workers,
+        epoch_batches=tcfg.epoch_batches,
+        position=position,
+        pin_memory=cuda,
+    )
+    log = Logger(out, master)
+    if master:
+        atomic_write_json(out / "config.json", {"model": asdict(mcfg), "train": asdict(tcfg), "world": world})
+        params = sum(p.numel() for p in raw.parameters())
+        print(
+            f"[start] step {step} | world {world} | device {device} | params {params / 1e6:.1f}M | "
+            f"{'bf16' if bf16 else 'fp32'} | epoch {loader.epoch_batches} batches/rank",
+            flush=True,
+        )
+    peak = peak_flops(tcfg, device)
+    batches: Iterator[dict[str, Any]] = iter(loader)
+    window: dict[str, torch.Tensor] = {}
+    window_steps, window_clips, window_audio, window_flops = 0, 0, 0.0, 0.0
+    window_start = time.perf_counter()
+    last = min(tcfg.max_steps, tcfg.stop_after or tcfg.max_steps)
+    while step < last:
+        reseed(tcfg.seed, step, rank)
+        for micro in range(tcfg.grad_accum):
+            batch = next(batches)
+            audio = batch["audio"].to(device, non_blocking=True)
+            labels = {k: v.to(device, non_blocking=True) for k, v in batch["labels"].items()}
+            sync = world == 1 or micro == tcfg.grad_accum - 1
+            with contextlib.nullcontext() if sync else model.no_sync(), autocast:
+                result = model(audio, labels)
+                (result["loss"] / tcfg.grad_accum).backward()
+            for key, value in result.items():
+                window[key] = window.get(key, 0.0) + value.detach().float() / tcfg.grad_accum
+            window_clips += audio.shape[0]
+            window_audio += audio.numel() / mcfg.sample_rate
+            window_flops += audio.shape[0] * flops_per_clip(mcfg, audio.shape[1])
+        grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tcfg.grad_clip or math.inf)
+        window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+
+        if step % tcfg.log_interval == 0 or step == last:
+            metrics = mean_over_ranks(window, window_steps, device)
+            seconds = time.perf_counter() - window_start
+            record = {"kind": "train", "step": step, **metrics, "lr": lr}
+            record["samples_per_s"] = window_clips * world / seconds
+            record["audio_s_per_s"] = window_audio * world / seconds
+            if peak:
+                record["mfu"] = window_flops / seconds / peak
+            log(record)
+            window, window_steps, window_clips, window_audio, window_flops = {}, 0, 0, 0.0, 0.0
+            window_start = time.perf_counter()
+        if tcfg.eval_interval and (step % tcfg.eval_interval == 0 or step == last):
+            metrics = evaluate(raw, index, spec, tcfg, rank, world, autocast)
+            if metrics:
+                log({"kind": "valid", "step": step, **metrics})
+            window_start = time.perf_counter()
+        if master and (step % tcfg.ckpt_interval == 0 or step == last):
+            rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if cuda else {})
+            state = {
+                "model": raw.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+                "config": {"model": asdict(mcfg), "train": asdict(tcfg)},
+                "rng": rng,
+                "data": loader.position,
+            }
+            save_checkpoint(out, state, tcfg.keep_last)
+            window_start = time.perf_counter()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
