@@ -888,6 +888,198 @@ def export_fairseq_command(
     console.print(f"labels: {labels} at {summary['label_rate']:g} Hz -> {out}", highlight=False)
 
 
+def _teacher_specs(text: str) -> list[tuple[str, int]]:
+    """`rvq,kmeans500,bestrq` -> [("rvq", 0), ("kmeans", 500), ("bestrq", 0)]; a one-line error otherwise."""
+    specs = []
+    for item in (part.strip() for part in text.split(",")):
+        k = item[len("kmeans") :]
+        if item in ("rvq", "bestrq"):
+            specs.append((item, 0))
+        elif item.startswith("kmeans") and k.isdigit() and int(k) >= 2:
+            specs.append(("kmeans", int(k)))
+        else:
+            raise UsageError(
+                f"--teachers takes rvq, kmeansK (K >= 2, e.g. kmeans500) and bestrq, not {item!r}"
+            )
+    if not specs or len({s for s, _ in specs}) != len(specs):
+        raise UsageError("--teachers must name each teacher once")
+    return specs
+
+
+@app.command()
+def run(
+    roots: Annotated[
+        list[Path],
+        typer.Argument(metavar="ROOT...", help="Folders (or files) of audio to scan, recursively."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="WORKDIR of every stage.")],
+    teachers: Annotated[
+        str, typer.Option("--teachers", help="Label sets to make: rvq, kmeansK (e.g. kmeans500), bestrq.")
+    ] = "rvq",
+    shards: Annotated[
+        Path | None, typer.Option("--shards", help="Where the shards go (default: WORKDIR/shards).")
+    ] = None,
+    valid_percent: Annotated[
+        float, typer.Option("--valid-percent", min=0.0, max=1.0, help="manifest: fraction in valid.")
+    ] = 0.01,
+    min_seconds: Annotated[
+        float, typer.Option("--min-seconds", min=0.0, help="manifest: reject shorter.")
+    ] = 3.0,
+    deep: Annotated[bool, typer.Option("--deep", help="manifest: decode every sample when probing.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="resample: flac or wav.")] = "flac",
+    bits: Annotated[int, typer.Option("--bits", help="resample: 16 or 24 bits.")] = 16,
+    codec_checkpoint: Annotated[
+        Path | None, typer.Option("--codec-checkpoint", help="rvq: EnCodec 24 kHz state dict (offline).")
+    ] = None,
+    bandwidth: Annotated[
+        float, typer.Option("--bandwidth", help="rvq: EnCodec kbps (6 -> 8 codebooks).")
+    ] = 6.0,
+    device: Annotated[str, typer.Option("--device", help="rvq: auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="rvq: float32, bfloat16 or float16.")] = "float32",
+    sample_frames: Annotated[
+        int, typer.Option("--sample-frames", min=1, help="kmeans: frames sampled for the fit.")
+    ] = 1_000_000,
+    segment_seconds: Annotated[
+        float, typer.Option("--segment-seconds", min=0.02, help="shard: longest segment.")
+    ] = 30.0,
+    shard_size: Annotated[
+        str, typer.Option("--shard-size", help="shard: close a shard at this size.")
+    ] = "256MB",
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the split, the k-means sample and the shuffle.")
+    ] = 0,
+    executor: ExecutorOpt = "local",
+    workers: WorkersOpt = DEFAULT_WORKERS,
+    ray_address: RayAddressOpt = None,
+    max_retries: MaxRetriesOpt = 3,
+    gpus_per_task: GpusOpt = None,
+) -> None:
+    """The whole pipeline in one command: manifest -> resample -> every teacher -> shard -> verify.
+
+    Each stage is resumable: rerunning the same command skips finished work (a changed option or input
+    redoes only what it affects). Reads: the audio under ROOT.... Writes: WORKDIR/ as the single stages
+    do, shards to --shards, and WORKDIR/stats/run.json (time, tasks and throughput per stage, rejects by
+    reason).
+    """
+    from mert_pipeline.shards import verify_all
+    from mert_pipeline.teachers import KMeansTeacher
+    from stages.features import FeaturesConfig, FeaturesStage
+    from stages.kmeans import fit_from_features
+    from stages.shard import ShardConfig, ShardStage
+
+    for root in roots:
+        if not root.exists():
+            raise fail(f"root {root} does not exist")
+    if device not in ("auto", "cpu", "cuda"):
+        raise fail(f"--device must be auto, cpu or cuda, not {device!r}")
+    try:
+        specs = _teacher_specs(teachers)
+        exec_config = executor_config(executor, workers, ray_address, False, max_retries, None, gpus_per_task)
+        manifest_config = ManifestConfig(
+            roots=resolve_roots(roots),
+            workdir=_check_workdir(out),
+            valid_percent=valid_percent,
+            seed=seed,
+            min_seconds=min_seconds,
+            deep=deep,
+        )
+        spec = OutputSpec(sample_rate=24000, format=fmt.upper(), bits=bits)  # type: ignore[arg-type]
+        shard_bytes = parse_size(shard_size)
+    except (UsageError, ValueError) as exc:
+        raise fail(str(exc)) from exc
+    workdir = manifest_config.workdir
+    if inside_roots(str(workdir), manifest_config.roots):
+        raise fail(f"--out {workdir} is inside a root; its own files would be scanned")
+    start = time.perf_counter()
+    reports: list[StageReport] = [run_stage(ManifestStage(manifest_config), exec_config)]
+    reports.append(run_stage(ResampleStage(ResampleConfig(workdir=workdir, output=spec)), exec_config))
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    names = []
+    for kind, k in specs:
+        if kind == "rvq":
+            teacher = _rvq_teacher(
+                bandwidth, codec_checkpoint, device, dtype, None, None, workers, workdir / ".work/gpu-locks"
+            )
+            per_task = default_files_per_task(teacher.device)
+        elif kind == "kmeans":
+            features = FeaturesConfig(
+                workdir=workdir, sample_frames=sample_frames, seed=seed, threads=threads
+            )
+            reports.append(run_stage(FeaturesStage(features), exec_config))
+            with console.status(f"kmeans fit: k={k}"):
+                fit = fit_from_features(workdir, "mfcc", k, seed=seed, name=f"mfcc_k{k}")
+            teacher, per_task = KMeansTeacher(centroids=fit["centroids"], threads=threads).resolve(), 16
+        else:
+            teacher = _feature_teacher("bestrq", workdir, exec_config, None, 1, 4096, 16, seed, workers)
+            per_task = 16
+        name = f"kmeans{k}" if kind == "kmeans" else kind
+        names.append(name)
+        config = TokenizeConfig(workdir=workdir, teacher=teacher, name=name, files_per_task=per_task)
+        reports.append(run_tokenize(config, exec_config))
+    shard_out = (shards or workdir / "shards").resolve()
+    shard_config = ShardConfig(
+        workdir=workdir,
+        out=shard_out,
+        teachers=tuple(names),
+        segment_seconds=segment_seconds,
+        shard_bytes=shard_bytes,
+        seed=seed,
+    )
+    reports.append(run_shard(ShardStage(shard_config), exec_config))
+    checked = verify_all(shard_out, workers)
+    for problem in checked.problems:
+        console.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+    verdict = "no problems" if checked.ok else f"{len(checked.problems)} problems"
+    console.print(f"verify: {len(checked.checks)} shards re-read, {verdict}", highlight=False)
+    _run_summary(reports, workdir, shard_out, time.perf_counter() - start)
+    if not checked.ok:
+        raise typer.Exit(code=1)
+
+
+def _run_summary(reports: list[StageReport], workdir: Path, shard_out: Path, seconds: float) -> None:
+    """One table for the whole run (time, tasks, throughput per stage), rejects by reason, and the same
+    facts in WORKDIR/stats/run.json."""
+    from mert_pipeline.fs import atomic_write_json
+
+    table = Table(title="run summary", title_justify="left")
+    for column in ("stage", "tasks run / done before", "files", "audio h", "seconds", "h audio / s"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    rejects: dict[str, int] = {}
+    stages = []
+    for report in reports:
+        counts = report.summary.get("counts", {})
+        hours = counts.get("audio_seconds", 0) / 3600
+        for key, value in counts.items():
+            if key.startswith("rejected."):
+                reason = f"{report.stage}: {key.removeprefix('rejected.')}"
+                rejects[reason] = rejects.get(reason, 0) + int(value)
+        table.add_row(
+            report.stage,
+            f"{report.done} / {report.skipped}",
+            str(counts.get("files_seen", report.stats.get("files_seen", 0))),
+            f"{hours:.3f}",
+            f"{report.seconds:.1f}",
+            f"{hours / max(report.seconds, 1e-9):.3f}",
+        )
+        tasks = {"total": report.tasks, "done": report.done, "skipped": report.skipped}
+        stages.append({"stage": report.stage, "seconds": report.seconds, "tasks": tasks, "counts": counts})
+    console.print(table)
+    for reason, count in sorted(rejects.items()):
+        console.print(f"  rejected {count:6d}  {reason}", highlight=False)
+    totals = reports[-1].summary.get("totals", {}).get("all", {})
+    files_in = reports[0].summary.get("counts", {}).get("accepted", 0)
+    console.print(
+        f"[bold green]run finished[/] in {seconds:.1f} s: {files_in} files in, "
+        f"{totals.get('shards', 0)} shards out ({totals.get('seconds', 0) / 3600:.3f} h, "
+        f"{totals.get('bytes', 0) / 1e6:.1f} MB) in {shard_out}",
+        highlight=False,
+    )
+    atomic_write_json(
+        workdir / "stats" / "run.json",
+        {"seconds": round(seconds, 3), "stages": stages, "rejects": rejects, "shards": str(shard_out)},
+    )
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Where the synthesized corpus and WORKDIR go.")] = Path(

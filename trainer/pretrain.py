@@ -312,6 +312,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
     window: dict[str, torch.Tensor] = {}
     window_steps, window_clips, window_audio, window_flops = 0, 0, 0.0, 0.0
     window_start = time.perf_counter()
+    warned_no_valid = False
     last = min(tcfg.max_steps, tcfg.stop_after or tcfg.max_steps)
     while step < last:
         reseed(tcfg.seed, step, rank)
@@ -352,6 +353,13 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
             metrics = evaluate(raw, index, spec, tcfg, rank, world, autocast)
             if metrics:
                 log({"kind": "valid", "step": step, **metrics})
+            elif master and not warned_no_valid:
+                warned_no_valid = True
+                print(
+                    "[valid] no full validation batch: the valid shards hold too few clips of at least "
+                    "min_samples for batch_size; no validation is logged",
+                    flush=True,
+                )
             window_start = time.perf_counter()
         if master and (step % tcfg.ckpt_interval == 0 or step == last):
             rng = {"cpu": torch.get_rng_state()} | ({"cuda": torch.cuda.get_rng_state()} if cuda else {})

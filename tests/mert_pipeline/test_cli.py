@@ -35,7 +35,7 @@ def small_corpus(root: Path, n: int = 3) -> Path:
     return root
 
 
-@pytest.mark.parametrize("command", ["manifest", "resample", "tokenize", "demo"])
+@pytest.mark.parametrize("command", ["manifest", "resample", "tokenize", "run", "demo"])
 def test_help_says_what_each_command_reads_and_writes(command: str) -> None:
     result = mert_pipe(command, "--help")
     assert result.returncode == 0
@@ -44,6 +44,7 @@ def test_help_says_what_each_command_reads_and_writes(command: str) -> None:
         "manifest": ("Reads", "Writes", "rejects.jsonl", "train.tsv", "--ray-address", "--force", "--deep"),
         "resample": ("Reads", "Writes", "audio_24k", "--sample-rate", "--format", "--on-silence", "--force"),
         "tokenize": ("Reads", "Writes", "--teacher", "--codec-checkpoint", "--batch-seconds", "--dtype"),
+        "run": ("Reads", "Writes", "--teachers", "--codec-checkpoint", "--shards", "--segment-seconds"),
         "demo": ("--tracks",),
     }
     for word in words[command]:
@@ -243,3 +244,47 @@ def test_ray_executor_started_for_the_run_matches_local(tmp_path: Path) -> None:
     for name in ("manifest.parquet", "rejects.jsonl", "train.tsv", "valid.tsv"):
         assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes()
     assert json.loads((tmp_path / "ray/stats/manifest.json").read_text())["executor"] == "ray"
+
+
+def test_run_makes_shards_of_every_teacher_in_one_command_and_resumes(
+    tmp_path: Path, test_codec_file: Path
+) -> None:
+    corpus = small_corpus(tmp_path / "corpus", n=4)
+    (corpus / "junk.wav").write_bytes(b"RIFF" + b"\x00" * 60)
+    common = ["--out", str(tmp_path / "work"), "--codec-checkpoint", str(test_codec_file)]
+    common += ["--teachers", "rvq,kmeans8", "--valid-percent", "0.25", "--segment-seconds", "2"]
+    result = mert_pipe("run", str(corpus), *common, "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert "run finished" in result.stderr and "no problems" in result.stderr
+    index = json.loads((tmp_path / "work/shards/index.json").read_text())
+    assert sorted(index["teachers"]) == ["kmeans8", "rvq"]
+    assert index["totals"]["all"]["seconds"] == pytest.approx(4 * 4.0)
+    run = json.loads((tmp_path / "work/stats/run.json").read_text())
+    assert [s["stage"] for s in run["stages"]] == [
+        "manifest",
+        "resample",
+        "tokenize_rvq",
+        "features_mfcc",
+        "tokenize_kmeans8",
+        "shard",
+    ]
+    assert run["rejects"] == {"manifest: not_audio": 1}
+    again = mert_pipe("run", str(corpus), *common, "--workers", "2")
+    assert again.returncode == 0, again.stderr
+    rerun = json.loads((tmp_path / "work/stats/run.json").read_text())
+    assert all(s["tasks"]["done"] == 0 for s in rerun["stages"]), "a rerun skips every finished task"
+
+
+@pytest.mark.parametrize(
+    ("teachers", "message"),
+    [
+        ("rvq,kmeans", "error: --teachers takes rvq, kmeansK"),
+        ("rvq,rvq", "error: --teachers must name each teacher once"),
+        ("mfcc", "error: --teachers takes rvq, kmeansK"),
+    ],
+)
+def test_run_misuse_is_a_one_line_error(tmp_path: Path, teachers: str, message: str) -> None:
+    corpus = small_corpus(tmp_path / "corpus", n=1)
+    result = mert_pipe("run", str(corpus), "--out", str(tmp_path / "work"), "--teachers", teachers)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), result.stderr

@@ -1,0 +1,65 @@
+"""The trainer on shards the pipeline itself wrote: synthesized music -> manifest -> resample -> tokenize
+(RVQ with the test codec) -> shard, then real torchrun with 2 gloo processes. The learning tests use
+shards of pitch-labelled audio (test_pretrain.py); this one checks that the trainer and the shard stage
+agree on the format, that it trains on them (loss falls) and resumes from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mert_pipeline.executor import ExecutorConfig, execute
+from mert_pipeline.synth import synthesize_demo_corpus
+from mert_pipeline.teachers import RvqTeacher
+from stages.manifest import ManifestConfig, ManifestStage, resolve_roots
+from stages.resample import ResampleConfig, ResampleStage
+from stages.shard import ShardConfig, ShardStage
+from stages.tokenize import TokenizeConfig, TokenizeStage
+from tests.trainer.test_pretrain import records, run
+
+LOCAL = ExecutorConfig(kind="local", workers=1)
+
+
+@pytest.fixture(scope="module")
+def pipeline_shards(tmp_path_factory: pytest.TempPathFactory, test_codec_file: Path) -> Path:
+    corpus, work = tmp_path_factory.mktemp("corpus"), tmp_path_factory.mktemp("work")
+    synthesize_demo_corpus(corpus, n_tracks=4, seed=11, with_bad_files=False)
+    config = ManifestConfig(roots=resolve_roots([corpus]), workdir=work, valid_percent=0.5)
+    assert execute(ManifestStage(config), LOCAL).ok
+    assert execute(ResampleStage(ResampleConfig(workdir=work)), LOCAL).ok
+    teacher = RvqTeacher(checkpoint=str(test_codec_file), device="cpu", threads=1).resolve()
+    tokenize = TokenizeStage(TokenizeConfig(workdir=work, teacher=teacher))
+    tokenize.claim_labels_dir(force=False)  # writes teacher.json, as the CLI does
+    assert execute(tokenize, LOCAL).ok
+    shards = tmp_path_factory.mktemp("shards")
+    shard = ShardStage(ShardConfig(workdir=work, out=shards, segment_seconds=4.0, shard_samples=8))
+    assert execute(shard, LOCAL).ok
+    return shards
+
+
+def command(shards: Path, out: Path, *args: str, resume: bool = False) -> list[str]:
+    import sys
+
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    base += ["trainer/pretrain.py", "--config", "trainer/configs/tiny.yaml", "--shards", str(shards)]
+    base += ["--out", str(out)] + (["--resume"] if resume else [])
+    return base + ["teachers=[rvq]", "batch_size=2", "log_interval=1", "eval_interval=30", "ckpt_interval=30", *args]
+
+
+def test_trains_and_resumes_on_shards_the_pipeline_wrote(pipeline_shards: Path, tmp_path: Path) -> None:
+    index = json.loads((pipeline_shards / "index.json").read_text())
+    assert index["teachers"]["rvq"]["n_q"] == 8
+    out = tmp_path / "run"
+    run(command(pipeline_shards, out, "max_steps=60", "stop_after=30"))
+    run(command(pipeline_shards, out, "max_steps=60", resume=True))
+    train = records(out)
+    assert sorted(train) == list(range(1, 61)), "the resumed run continues at step 31"
+    start = sum(train[s]["loss"] for s in range(1, 6)) / 5
+    end = sum(train[s]["loss"] for s in range(56, 61)) / 5
+    assert end < 0.95 * start, (start, end)
+    assert sorted(records(out, "valid")) == [30, 60]
+    checkpoint = torch.load(sorted(out.glob("ckpt-*.pt"))[-1], weights_only=True)
+    assert checkpoint["step"] == 60
