@@ -23,6 +23,7 @@ import dataclasses
 import json
 import multiprocessing
 import os
+import sys
 import time
 import traceback
 from collections import Counter
@@ -277,7 +278,9 @@ def _run_local(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Itera
         return
     context = multiprocessing.get_context("spawn")  # fork is unsafe once torch/ray threads exist
     lost: list[Task] = []  # tasks in flight when a worker died; judged once every worker has exited
-    with ProcessPoolExecutor(max_workers=config.workers, mp_context=context) as pool:
+    with ProcessPoolExecutor(
+        max_workers=config.workers, mp_context=context, initializer=_die_with_parent
+    ) as pool:
 
         def submit(task: Task) -> Future:
             try:
@@ -303,6 +306,19 @@ def _run_local(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Itera
             yield TaskOutcome(
                 task.rank, "failed", error="a worker process died (killed or crashed); rerun to resume"
             )
+
+
+def _die_with_parent() -> None:
+    """Pool workers exit when the driver dies (Linux): otherwise a killed run's workers go on with their
+    current task, which can be long, on cores a rerun needs. Their half-written outputs are temporaries."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+        if os.getppid() == 1:  # the driver died before prctl took effect
+            os._exit(1)
 
 
 def _run_ray(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Iterator[TaskOutcome]:

@@ -285,3 +285,48 @@ def test_sigkill_of_a_ray_driver_then_rerun_resumes(tmp_path: Path) -> None:
     stats = json.loads((workdir / "stats/toy.json").read_text())
     assert stats["tasks"]["skipped"] >= finished and stats["tasks"]["done"] + stats["tasks"]["skipped"] == 8
     assert outputs(workdir) == expected
+
+
+POOL_DRIVER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from mert_pipeline.executor import ExecutorConfig, execute
+    from tests.helpers import ToyStage
+    execute(ToyStage(Path(sys.argv[1]), delay=120.0), ExecutorConfig(kind="local", workers=2))
+    """
+)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # field 4 of /proc/PID/stat, the parent's pid
+            found.append(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal is Linux-only")
+def test_pool_workers_die_with_a_killed_driver(tmp_path: Path) -> None:
+    """A SIGKILLed driver takes its pool workers with it, instead of leaving them on their (long) tasks."""
+    proc = subprocess.Popen([sys.executable, "-c", POOL_DRIVER, str(tmp_path / "w")], cwd=REPO)
+    deadline = time.monotonic() + 60
+    workers: list[int] = []
+    while time.monotonic() < deadline and len(workers) < 2:
+        time.sleep(0.2)
+        workers = [p for p in _children(proc.pid) if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(workers) == 2, "the pool did not start"
+    time.sleep(1.0)  # the workers are inside their 120 s tasks
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+        time.sleep(0.2)
+    alive = [p for p in workers if Path(f"/proc/{p}").exists()]
+    for pid in alive:
+        os.kill(pid, 9)
+    assert not alive, "pool workers outlived their driver"

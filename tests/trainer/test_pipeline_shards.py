@@ -46,7 +46,8 @@ def command(shards: Path, out: Path, *args: str, resume: bool = False) -> list[s
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     base += ["trainer/pretrain.py", "--config", "trainer/configs/tiny.yaml", "--shards", str(shards)]
     base += ["--out", str(out)] + (["--resume"] if resume else [])
-    return base + ["teachers=[rvq]", "batch_size=2", "log_interval=1", "eval_interval=30", "ckpt_interval=30", *args]
+    options = ["teachers=[rvq]", "batch_size=2", "log_interval=1", "eval_interval=30", "ckpt_interval=30"]
+    return base + options + list(args)
 
 
 def test_trains_and_resumes_on_shards_the_pipeline_wrote(pipeline_shards: Path, tmp_path: Path) -> None:
