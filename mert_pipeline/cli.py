@@ -9,9 +9,11 @@ them), 2 on misuse, with a one-line `error:` message.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Annotated
 
@@ -540,8 +542,21 @@ def _feature_teacher(
 def features(
     workdir: Annotated[Path, typer.Argument(help="WORKDIR holding audio_24k/ (from `resample`).")],
     kind: Annotated[
-        str, typer.Option("--kind", help="mfcc: 39-dim MFCC+deltas at 75 Hz (HuBERT iteration 1).")
+        str,
+        typer.Option(
+            "--kind",
+            help="mfcc: 39-dim MFCC+deltas at 75 Hz (HuBERT iteration 1); model: layer --layer of the "
+            "trainer checkpoint --checkpoint (HuBERT iteration 2), stored as features/model_lL.",
+        ),
     ] = "mfcc",
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="--kind model: a trainer checkpoint or run folder (its newest)."),
+    ] = None,
+    layer: Annotated[
+        int | None,
+        typer.Option("--layer", help="--kind model: 0 = transformer input, N = transformer layer N output."),
+    ] = None,
     sample_frames: Annotated[
         int,
         typer.Option(
@@ -560,15 +575,15 @@ def features(
 ) -> None:
     """Frame features of every resampled file, plus the frame sample and statistics `kmeans fit` uses.
 
-    Reads: WORKDIR/audio_24k/manifest.parquet and its audio. Writes: WORKDIR/features/KIND/ab/<id>.npy
-    (float32, shape (ceil(num_samples / 320), 39)), features.parquet, rejects.jsonl, stats.npz (mean/std),
-    sample.npy (at most --sample-frames frames), features.json, WORKDIR/stats/features_KIND.json.
+    Reads: WORKDIR/audio_24k/manifest.parquet and its audio. Writes: WORKDIR/features/NAME/ab/<id>.npy
+    (float32, shape (ceil(num_samples / 320), dim)), features.parquet, rejects.jsonl, stats.npz (mean/std),
+    sample.npy (at most --sample-frames frames), features.json, WORKDIR/stats/features_NAME.json; NAME is
+    mfcc or model_lL.
     """
     from stages.features import FeaturesConfig, FeaturesStage
 
-    if kind != "mfcc":
-        hint = " (--kind model waits for the trainer's checkpoint format)" if kind == "model" else ""
-        raise fail(f"--kind must be mfcc, not {kind!r}{hint}")
+    if kind not in ("mfcc", "model"):
+        raise fail(f"--kind must be mfcc or model, not {kind!r}")
     workdir = _existing_audio_dir(workdir, 24000)
     try:
         exec_config = executor_config(
@@ -577,6 +592,8 @@ def features(
         config = FeaturesConfig(
             workdir=workdir,
             kind=kind,
+            checkpoint=str(checkpoint) if checkpoint is not None else None,
+            layer=layer,
             sample_frames=sample_frames,
             seed=seed,
             files_per_task=files_per_task,
@@ -584,7 +601,13 @@ def features(
         )
     except (UsageError, ValueError) as exc:
         raise fail(str(exc)) from exc
-    report = run_stage(FeaturesStage(config), exec_config)
+    stage = FeaturesStage(config)
+    if config.model is not None and config.model.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():  # Ray: a GPU per task; the local pool spreads workers over GPUs
+            stage.resources = dataclasses.replace(stage.resources, gpus=1.0)
+    report = run_stage(stage, exec_config)
     sample = report.summary.get("features", {}).get("sample", {})
     console.print(
         f"sample for `kmeans fit`: {sample.get('frames', 0)} of {sample.get('from_frames', 0)} frames",
@@ -888,6 +911,244 @@ def export_fairseq_command(
     console.print(f"labels: {labels} at {summary['label_rate']:g} Hz -> {out}", highlight=False)
 
 
+# --- use the model: export hf, stats, probe, embed (library code in hf_export, report, probe, embed) ---
+
+
+@export_app.command("hf")
+def export_hf_command(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Trainer checkpoint (ckpt-*.pt) or run folder (newest).")
+    ],
+    out: Annotated[
+        Path, typer.Argument(help="DIR for config.json, model.safetensors, preprocessor_config.json.")
+    ],
+    verify: Annotated[
+        bool,
+        typer.Option("--verify/--no-verify", help="Load DIR with transformers and compare hidden states."),
+    ] = True,
+) -> None:
+    """A directory plain `transformers` loads with no remote code: AutoModel.from_pretrained(DIR) is a
+    HubertModel whose hidden states equal the trained encoder's. Training-only parts are dropped, listed."""
+    from mert_pipeline.hf_export import CheckpointError, export_hf
+
+    _check_workdir(out)
+    start = time.perf_counter()
+    try:
+        with console.status("exporting"):
+            summary = export_hf(checkpoint, out.resolve(), verify=verify)
+    except CheckpointError as exc:
+        raise fail(str(exc)) from exc
+    console.print(
+        f"export hf: step {summary['step']} of {summary['checkpoint']}: {summary['parameters'] / 1e6:.2f}M "
+        f"parameters in {summary['kept_tensors']} tensors -> {out} "
+        f"({'pre-LN' if summary['do_stable_layer_norm'] else 'post-LN'}, "
+        f"{summary['feat_extract_norm']} norm)",
+        highlight=False,
+    )
+    for name, shape in summary["dropped"].items():
+        console.print(f"  dropped (training only): {name} {tuple(shape)}", highlight=False)
+    check = summary["max_abs_diff"]
+    verdict = "not checked (--no-verify)" if check is None else f"max |diff| {check:.2e} over all layers"
+    console.print(f"transformers round trip: {verdict}; {time.perf_counter() - start:.1f} s", highlight=False)
+
+
+@app.command()
+def stats(
+    source: Annotated[Path, typer.Argument(help="WORKDIR (manifest.parquet) or SHARDS (index.json).")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Report folder (default: WORKDIR/stats/report or SHARDS/report)."),
+    ] = None,
+) -> None:
+    """Hours, files, rejects by reason, durations, per-teacher codebook usage and perplexity, label entropy
+    and mutual information between teachers: OUT/report.md with PNG plots, OUT/stats.json."""
+    from mert_pipeline.report import write_report
+
+    if not source.is_dir():
+        raise fail(f"{source} is not a folder")
+    shards = not (source / "manifest.parquet").exists()
+    target = (out or (source / "report" if shards else source / "stats" / "report")).resolve()
+    _check_workdir(target)
+    start = time.perf_counter()
+    try:
+        with console.status("reading labels"):
+            result = write_report(source.resolve(), target)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise fail(str(exc)) from exc
+    rejects = sum(n for group in result["rejects"].values() for n in group.values())
+    count = result.get("segments", result["files"])
+    unit = "segments" if result["kind"] == "shards" else "files"
+    console.print(
+        f"stats: {result['hours']:.3f} h in {count} {unit}, "
+        f"{rejects} rejects, {len(result['teachers'])} teachers, in {time.perf_counter() - start:.1f} s",
+        highlight=False,
+    )
+    for name, facts in result["teachers"].items():
+        used = [row for row in facts["codebooks"] if row is not None]
+        if used:
+            console.print(
+                f"  {name}: codebook 0 uses {used[0]['used']}/{facts['num_classes']} codes, perplexity "
+                f"{used[0]['perplexity']:.1f}, entropy {used[0]['entropy_bits']:.2f} bits",
+                highlight=False,
+            )
+    for pair, metrics in result["agreement"].items():
+        console.print(
+            f"  {pair.replace('~', ' vs ')}: MI {metrics['mutual_information']:.3f} bits, "
+            f"NMI {metrics['nmi']:.3f}",
+            highlight=False,
+        )
+    console.print(f"report: {result['outputs']['report']} (plots beside it)", highlight=False)
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
+ModelOpt = Annotated[
+    Path, typer.Option("--checkpoint", help="Trainer checkpoint, run folder, or `export hf` directory.")
+]
+
+
+def _embedder(checkpoint: Path, device: str, random_init: bool = False, seed: int = 0):
+    from mert_pipeline.embed import load_embedder
+    from mert_pipeline.hf_export import CheckpointError
+
+    try:
+        return load_embedder(checkpoint, device, random_init=random_init, seed=seed)
+    except (CheckpointError, ValueError, OSError) as exc:
+        raise fail(str(exc).splitlines()[0]) from exc
+
+
+@app.command()
+def probe(
+    checkpoint: ModelOpt,
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", help="builtin:pitch, builtin:timbre, a CSV (path,label) or a folder per class."
+        ),
+    ] = "builtin:pitch",
+    out: Annotated[Path, typer.Option("--out", help="Folder for probe.json and probe.png.")] = Path("probe"),
+    baseline: Annotated[
+        bool, typer.Option("--baseline/--no-baseline", help="Also probe a random init of the same model.")
+    ] = True,
+    per_class: Annotated[int, typer.Option("--per-class", min=2, help="builtin: clips per class.")] = 16,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", min=0.05, max=0.9)] = 0.25,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the split, the builtin data, the baseline.")
+    ] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """MARBLE-style linear probe: mean-pooled embeddings of every layer, a logistic regression per layer on
+    a stratified held-out split; accuracy per layer, best layer, OUT/probe.png and OUT/probe.json."""
+    from mert_pipeline.probe import linear_probe, load_probe_data, plot_accuracy, pooled_features
+
+    try:
+        dataset = load_probe_data(data, per_class=per_class, seed=seed)
+    except (ValueError, OSError) as exc:
+        raise fail(str(exc)) from exc
+    if len(set(dataset.labels)) < 2:
+        raise fail(f"{data}: fewer than two classes with readable audio")
+    _check_workdir(out)
+    models = {"trained": _embedder(checkpoint, device)}
+    if baseline:
+        models["random init"] = _embedder(checkpoint, device, random_init=True, seed=seed)
+    start = time.perf_counter()
+    results = {}
+    for name, embedder in models.items():
+        with console.status(f"probe: embedding {len(dataset.audio)} clips ({name})"):
+            features = pooled_features(embedder, dataset.audio)
+        results[name] = linear_probe(features, dataset.labels, test_fraction=test_fraction, seed=seed)
+    plot_accuracy(results, out / "probe.png", f"linear probe: {dataset.name}")
+    summary = {
+        "checkpoint": str(checkpoint),
+        "data": dataset.name,
+        "clips": len(dataset.audio),
+        "rejects": dataset.rejects,
+        "results": results,
+        "seconds": time.perf_counter() - start,
+    }
+    atomic_write_text(out / "probe.json", json.dumps(summary, indent=1) + "\n")
+    for reject in dataset.rejects[:10]:
+        console.print(f"[yellow]reject:[/] {reject['path']}: {reject['detail']}", highlight=False)
+    for name, result in results.items():
+        layers = " ".join(f"{a:.2f}" for a in result["accuracy"])
+        console.print(
+            f"probe {dataset.name} ({name}): best layer {result['best_layer']} accuracy "
+            f"{result['best_accuracy']:.3f} (chance {result['chance']:.3f}); by layer: {layers}",
+            highlight=False,
+        )
+    console.print(
+        f"probe: {len(dataset.audio)} clips, {len(dataset.rejects)} rejects, {summary['seconds']:.1f} s -> "
+        f"{out / 'probe.json'}, {out / 'probe.png'}",
+        highlight=False,
+    )
+
+
+@app.command()
+def embed(
+    source: Annotated[
+        Path, typer.Argument(help="Audio file, folder, manifest.parquet or tsv/txt list of paths.")
+    ],
+    checkpoint: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", help="Folder for <id>.npy, rejects.jsonl, embed.json.")],
+    layers: Annotated[
+        str, typer.Option("--layers", help="all (0..L, 0 = input to layer 1), L, or L1,L2,...")
+    ] = "all",
+    pool: Annotated[
+        str, typer.Option("--pool", help="mean: (layers, D) per file; none: (layers, T, D).")
+    ] = "mean",
+    chunk_seconds: Annotated[
+        float, typer.Option("--chunk-seconds", min=0.02, help="Long files are cut into chunks this long.")
+    ] = 30.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Chunks per forward pass.")] = 8,
+    device: DeviceOpt = "auto",
+    force: ForceOpt = False,
+) -> None:
+    """Per-file embeddings (float32 .npy) of any audio (any rate: resampled to 24 kHz with soxr), batched,
+    on the GPU when present. Runs locally in this process; files whose .npy exists are skipped (--force
+    redoes them). Unreadable files go to OUT/rejects.jsonl with a reason."""
+    from mert_pipeline.embed import embed_files, list_inputs, parse_layers
+
+    if pool not in ("mean", "none"):
+        raise fail(f"--pool must be mean or none, not {pool!r}")
+    if not source.exists():
+        raise fail(f"{source} does not exist")
+    _check_workdir(out)
+    embedder = _embedder(checkpoint, device)
+    try:
+        picked = parse_layers(layers, embedder.num_layers)
+        inputs = list_inputs(source)
+    except (ValueError, OSError, KeyError) as exc:
+        raise fail(str(exc)) from exc
+    todo = [(i, p) for i, p in inputs if force or not (out / f"{i}.npy").exists()]
+    start = time.perf_counter()
+    counts: Counter = Counter(files_seen=len(inputs), skipped=len(inputs) - len(todo))
+    rejects = []
+    progress = Progress(
+        TextColumn("[bold]embed[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
+        TimeElapsedColumn(), console=console, disable=not console.is_terminal,
+    )  # fmt: skip
+    with progress:
+        bar = progress.add_task("embed", total=len(todo))
+        for _, result in embed_files(embedder, todo, out, picked, pool, chunk_seconds, batch_size):
+            progress.advance(bar)
+            if "reject" in result:
+                counts[f"rejected.{result['reject']}"] += 1
+                rejects.append(
+                    {"path": result["path"], "reason": result["reject"], "detail": result["detail"]}
+                )
+            else:
+                counts["accepted"] += 1
+                counts["audio_seconds"] += result["seconds"]
+    if rejects or not (out / "rejects.jsonl").exists():
+        atomic_write_text(out / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
+    counts["rejected"] = sum(v for k, v in counts.items() if k.startswith("rejected."))
+    seconds = time.perf_counter() - start
+    summary = {"counts": dict(sorted(counts.items())), "checkpoint": embedder.source, "layers": layers,
+               "pool": pool, "device": str(embedder.device)}  # fmt: skip
+    atomic_write_text(out / "embed.json", json.dumps(summary, indent=1) + "\n")
+    print_report(StageReport("embed", 1, 1, 0, [], summary["counts"], seconds, summary), "files")
+    console.print(f"embeddings: {out}/<id>.npy on {embedder.device}", highlight=False)
+
+
 def _teacher_specs(text: str) -> list[tuple[str, int]]:
     """`rvq,kmeans500,bestrq` -> [("rvq", 0), ("kmeans", 500), ("bestrq", 0)]; a one-line error otherwise."""
     specs = []
@@ -1087,6 +1348,10 @@ def demo(
     ),
     tracks: Annotated[int, typer.Option(min=2, help="How many music-like tracks to synthesize.")] = 24,
     seed: Annotated[int, typer.Option(help="Seed of the synthesized corpus.")] = 0,
+    train_steps: Annotated[
+        int,
+        typer.Option("--train-steps", min=0, help="Steps of the tiny model trained at the end (0: none)."),
+    ] = 200,
     executor: ExecutorOpt = "local",
     workers: WorkersOpt = DEFAULT_WORKERS,
     ray_address: RayAddressOpt = None,
@@ -1094,7 +1359,9 @@ def demo(
     """Run every stage that exists on a small corpus this command synthesizes itself (no data, no cluster).
 
     Writes OUT/corpus (synthesized audio, including a few broken files so rejects show up) and
-    OUT/work (the WORKDIR of every stage). Rerunning skips finished work.
+    OUT/work (the WORKDIR of every stage). Then trains the tiny model for --train-steps on the shards
+    (OUT/run), exports it (OUT/hf), probes it against a random init (OUT/probe) and writes the statistics
+    report (OUT/work/stats/report). Rerunning skips finished work.
     """
     from mert_pipeline.synth import synthesize_demo_corpus
 
@@ -1140,11 +1407,82 @@ def demo(
     if not checked.ok:
         raise typer.Exit(code=1)
     console.print(f"verify: {len(checked.checks)} shards re-read, no problems", highlight=False)
+    if train_steps:
+        outputs.update(_demo_model(out, config.workdir, shard_config.out, train_steps))
     console.print(
         f"\n[bold green]demo finished[/] in {time.perf_counter() - start:.1f} s. Outputs:", highlight=False
     )
     for name, path in outputs.items():
         console.print(f"  {name:16s} {path}", highlight=False)
+
+
+def _demo_model(out: Path, workdir: Path, shards: Path, steps: int) -> dict[str, str]:
+    """Train the tiny model for `steps` in this process (one rank, CPU or one GPU; its log in
+    OUT/run/train.log), export it, probe it against a random init on builtin:pitch, write the stats."""
+    import contextlib
+
+    import torch
+
+    from mert_pipeline.hf_export import export_hf
+    from mert_pipeline.probe import builtin_task, linear_probe, plot_accuracy, pooled_features
+    from mert_pipeline.report import write_report
+    from trainer import pretrain
+
+    if not torch.cuda.is_available():  # a tiny model gains nothing from threads, and loses much on a busy CPU
+        torch.set_num_threads(1)
+    run_dir = out / "run"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config = Path(pretrain.__file__).parent / "configs" / "tiny.yaml"
+    args = ["--config", str(config), "--shards", str(shards), "--out", str(run_dir), "--resume"]
+    args += [f"max_steps={steps}", f"warmup_steps={max(1, steps // 4)}", "eval_interval=0", "keep_last=1"]
+    args += [f"ckpt_interval={steps}", f"log_interval={max(1, steps // 2)}"]
+    start = time.perf_counter()
+    with (
+        console.status(f"training the tiny model for {steps} steps"),
+        (run_dir / "train.log").open("a") as log,
+    ):
+        with contextlib.redirect_stdout(log):
+            code = pretrain.main(args)
+    if code:
+        raise fail(f"training failed (exit {code}); see {run_dir / 'train.log'}")
+    last = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()][-1]
+    console.print(
+        f"train: {steps} steps of the tiny model in {time.perf_counter() - start:.1f} s, "
+        f"loss {last.get('loss', float('nan')):.3f} -> {run_dir}",
+        highlight=False,
+    )
+    hf_dir = out / "hf"
+    exported = export_hf(run_dir, hf_dir)
+    console.print(
+        f"export hf: {exported['parameters'] / 1e6:.2f}M parameters, dropped "
+        f"{', '.join(exported['dropped'])}; transformers round trip max |diff| "
+        f"{exported['max_abs_diff']:.1e}",
+        highlight=False,
+    )
+    task = builtin_task("pitch", per_class=4)
+    results = {}
+    for name, random_init in (("trained", False), ("random init", True)):
+        embedder = _embedder(hf_dir, "auto", random_init=random_init)
+        results[name] = linear_probe(pooled_features(embedder, task.audio), task.labels)
+    probe_dir = out / "probe"
+    probe_dir.mkdir(exist_ok=True)
+    plot_accuracy(results, probe_dir / "probe.png", f"linear probe: {task.name}")
+    atomic_write_text(probe_dir / "probe.json", json.dumps({"data": task.name, "results": results}) + "\n")
+    trained, baseline = results["trained"]["best_accuracy"], results["random init"]["best_accuracy"]
+    verdict = "beats" if trained > baseline else "does not beat (train longer: --train-steps)"
+    console.print(
+        f"probe {task.name}: after {steps} steps the trained model ({trained:.2f}) {verdict} its random "
+        f"init ({baseline:.2f}); chance {results['trained']['chance']:.2f}",
+        highlight=False,
+    )
+    report = write_report(workdir, workdir / "stats" / "report")
+    console.print(f"stats: {report['hours']:.3f} h, {len(report['teachers'])} teachers", highlight=False)
+    return {
+        "checkpoints": str(run_dir),
+        "hf_model": str(hf_dir),
+        "probe": str(probe_dir / "probe.png"),
+        "stats_report": report["outputs"]["report"],
+    }
 
 
 def _demo_kmeans(workdir: Path, exec_config: ExecutorConfig, workers: int) -> dict[str, str]:

@@ -8,6 +8,7 @@ back (labels or a reject) in whatever order files finish.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -238,12 +239,16 @@ class KMeansTeacher:
     equal the assignment of stored features bit for bit because both stream the same blocks through
     `stream_features`. `resolve()` loads the centroids once on the driver and records their sha256, which
     is part of the teacher's identity; workers check it when they load them.
+
+    Centroids fitted on model features (`features --kind model`, HuBERT iteration 2) carry the checkpoint
+    and layer in their `fit.json`; `resolve()` then sets `model` and the teacher recomputes those features.
     """
 
-    centroids: str  # path of a (k, 39) float32 .npy
+    centroids: str  # path of a (k, dim) float32 .npy
     centroids_sha256: str = ""
     num_classes: int = 0  # k, from the centroids
     threads: int = 1  # torch intra-op threads of each worker
+    model: Any = None  # a ModelFeatures when the centroids were fitted on model features; None: MFCC
 
     kind: str = "kmeans"
     sampling_rate: int = 24000
@@ -254,22 +259,27 @@ class KMeansTeacher:
         """Check the centroids here (errors surface before workers start) and fill in k and the hash."""
         from mert_pipeline.fs import sha256_file
 
-        centroids = _load_centroids(self.centroids)
-        return replace(self, centroids_sha256=sha256_file(self.centroids), num_classes=len(centroids))
+        model = _fitted_model_features(Path(self.centroids))
+        centroids = _load_centroids(self.centroids, model.dim if model is not None else 39)
+        return replace(
+            self, centroids_sha256=sha256_file(self.centroids), num_classes=len(centroids), model=model
+        )
 
-    def describe(self) -> dict[str, Any]:
+    def _extractor(self) -> Any:
         from mert_pipeline.features import MFCC
 
+        return self.model if self.model is not None else MFCC()
+
+    def describe(self) -> dict[str, Any]:
         return {
             "teacher": self.kind,
-            "features": MFCC().config(),
+            "features": self._extractor().config(),
             "k": self.num_classes,
             "centroids_sha256": self.centroids_sha256,
             "distance": "squared_l2, exact",
         }
 
     def _state(self) -> tuple[Any, np.ndarray]:
-        from mert_pipeline.features import MFCC
         from mert_pipeline.fs import sha256_file
 
         key = (self.kind, self.centroids_sha256)
@@ -277,7 +287,8 @@ class KMeansTeacher:
             set_torch_threads(self.threads)
             if sha256_file(self.centroids) != self.centroids_sha256:
                 raise RuntimeError(f"{self.centroids} changed during the run; rerun")
-            _FEATURE_TEACHERS[key] = (MFCC(), _load_centroids(self.centroids))
+            extractor = self._extractor()
+            _FEATURE_TEACHERS[key] = (extractor, _load_centroids(self.centroids, extractor.dim))
         return _FEATURE_TEACHERS[key]
 
     def label(self, files: list[FileToLabel], stats: Counter) -> Iterator[tuple[str, np.ndarray | Reject]]:
@@ -289,14 +300,36 @@ class KMeansTeacher:
         yield from _label_frames(files, extractor, lambda block: assign(block, centroids)[None], 1)
 
 
-def _load_centroids(path: str) -> np.ndarray:
-    """A (k, 39) finite float32 array, k in [1, 32768]; anything else is a ValueError naming the file."""
+def _fitted_model_features(centroids: Path) -> Any:
+    """The model-feature extractor `kmeans fit` recorded beside these centroids (fit.json), else None."""
+    from mert_pipeline.model_features import ModelFeatures
+
+    try:
+        fit = json.loads((centroids.parent / "fit.json").read_text())
+    except (OSError, ValueError):
+        return None  # centroids from elsewhere: MFCC, as before
+    saved = fit.get("features_extractor") or {}
+    if saved.get("kind") != "model":
+        return None
+    model = ModelFeatures.from_checkpoint(
+        fit["features_checkpoint"], saved["layer"], batch_windows=saved["batch_windows"]
+    )
+    if model.config() != saved:
+        raise ValueError(
+            f"{centroids} were fitted on features of checkpoint sha256 {saved['checkpoint_sha256'][:12]}, "
+            f"but {model.checkpoint} is now {model.checkpoint_sha256[:12]}"
+        )
+    return model
+
+
+def _load_centroids(path: str, dim: int = 39) -> np.ndarray:
+    """A (k, dim) finite float32 array, k in [1, 32768]; anything else is a ValueError naming the file."""
     try:
         centroids = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read centroids {path}: {exc}") from exc
-    if centroids.ndim != 2 or centroids.shape[1] != 39 or not 1 <= len(centroids) <= 32768:
-        raise ValueError(f"centroids {path} have shape {centroids.shape}, expected (k <= 32768, 39) for MFCC")
+    if centroids.ndim != 2 or centroids.shape[1] != dim or not 1 <= len(centroids) <= 32768:
+        raise ValueError(f"centroids {path} have shape {centroids.shape}, expected (k <= 32768, {dim})")
     if not np.issubdtype(centroids.dtype, np.floating) or not np.isfinite(centroids).all():
         raise ValueError(f"centroids {path} must be finite floats")
     return np.ascontiguousarray(centroids, dtype=np.float32)

@@ -24,6 +24,10 @@ A quota is part of its task's fingerprint, so when the corpus grows the quotas c
 their files' features are then read back from the stored `.npy` files instead of being recomputed.
 `store=False` computes statistics (and the sample) only: the BEST-RQ teacher's mean/std pass over the
 train files is this stage with log-mel features and nothing stored.
+
+`kind="model"` stores layer `layer` of a trainer checkpoint (`mert_pipeline.model_features`: layer
+convention, padding to ceil(n / 320) frames, per-window context) under `features/model_l{layer}`; the
+checkpoint's sha256 and the layer are part of the extractor config, hence of its hash and the fingerprints.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from mert_pipeline.features import FRAME_RATE, HOP, MFCC, LogMel, RunningStats, 
 from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
 from mert_pipeline.kmeans import ReservoirSampler
 from mert_pipeline.listing import merge_task_parts, prune_unlisted, read_listing, write_listings
+from mert_pipeline.model_features import ModelFeatures
 from mert_pipeline.teachers import FileToLabel, set_torch_threads, stream_features
 from stages.resample import audio_dir_name
 
@@ -55,14 +60,18 @@ REJECTS = "rejects.jsonl"
 DESCRIPTION = "features.json"
 STATS = "stats.npz"
 SAMPLE = "sample.npy"
-KINDS = ("mfcc", "log_mel")
+KINDS = ("mfcc", "log_mel", "model")
 SUBDIRS = ("listing", "parts", "rejects", "samples", "completions", "stats", "errors")
 LISTING_COLUMNS = ["id", "path", "num_samples", "sampling_rate", "split"]
 _NPY_NAME = re.compile(r"^[0-9a-f]{16}\.npy$")
 _VERSION = 1
 
 
+Extractor = MFCC | LogMel | ModelFeatures
+
+
 def make_extractor(kind: str) -> MFCC | LogMel:
+    """The signal-processing extractors; `kind="model"` needs a checkpoint (`FeaturesConfig.extractor`)."""
     if kind == "mfcc":
         return MFCC()
     if kind == "log_mel":
@@ -70,8 +79,8 @@ def make_extractor(kind: str) -> MFCC | LogMel:
     raise ValueError(f"feature kind must be one of {', '.join(KINDS)}, not {kind!r}")
 
 
-def extractor_hash(kind: str) -> str:
-    text = json.dumps(make_extractor(kind).config(), sort_keys=True)
+def extractor_hash(extractor: Extractor) -> str:
+    text = json.dumps(extractor.config(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -100,10 +109,21 @@ class FeaturesConfig:
     files_per_task: int = 16
     threads: int = 1  # torch intra-op threads of each worker
     sample_rate: int = 24000
+    checkpoint: str | None = None  # kind "model": a trainer checkpoint (or run folder)
+    layer: int | None = None  # kind "model": 0 = transformer input, 1..N = layer outputs
+    model: ModelFeatures | None = None  # kind "model": resolved from checkpoint/layer on construction
 
     def __post_init__(self) -> None:
-        make_extractor(self.kind)
-        name = self.name or self.kind
+        if self.kind == "model":
+            if self.model is None:
+                if self.checkpoint is None or self.layer is None:
+                    raise ValueError("--kind model needs --checkpoint and --layer")
+                object.__setattr__(self, "model", ModelFeatures.from_checkpoint(self.checkpoint, self.layer))
+        elif self.checkpoint is not None or self.layer is not None:
+            raise ValueError("--checkpoint and --layer go with --kind model only")
+        else:
+            make_extractor(self.kind)
+        name = self.feature_name
         if not all(c.isalnum() or c in "-_" for c in name):
             raise ValueError(f"--name must be letters, digits, '-' and '_' only, not {name!r}")
         if not self.splits or any(s not in SPLITS for s in self.splits):
@@ -114,8 +134,18 @@ class FeaturesConfig:
             raise ValueError("features are defined at 24 kHz (hop 320, 75 Hz)")
 
     @property
+    def feature_name(self) -> str:
+        """WORKDIR/features/NAME: --name, else model_l{layer} for model features, else the kind."""
+        if self.name:
+            return self.name
+        return f"model_l{self.model.layer}" if self.model is not None else self.kind
+
+    def extractor(self) -> Extractor:
+        return self.model if self.model is not None else make_extractor(self.kind)
+
+    @property
     def features_dir(self) -> Path:
-        return self.workdir / "features" / (self.name or self.kind)
+        return self.workdir / "features" / self.feature_name
 
     @property
     def audio_manifest(self) -> Path:
@@ -123,11 +153,11 @@ class FeaturesConfig:
 
     def facts(self) -> dict[str, Any]:
         """What decides the outputs' bytes (not the workdir, the task size's effect on the sample aside)."""
-        extractor = make_extractor(self.kind)
+        extractor = self.extractor()
         return {
             "kind": self.kind,
             "config": extractor.config(),
-            "config_hash": extractor_hash(self.kind),
+            "config_hash": extractor_hash(extractor),
             "dim": extractor.dim,
             "dtype": "float32",
             "frame_rate": FRAME_RATE,
@@ -138,7 +168,7 @@ class FeaturesConfig:
             "seed": self.seed,
             "files_per_task": self.files_per_task,
             "version": _VERSION,
-        }
+        } | ({"checkpoint": self.model.checkpoint} if self.model is not None else {})
 
 
 @dataclass
@@ -150,7 +180,7 @@ class FeaturesStage:
     resources: Resources = field(default_factory=Resources)
 
     def __post_init__(self) -> None:
-        self.name = f"features_{self.config.name or self.config.kind}"
+        self.name = f"features_{self.config.feature_name}"
 
     @property
     def workdir(self) -> Path:
@@ -166,7 +196,7 @@ class FeaturesStage:
             existing = json.loads((directory / DESCRIPTION).read_text())
         except FileNotFoundError:
             return
-        if existing.get("config_hash") != extractor_hash(self.config.kind):
+        if existing.get("config_hash") != extractor_hash(self.config.extractor()):
             shutil.rmtree(directory)
 
     def plan(self) -> list[Task]:
@@ -204,7 +234,7 @@ class FeaturesStage:
         rows = read_listing(self, task.rank)
         quota = json.loads((stage_dir(self) / "quotas.json").read_text())[task.rank]
         set_torch_threads(self.config.threads)
-        extractor = make_extractor(self.config.kind)
+        extractor = self.config.extractor()
         facts = self.config.facts()
         running = RunningStats(extractor.dim)
         sampler = (
@@ -246,7 +276,7 @@ class FeaturesStage:
                     m2=running._m2,
                 )
 
-    def _features(self, row: dict[str, Any], extractor: MFCC | LogMel, stats: Counter) -> np.ndarray | Reject:
+    def _features(self, row: dict[str, Any], extractor: Extractor, stats: Counter) -> np.ndarray | Reject:
         """A file's features: read back if this configuration stored them already, else computed (and
         stored, atomically)."""
         expected = (num_frames(row["num_samples"]), extractor.dim)
@@ -329,7 +359,7 @@ class FeaturesStage:
         summary["sample_frames"] = sum(sizes)
         description = {
             **facts,
-            "name": self.config.name or self.config.kind,
+            "name": self.config.feature_name,
             "sample": {"frames": sum(sizes), "from_frames": seen, "requested": self.config.sample_frames},
             "stats": {
                 "frames": running.count,

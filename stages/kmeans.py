@@ -85,6 +85,8 @@ def fit_from_features(
         "backend": backend,
         "features": features,
         "features_config_hash": described["config_hash"],
+        "features_extractor": described["config"],  # what `tokenize --teacher kmeans` must recompute
+        "features_checkpoint": described.get("checkpoint"),  # model features: the checkpoint's path
         "sample_frames": len(x),
         "sample_available": available,
         "sample_requested": sample_frames,

@@ -196,9 +196,18 @@ def test_a_second_run_on_a_busy_workdir_is_refused(tmp_path: Path) -> None:
 
 
 def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
-    result = mert_pipe("demo", "--out", str(tmp_path / "demo"), "--tracks", "6", "--workers", "2")
+    demo = ("demo", "--out", str(tmp_path / "demo"), "--tracks", "6", "--workers", "2", "--train-steps", "20")
+    result = mert_pipe(*demo)
     assert result.returncode == 0, result.stderr
     assert "demo finished" in result.stderr
+    # the model part: trained (20 steps), exported, probed against a random init, stats report
+    assert json.loads((tmp_path / "demo/hf/config.json").read_text())["architectures"] == ["HubertModel"]
+    assert (tmp_path / "demo/hf/export.json").exists()
+    assert "round trip max |diff|" in " ".join(result.stderr.split())  # rich wraps lines
+    probe = json.loads((tmp_path / "demo/probe/probe.json").read_text())["results"]
+    assert set(probe) == {"trained", "random init"} and (tmp_path / "demo/probe/probe.png").stat().st_size
+    assert (tmp_path / "demo/work/stats/report/codebooks.png").stat().st_size > 5000
+    assert "stats_report" in result.stderr
     work = tmp_path / "demo" / "work"
     records = list(iter_records(work / "manifest.parquet"))
     assert len(records) == 6 + 5  # the tracks and the edge cases a quick probe accepts
@@ -215,7 +224,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "demo/shards/index.json").read_text())
     assert index["totals"]["all"]["seconds"] == pytest.approx(sum(r.duration for r in resampled))
     assert "no problems" in result.stderr  # the demo ends with a verify of its shards
-    again = mert_pipe("demo", "--out", str(tmp_path / "demo"), "--tracks", "6", "--workers", "2")
+    again = mert_pipe(*demo)
     assert again.returncode == 0
     stats_files = [work / f"stats/{stage}.json" for stage in ("manifest", "resample", "tokenize_rvq")]
     for path in [*stats_files, tmp_path / "demo/shards/stats/shard.json"]:

@@ -158,4 +158,6 @@ def test_missing_resample_output_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run `mert-pipe resample` first"):
         FeaturesStage(FeaturesConfig(workdir=tmp_path)).plan()
     with pytest.raises(ValueError, match="feature kind"):
+        FeaturesConfig(workdir=tmp_path, kind="wav2vec")
+    with pytest.raises(ValueError, match="needs --checkpoint and --layer"):
         FeaturesConfig(workdir=tmp_path, kind="model")

@@ -219,7 +219,7 @@ def test_commands_as_a_user_runs_them(tmp_path: Path) -> None:
     assert "kmeans16: cluster usage" in result.stderr and "bestrq" in result.stderr
     assert (workdir / "labels/kmeans16/report.json").exists()
     for args, message in [
-        (("features", w, "--kind", "model"), "--kind model waits for the trainer"),
+        (("features", w, "--kind", "model"), "--kind model needs --checkpoint and --layer"),
         (("kmeans", "fit", w, "--backend", "torch"), "--backend must be faiss or sklearn"),
         (("kmeans", "fit", w, "--k", "5000"), "fewer than k=5000"),
         (("kmeans", "report", w, "--teacher", "nope"), "no label set 'nope'"),

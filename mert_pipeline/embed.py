@@ -1,0 +1,197 @@
+"""Per-layer embeddings from a trainer checkpoint or an exported Hugging Face directory.
+
+Both load into one `Embedder`: (B, N) 24 kHz audio -> (L + 1, B, T, D) hidden states in the convention of
+`hf_export` (the two paths give the same numbers). Long files are cut into equal chunks (default 30 s)
+that are batched together; the short tail runs alone, never padded, because the GroupNorm front end makes
+padded inference differ from unpadded inference (see README "Use the model").
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mert_pipeline.audio import open_audio
+from mert_pipeline.resample import StreamResampler, downmix
+
+RATE = 24000
+MIN_SAMPLES = 400  # one frame of the conv front end
+BLOCK = 1 << 16
+
+
+@dataclass
+class Embedder:
+    model: torch.nn.Module
+    kind: str  # "checkpoint" or "hf"
+    num_layers: int
+    dim: int
+    normalize: bool
+    device: torch.device
+    source: str
+
+    @torch.no_grad()
+    def hidden_states(self, audio: torch.Tensor) -> torch.Tensor:
+        """(B, N) audio -> (L + 1, B, T, D) float32 on the CPU."""
+        from mert_pipeline.hf_export import hf_hidden_states, mert_hidden_states
+
+        audio = audio.to(self.device, torch.float32)
+        if self.normalize:  # Wav2Vec2FeatureExtractor's do_normalize: zero mean, unit variance per clip
+            audio = (audio - audio.mean(1, keepdim=True)) / torch.sqrt(audio.var(1, keepdim=True) + 1e-7)
+        if self.kind == "hf":
+            states, _ = hf_hidden_states(self.model, audio)
+        else:
+            states = mert_hidden_states(self.model, audio)
+        return torch.stack(states).float().cpu()
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
+def load_embedder(source: Path, device: str = "auto", random_init: bool = False, seed: int = 0) -> Embedder:
+    """A trainer checkpoint (or run folder) or an exported HF directory; `random_init` keeps the
+    architecture and draws fresh weights (the baseline of the probe)."""
+    from mert_pipeline.hf_export import build_encoder, load_checkpoint
+
+    dev = resolve_device(device)
+    if (source / "config.json").exists() and (source / "model.safetensors").exists():
+        from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()  # a bar per load clutters the command's own output
+
+        if random_init:
+            torch.manual_seed(seed)
+            model = AutoModel.from_config(AutoConfig.from_pretrained(str(source), local_files_only=True))
+        else:
+            model = AutoModel.from_pretrained(str(source), local_files_only=True)
+        pre = source / "preprocessor_config.json"
+        normalize = bool(json.loads(pre.read_text()).get("do_normalize", False)) if pre.exists() else False
+        cfg = model.config
+        if getattr(cfg, "sampling_rate", RATE) != RATE:
+            raise ValueError(f"{source} is a {cfg.sampling_rate} Hz model; embed expects {RATE} Hz")
+        return Embedder(
+            model.eval().to(dev), "hf", cfg.num_hidden_layers, cfg.hidden_size, normalize, dev, str(source)
+        )
+    cfg, state, meta = load_checkpoint(source)
+    model = build_encoder(cfg, None if random_init else state, seed=seed).to(dev)
+    return Embedder(model, "checkpoint", cfg.num_layers, cfg.embed_dim, False, dev, meta["path"])
+
+
+def read_audio(path: Path | str) -> np.ndarray:
+    """Decode any file libsndfile reads, block by block: mono float32 at 24 kHz (the project's soxr
+    streaming resampler), so memory holds the output and one block, never the decoded original."""
+    with open_audio(path) as handle:
+        resampler = StreamResampler(handle.samplerate, RATE)
+        parts, mono = [], np.empty(BLOCK, dtype=np.float32)
+        while True:
+            block = handle.read(BLOCK, dtype="float32", always_2d=True)
+            last = len(block) < BLOCK
+            parts.append(resampler.process(downmix(block, mono).copy(), last=last))
+            if last:
+                break
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def chunks(samples: int, chunk: int) -> list[tuple[int, int]]:
+    """Equal chunks of `chunk` samples, then the tail if it holds at least one frame."""
+    bounds = [(s, s + chunk) for s in range(0, samples - chunk + 1, chunk)]
+    tail = bounds[-1][1] if bounds else 0
+    if samples - tail >= MIN_SAMPLES or not bounds:
+        bounds.append((tail, samples))
+    return bounds
+
+
+def embed_array(
+    embedder: Embedder, audio: np.ndarray, layers: list[int] | None, pool: str, chunk: int, batch: int
+) -> np.ndarray:
+    """(layers, D) with pool "mean" (frame-weighted mean over the whole file) or (layers, T, D) with "none"
+    (chunks' frames concatenated). Audio shorter than one frame is zero-padded to one frame."""
+    if len(audio) < MIN_SAMPLES:
+        audio = np.pad(audio, (0, MIN_SAMPLES - len(audio)))
+    bounds = chunks(len(audio), chunk)
+    pieces: list[torch.Tensor] = []
+    full = [b for b in bounds if b[1] - b[0] == chunk]
+    rest = [b for b in bounds if b[1] - b[0] != chunk]
+    for group in [full[i : i + batch] for i in range(0, len(full), batch)] + [[b] for b in rest]:
+        x = torch.from_numpy(np.stack([audio[s:e] for s, e in group]))
+        states = embedder.hidden_states(x)  # (L + 1, b, T, D)
+        if layers is not None:
+            states = states[layers]
+        pieces.extend(states[:, i] for i in range(len(group)))
+    frames = torch.cat(pieces, dim=1)  # chunks in order: full ones first, the tail last
+    return (frames.mean(1) if pool == "mean" else frames).numpy()
+
+
+def parse_layers(text: str, num_layers: int) -> list[int] | None:
+    """`all` -> None (every one of the L + 1 states), `L` or `a,b,c` -> those indices (0 = before layer 1)."""
+    if text == "all":
+        return None
+    try:
+        picked = [int(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise ValueError(f"--layers takes all, L or L1,L2,..., not {text!r}") from exc
+    bad = [i for i in picked if not 0 <= i <= num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range 0..{num_layers}")
+    return picked
+
+
+def list_inputs(source: Path) -> list[tuple[str, Path]]:
+    """(id, path) pairs: a manifest.parquet (id, path columns), a tsv/txt list of paths, an audio file,
+    or a folder (its audio files, recursively, sorted)."""
+    from stages.manifest import DEFAULT_EXTENSIONS
+
+    if source.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(source, columns=["id", "path"]).to_pylist()
+        return [(row["id"], Path(row["path"])) for row in table]
+    if source.suffix in (".tsv", ".txt"):
+        lines = [line.split("\t")[0] for line in source.read_text().splitlines() if line.strip()]
+        return [(Path(p).stem, Path(p)) for p in lines]
+    if source.is_dir():
+        extensions = {f".{e.lstrip('.')}" for e in DEFAULT_EXTENSIONS}
+        files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
+        return [(str(p.relative_to(source).with_suffix("")).replace("/", "__"), p) for p in files]
+    return [(source.stem, source)]
+
+
+def embed_files(
+    embedder: Embedder,
+    inputs: list[tuple[str, Path]],
+    out: Path,
+    layers: list[int] | None,
+    pool: str,
+    chunk_seconds: float = 30.0,
+    batch: int = 8,
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Write OUT/<id>.npy per input (float32); yields (id, {"seconds", "shape"} or {"reject": reason})."""
+    from mert_pipeline.audio import ProbeFailure
+    from mert_pipeline.fs import atomic_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    chunk = max(MIN_SAMPLES, int(round(chunk_seconds * RATE)))
+    for file_id, path in inputs:
+        try:
+            audio = read_audio(path)
+        except ProbeFailure as exc:
+            yield file_id, {"reject": exc.reason, "detail": exc.detail, "path": str(path)}
+            continue
+        except (OSError, RuntimeError, ValueError) as exc:
+            yield file_id, {"reject": "decode_error", "detail": str(exc), "path": str(path)}
+            continue
+        vectors = embed_array(embedder, audio, layers, pool, chunk, batch).astype(np.float32)
+        with atomic_path(out / f"{file_id}.npy") as tmp, open(tmp, "wb") as handle:
+            np.save(handle, vectors)
+        yield file_id, {"seconds": len(audio) / RATE, "shape": list(vectors.shape)}

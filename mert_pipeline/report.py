@@ -1,0 +1,349 @@
+"""`mert-pipe stats`: dataset and label statistics of a WORKDIR or a SHARDS folder, as JSON, Markdown and PNG.
+
+From a WORKDIR: files and hours of the manifest (and of the resampled audio), rejects by stage and
+reason, the duration histogram, and for every label set in WORKDIR/labels its codebook usage. From a
+SHARDS folder: the same from index.json and the samples themselves (segments, not source files), rejects
+from SHARDS/rejects.jsonl. Codebook figures come from `mert_pipeline.kmeans` (cluster_usage, JointCounts):
+per codebook the codes used, the label entropy H (bits) and the perplexity 2^H; between every two
+teachers the mutual information of their first codebooks (the coarsest RVQ level) frame by frame, with
+I / H and normalised MI. Labels are read one file (or shard) at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mert_pipeline.fs import atomic_path, atomic_write_json, atomic_write_text
+from mert_pipeline.kmeans import JointCounts, usage_from_counts
+
+DURATION_BINS = (0, 1, 3, 5, 10, 30, 60, 120, 300, 600, math.inf)  # seconds
+
+
+class LabelCounts:
+    """Per-teacher per-codebook histograms and per-pair joint histograms of codebook 0, file by file."""
+
+    def __init__(self, teachers: dict[str, tuple[int, int]]) -> None:
+        self.teachers = dict(sorted(teachers.items()))
+        self.hist = {name: np.zeros((n_q, k), np.int64) for name, (n_q, k) in self.teachers.items()}
+        self.joint = {
+            (a, b): JointCounts(self.teachers[a][1], self.teachers[b][1])
+            for a, b in combinations(self.teachers, 2)
+        }
+
+    def update(self, labels: dict[str, np.ndarray]) -> None:
+        for name, array in labels.items():
+            array = np.asarray(array).astype(np.int64)
+            k = self.teachers[name][1]
+            if array.size and (array.min() < 0 or array.max() >= k):
+                raise ValueError(f"{name}: labels outside [0, {k})")
+            for q, row in enumerate(array):
+                self.hist[name][q] += np.bincount(row, minlength=k)
+        for (a, b), joint in self.joint.items():
+            if a in labels and b in labels:
+                frames = min(labels[a].shape[1], labels[b].shape[1])
+                joint.update(labels[a][0, :frames], labels[b][0, :frames])
+
+    def summary(self) -> dict[str, Any]:
+        teachers = {}
+        for name, hist in self.hist.items():
+            rows = [{**usage_from_counts(row), "counts": row.tolist()} if row.sum() else None for row in hist]
+            teachers[name] = {
+                "n_q": self.teachers[name][0],
+                "num_classes": self.teachers[name][1],
+                "codebooks": rows,
+            }
+        agreement = {
+            f"{a}~{b}": joint.metrics() for (a, b), joint in self.joint.items() if joint.counts.sum()
+        }
+        return {"teachers": teachers, "agreement": agreement}
+
+
+def _histogram(durations: np.ndarray) -> list[dict[str, Any]]:
+    counts, _ = np.histogram(durations, bins=np.array(DURATION_BINS, dtype=float))
+    return [
+        {"from": lo, "to": hi if math.isfinite(hi) else None, "files": int(n)}
+        for lo, hi, n in zip(DURATION_BINS[:-1], DURATION_BINS[1:], counts, strict=True)
+    ]
+
+
+def _rejects(path: Path) -> dict[str, int]:
+    if not path.exists():
+        return {}
+    counts: Counter = Counter()
+    with path.open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                counts[json.loads(line)["reason"]] += 1
+    return dict(sorted(counts.items()))
+
+
+def _read_column(path: Path, columns: list[str]) -> dict[str, list[Any]]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=columns).to_pydict()
+
+
+def workdir_stats(workdir: Path) -> dict[str, Any]:
+    """Statistics of a WORKDIR (manifest.parquet, audio_24k/, labels/*/)."""
+    manifest = _read_column(workdir / "manifest.parquet", ["id", "duration", "split"])
+    durations = np.array(manifest["duration"], dtype=float)
+    stats: dict[str, Any] = {
+        "source": str(workdir),
+        "kind": "workdir",
+        "files": len(durations),
+        "hours": float(durations.sum() / 3600),
+        "splits": dict(sorted(Counter(manifest["split"]).items())),
+        "durations": _duration_summary(durations),
+        "rejects": {"manifest": _rejects(workdir / "rejects.jsonl")},
+    }
+    resampled = workdir / "audio_24k" / "manifest.parquet"
+    if resampled.exists():
+        rows = _read_column(resampled, ["duration"])
+        stats["resampled"] = {"files": len(rows["duration"]), "hours": float(sum(rows["duration"]) / 3600)}
+        stats["rejects"]["resample"] = _rejects(workdir / "audio_24k" / "rejects.jsonl")
+    from stages.kmeans import label_sets
+
+    teachers, tables = {}, {}
+    for name, facts in label_sets(workdir).items():
+        folder = workdir / "labels" / name
+        teachers[folder.name] = (int(facts["n_q"]), int(facts["num_classes"]))
+        table = _read_column(folder / "labels.parquet", ["id", "relpath"])
+        tables[folder.name] = dict(zip(table["id"], table["relpath"], strict=True))
+        stats["rejects"][f"labels/{folder.name}"] = _rejects(folder / "rejects.jsonl")
+    counts = LabelCounts(teachers)
+    for file_id in sorted(set().union(*[set(t) for t in tables.values()]) if tables else []):
+        counts.update(
+            {
+                name: np.load(workdir / "labels" / name / t[file_id])
+                for name, t in tables.items()
+                if file_id in t
+            }
+        )
+    stats.update(counts.summary())
+    return stats
+
+
+def _shard_samples(root: Path, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    from mert_pipeline.shards import iter_samples
+
+    with (root / name).open("rb") as handle:
+        yield from iter_samples(handle)
+
+
+def shards_stats(shards: Path) -> dict[str, Any]:
+    """Statistics of a SHARDS folder: segments from the audio shards' KEY.json, labels from KEY.<t>.npy
+    (sidecars included), rejects from SHARDS/rejects.jsonl."""
+    import io
+
+    from trainer.data import load_shard_index
+
+    index = load_shard_index(shards)
+    counts = LabelCounts(index.teachers)
+    durations, splits, files = [], Counter(), set()
+    for split, entries in sorted(index.shards.items()):
+        for name, _ in entries:
+            labels: dict[str, dict[str, np.ndarray]] = {}
+            for key, sample in _shard_samples(shards, name):
+                meta = json.loads(sample["json"])
+                durations.append(meta["num_samples"] / meta["sample_rate"])
+                splits[split] += 1
+                files.add(meta["id"])
+                labels[key] = {
+                    ext[:-4]: np.load(io.BytesIO(data))
+                    for ext, data in sample.items()
+                    if ext.endswith(".npy")
+                }
+            for teacher, sidecar in index.sidecars.get(name, {}).items():
+                for key, sample in _shard_samples(shards, sidecar):
+                    labels.setdefault(key, {})[teacher] = np.load(io.BytesIO(sample[f"{teacher}.npy"]))
+            for key in sorted(labels):
+                counts.update(labels[key])
+    array = np.array(durations, dtype=float)
+    return {
+        "source": str(shards),
+        "kind": "shards",
+        "files": len(files),
+        "segments": len(array),
+        "hours": float(array.sum() / 3600),
+        "splits": dict(sorted(splits.items())),
+        "durations": _duration_summary(array),
+        "rejects": {"shard": _rejects(shards / "rejects.jsonl")},
+        **counts.summary(),
+    }
+
+
+def _duration_summary(durations: np.ndarray) -> dict[str, Any]:
+    if not len(durations):
+        return {"min": 0.0, "median": 0.0, "mean": 0.0, "max": 0.0, "histogram": _histogram(durations)}
+    return {
+        "min": float(durations.min()),
+        "median": float(np.median(durations)),
+        "mean": float(durations.mean()),
+        "max": float(durations.max()),
+        "histogram": _histogram(durations),
+        "values": [round(float(d), 3) for d in durations],
+    }
+
+
+def collect_stats(path: Path) -> dict[str, Any]:
+    if (path / "manifest.parquet").exists():
+        return workdir_stats(path)
+    if (path / "index.json").exists():
+        return shards_stats(path)
+    raise FileNotFoundError(f"{path} is neither a WORKDIR (manifest.parquet) nor SHARDS (index.json)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# plots and the Markdown report
+# ---------------------------------------------------------------------------------------------------
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", metadata={"Software": None})
+    plt.close(fig)
+
+
+def write_plots(stats: dict[str, Any], out: Path) -> dict[str, Path]:
+    """durations.png, rejects.png, codebooks.png (sorted code frequencies), agreement.png (NMI matrix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots: dict[str, Path] = {}
+    values = stats["durations"].get("values", [])
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.hist(values, bins=min(40, max(5, len(values) // 2)), color="#4c72b0")
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("segments" if stats["kind"] == "shards" else "files")
+    ax.set_title(f"durations: {len(values)} items, {stats['hours']:.2f} h")
+    _save(fig, out / "durations.png")
+    plots["durations"] = out / "durations.png"
+
+    reasons = [(f"{stage}: {r}", n) for stage, group in stats["rejects"].items() for r, n in group.items()]
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * max(1, len(reasons))), dpi=100)
+    if reasons:
+        ax.barh([r for r, _ in reasons][::-1], [n for _, n in reasons][::-1], color="#c44e52")
+        ax.set_xlabel("files")
+    else:
+        ax.text(0.5, 0.5, "no rejects", ha="center", va="center")
+        ax.set_axis_off()
+    ax.set_title("rejects by stage and reason")
+    _save(fig, out / "rejects.png")
+    plots["rejects"] = out / "rejects.png"
+
+    teachers = stats["teachers"]
+    if teachers:
+        fig, axes = plt.subplots(1, len(teachers), figsize=(4 * len(teachers), 3.2), dpi=100, squeeze=False)
+        for ax, (name, facts) in zip(axes[0], teachers.items(), strict=True):
+            for q, row in enumerate(facts["codebooks"]):
+                if row is not None:
+                    freq = np.sort(np.asarray(row["counts"], float))[::-1] / max(1, row["frames"])
+                    ax.plot(np.arange(1, len(freq) + 1), freq, label=f"q{q}: ppl {row['perplexity']:.0f}")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_xlabel("code rank")
+            ax.set_ylabel("frequency")
+            ax.set_title(f"{name} ({facts['num_classes']} codes)")
+            ax.legend(fontsize=7)
+        _save(fig, out / "codebooks.png")
+        plots["codebooks"] = out / "codebooks.png"
+    if len(teachers) > 1:
+        names = list(teachers)
+        matrix = np.eye(len(names))
+        for pair, metrics in stats["agreement"].items():
+            a, b = pair.split("~")
+            matrix[names.index(a), names.index(b)] = matrix[names.index(b), names.index(a)] = metrics["nmi"]
+        fig, ax = plt.subplots(figsize=(1.5 + 1.1 * len(names), 1.2 + 1.0 * len(names)), dpi=100)
+        image = ax.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(names)), names, rotation=30)
+        ax.set_yticks(range(len(names)), names)
+        for i in range(len(names)):
+            for j in range(len(names)):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", color="w")
+        fig.colorbar(image, ax=ax)
+        ax.set_title("normalised MI (codebook 0)")
+        _save(fig, out / "agreement.png")
+        plots["agreement"] = out / "agreement.png"
+    return plots
+
+
+def render_markdown(stats: dict[str, Any], plots: dict[str, Path]) -> str:
+    lines = [f"# Dataset and label statistics: {stats['source']}", ""]
+    unit = "segments" if stats["kind"] == "shards" else "files"
+    count = stats.get("segments", stats["files"])
+    lines += [
+        f"- **{stats['hours']:.3f} h** in **{count} {unit}**"
+        + (f" from {stats['files']} source files" if stats["kind"] == "shards" else ""),
+        "- splits: " + ", ".join(f"{k} {v}" for k, v in stats["splits"].items()),
+    ]
+    if "resampled" in stats:
+        r = stats["resampled"]
+        lines.append(f"- resampled to 24 kHz: {r['files']} files, {r['hours']:.3f} h")
+    d = stats["durations"]
+    lines += [
+        f"- durations: min {d['min']:.2f} s, median {d['median']:.2f} s, mean {d['mean']:.2f} s, "
+        f"max {d['max']:.2f} s",
+        "",
+        "![durations](durations.png)",
+        "",
+        "| from (s) | to (s) | " + unit + " |",
+        "|---:|---:|---:|",
+    ]
+    for b in d["histogram"]:
+        upper = "" if b["to"] is None else f"{b['to']:g}"
+        lines.append(f"| {b['from']:g} | {upper} | {b['files']} |")
+    lines += ["", "## Rejects", "", "| stage | reason | files |", "|---|---|---:|"]
+    rows = [(s, r, n) for s, group in stats["rejects"].items() for r, n in group.items()]
+    lines += [f"| {s} | {r} | {n} |" for s, r, n in rows] or ["| (none) | | 0 |"]
+    lines += ["", "![rejects](rejects.png)", "", "## Codebook usage", ""]
+    if stats["teachers"]:
+        lines += ["| teacher | codebook | codes | used | entropy (bits) | perplexity | frames |"]
+        lines += ["|---|---:|---:|---:|---:|---:|---:|"]
+        for name, facts in stats["teachers"].items():
+            for q, row in enumerate(facts["codebooks"]):
+                if row is not None:
+                    lines.append(
+                        f"| {name} | {q} | {facts['num_classes']} | {row['used']} "
+                        f"| {row['entropy_bits']:.3f} | {row['perplexity']:.1f} | {row['frames']} |"
+                    )
+        lines += ["", "![codebooks](codebooks.png)", ""]
+    else:
+        lines += ["No labels found.", ""]
+    if stats["agreement"]:
+        lines += ["## Agreement between teachers (codebook 0, frame by frame)", ""]
+        lines += ["| pair | MI (bits) | MI/H(a) | MI/H(b) | NMI | purity a given b | frames |"]
+        lines += ["|---|---:|---:|---:|---:|---:|---:|"]
+        for pair, m in stats["agreement"].items():
+            lines.append(
+                f"| {pair.replace('~', ' vs ')} | {m['mutual_information']:.3f} "
+                f"| {m['mi_over_entropy_a']:.3f} | {m['mi_over_entropy_b']:.3f} | {m['nmi']:.3f} "
+                f"| {m['purity_a_given_b']:.3f} | {m['frames']} |"
+            )
+        if "agreement" in plots:
+            lines += ["", "![agreement](agreement.png)"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(source: Path, out: Path) -> dict[str, Any]:
+    """Collect, then write OUT/stats.json, OUT/report.md and the PNG plots; returns the stats."""
+    stats = collect_stats(source)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(stats, out)
+    atomic_write_text(out / "report.md", render_markdown(stats, plots))
+    stats["outputs"] = {"report": str(out / "report.md"), **{k: str(v) for k, v in plots.items()}}
+    atomic_write_json(out / "stats.json", stats)
+    return stats
