@@ -29,14 +29,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
-from manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_batches, iter_rejects
+from manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_batches
 from manifests.records import SCHEMA_VERSION, Reject, ResampledRecord
 from mert_pipeline.audio import ProbeFailure, hash_file
 from mert_pipeline.executor import Resources, Task, stage_dir
 from mert_pipeline.fs import atomic_path, remove_stale_tmp
-from mert_pipeline.listing import Journal, drop_journals, prune_unlisted, read_listing, write_listings
+from mert_pipeline.listing import (
+    Journal,
+    drop_journals,
+    merge_task_parts,
+    prune_unlisted,
+    read_listing,
+    write_listings,
+)
 from mert_pipeline.resample import SILENCE_PEAK, OutputSpec, resample_file
 
 MANIFEST = "manifest.parquet"
@@ -246,21 +251,15 @@ class ResampleStage:
             FairseqTsvWriter(audio_dir / "train.tsv", root) as train,
             FairseqTsvWriter(audio_dir / "valid.tsv", root) as valid,
         ):
-            for task in tasks:
-                for reject in iter_rejects(self._path("rejects", task.rank, ".jsonl")):
-                    rejects.write(reject)
-                    summary[f"rejected.{reject.reason}"] += 1
-                for row in pq.read_table(self._path("parts", task.rank, ".parquet")).to_pylist():
-                    record = ResampledRecord(**row)
-                    manifest.write(record)
-                    (train if record.split == "train" else valid).write(record.relpath, record.num_samples)
-                    kept.add(record.relpath)
-                    summary["accepted"] += 1
-                    summary[f"split.{record.split}"] += 1
-                    summary["audio_seconds"] += record.duration
-                    summary["bytes"] += record.size_bytes
-                    summary["flag.silent"] += record.silent
-                    summary["flag.clipped"] += record.clipped
+            for record in merge_task_parts(self, tasks, manifest, rejects, ResampledRecord, summary):
+                (train if record.split == "train" else valid).write(record.relpath, record.num_samples)
+                kept.add(record.relpath)
+                summary["accepted"] += 1
+                summary[f"split.{record.split}"] += 1
+                summary["audio_seconds"] += record.duration
+                summary["bytes"] += record.size_bytes
+                summary["flag.silent"] += record.silent
+                summary["flag.clipped"] += record.clipped
         drop_journals(self, tasks)
         summary["removed_stale"] = prune_unlisted(audio_dir, kept, _AUDIO_NAME)
         summary["files_seen"] = stats.get("files_seen", 0)

@@ -28,13 +28,19 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from manifests.io import ManifestWriter, RejectsWriter, iter_batches, iter_rejects
+from manifests.io import ManifestWriter, RejectsWriter, iter_batches
 from manifests.records import LabelRecord, Reject
 from mert_pipeline.executor import Resources, Task, stage_dir
 from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
-from mert_pipeline.listing import Journal, drop_journals, prune_unlisted, read_listing, write_listings
+from mert_pipeline.listing import (
+    Journal,
+    drop_journals,
+    merge_task_parts,
+    prune_unlisted,
+    read_listing,
+    write_listings,
+)
 from mert_pipeline.teachers import FileToLabel
 from stages.resample import audio_dir_name
 
@@ -280,17 +286,11 @@ class TokenizeStage:
             ManifestWriter(labels_dir / LABELS, str(labels_dir), record_type=LabelRecord) as manifest,
             RejectsWriter(labels_dir / REJECTS) as rejects,
         ):
-            for task in tasks:
-                for reject in iter_rejects(self._path("rejects", task.rank, ".jsonl")):
-                    rejects.write(reject)
-                    summary[f"rejected.{reject.reason}"] += 1
-                for row in pq.read_table(self._path("parts", task.rank, ".parquet")).to_pylist():
-                    record = LabelRecord(**row)
-                    manifest.write(record)
-                    kept.add(record.relpath)
-                    summary["accepted"] += 1
-                    summary["frames"] += record.frames
-                    summary["audio_seconds"] += record.num_samples / record.sampling_rate
+            for record in merge_task_parts(self, tasks, manifest, rejects, LabelRecord, summary):
+                kept.add(record.relpath)
+                summary["accepted"] += 1
+                summary["frames"] += record.frames
+                summary["audio_seconds"] += record.num_samples / record.sampling_rate
         drop_journals(self, tasks)
         summary["removed_stale"] = prune_unlisted(labels_dir, kept, _NPY_NAME)
         summary["files_seen"] = stats.get("files_seen", 0)
