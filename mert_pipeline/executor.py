@@ -93,6 +93,12 @@ def stage_dir(stage: Stage) -> Path:
     return stage.workdir / ".work" / stage.name
 
 
+def rank_path(stage: Stage, sub: str, rank: int, suffix: str = "") -> Path:
+    """A task's own file in the stage's bookkeeping (`.work/NAME/SUB/RANK.SUFFIX`): listings, parts,
+    rejects, journals; named by rank so a rerun overwrites exactly its own."""
+    return stage_dir(stage) / sub / f"{_rank_name(rank)}{suffix}"
+
+
 def merged_stats_path(stage: Stage) -> Path:
     return stage.workdir / "stats" / f"{stage.name}.json"
 

@@ -19,12 +19,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from mert_pipeline.executor import Stage, Task, stage_dir
+from mert_pipeline.executor import Stage, Task, rank_path, stage_dir
 from mert_pipeline.fs import atomic_write_bytes
-
-
-def _rank_path(stage: Stage, sub: str, rank: int, suffix: str = "") -> Path:
-    return stage_dir(stage) / sub / f"{rank:05d}{suffix}"
 
 
 def write_listings(
@@ -45,7 +41,7 @@ def write_listings(
     def flush() -> None:
         data = "".join(chunk).encode()
         rank = len(tasks)
-        atomic_write_bytes(_rank_path(stage, "listing", rank, ".jsonl"), data)
+        atomic_write_bytes(rank_path(stage, "listing", rank, ".jsonl"), data)
         fingerprint = hashlib.sha256(config_fingerprint.encode() + data).hexdigest()
         tasks.append(Task(rank=rank, fingerprint=fingerprint, size=len(chunk)))
         chunk.clear()
@@ -69,7 +65,7 @@ def write_listings(
 
 
 def read_listing(stage: Stage, rank: int) -> list[dict[str, Any]]:
-    text = _rank_path(stage, "listing", rank, ".jsonl").read_text()
+    text = rank_path(stage, "listing", rank, ".jsonl").read_text()
     return [json.loads(line) for line in text.splitlines()]
 
 
@@ -79,7 +75,7 @@ class Journal:
     kill fails to parse and is ignored with everything after it. Use as a context manager."""
 
     def __init__(self, stage: Stage, task: Task) -> None:
-        self.path = _rank_path(stage, "journal", task.rank, ".jsonl")
+        self.path = rank_path(stage, "journal", task.rank, ".jsonl")
         self.done: dict[str, dict[str, Any]] = {}
         lines: list[str] = []
         with contextlib.suppress(FileNotFoundError):
@@ -113,7 +109,7 @@ def drop_journals(stage: Stage, tasks: Iterable[Task]) -> None:
     """After finalize the task parts hold everything the journals did."""
     for task in tasks:
         with contextlib.suppress(FileNotFoundError):
-            _rank_path(stage, "journal", task.rank, ".jsonl").unlink()
+            rank_path(stage, "journal", task.rank, ".jsonl").unlink()
 
 
 def prune_unlisted(root: Path, kept: set[str], name: re.Pattern[str]) -> int:
@@ -144,10 +140,10 @@ def merge_task_parts(
     from manifests.io import iter_rejects
 
     for task in tasks:
-        for reject in iter_rejects(_rank_path(stage, "rejects", task.rank, ".jsonl")):
+        for reject in iter_rejects(rank_path(stage, "rejects", task.rank, ".jsonl")):
             rejects.write(reject)
             summary[f"rejected.{reject.reason}"] += 1
-        for row in pq.read_table(_rank_path(stage, "parts", task.rank, ".parquet")).to_pylist():
+        for row in pq.read_table(rank_path(stage, "parts", task.rank, ".parquet")).to_pylist():
             record = record_type(**row)
             manifest.write(record)
             yield record

@@ -46,7 +46,7 @@ import numpy as np
 
 from manifests.io import ManifestWriter, RejectsWriter, iter_batches
 from manifests.records import SPLITS, FeatureRecord, Reject
-from mert_pipeline.executor import Resources, Task, stage_dir
+from mert_pipeline.executor import Resources, Task, rank_path, stage_dir
 from mert_pipeline.features import FRAME_RATE, HOP, MFCC, LogMel, RunningStats, num_frames
 from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
 from mert_pipeline.kmeans import ReservoirSampler
@@ -186,9 +186,6 @@ class FeaturesStage:
     def workdir(self) -> Path:
         return self.config.workdir
 
-    def _path(self, sub: str, rank: int, suffix: str = "") -> Path:
-        return stage_dir(self) / sub / f"{rank:05d}{suffix}"
-
     def _claim(self) -> None:
         """Features of another extractor configuration are derived data: clear them rather than mix."""
         directory = self.config.features_dir
@@ -242,11 +239,11 @@ class FeaturesStage:
         )
         with (
             ManifestWriter(
-                self._path("parts", task.rank, ".parquet"),
+                rank_path(self, "parts", task.rank, ".parquet"),
                 str(self.config.features_dir),
                 record_type=FeatureRecord,
             ) as parts,
-            RejectsWriter(self._path("rejects", task.rank, ".jsonl")) as rejects,
+            RejectsWriter(rank_path(self, "rejects", task.rank, ".jsonl")) as rejects,
         ):
             for row in rows:
                 stats["files_seen"] += 1
@@ -263,7 +260,7 @@ class FeaturesStage:
                 stats["accepted"] += 1
                 stats["frames"] += len(feats)
                 stats["audio_seconds"] += row["num_samples"] / row["sampling_rate"]
-        with atomic_path(self._path("samples", task.rank, ".npz")) as tmp:
+        with atomic_path(rank_path(self, "samples", task.rank, ".npz")) as tmp:
             with open(tmp, "wb") as handle:
                 np.savez(
                     handle,
@@ -335,7 +332,7 @@ class FeaturesStage:
         sizes: list[int] = []
         seen = 0
         for task in tasks:
-            path = self._path("samples", task.rank, ".npz")
+            path = rank_path(self, "samples", task.rank, ".npz")
             running.merge(RunningStats.load(path))  # the part holds RunningStats.save's fields
             with np.load(path) as part:
                 sizes.append(len(part["frames"]))
@@ -348,7 +345,7 @@ class FeaturesStage:
             )
             offset = 0
             for task, size in zip(tasks, sizes, strict=True):
-                with np.load(self._path("samples", task.rank, ".npz")) as part:
+                with np.load(rank_path(self, "samples", task.rank, ".npz")) as part:
                     sample[offset : offset + size] = part["frames"]
                 offset += size
             sample.flush()

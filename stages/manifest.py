@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_rejects
 from manifests.records import SCHEMA_VERSION, AudioRecord, Reject, assign_split
 from mert_pipeline.audio import ProbeFailure, hash_file, probe_audio
-from mert_pipeline.executor import Resources, Task, stage_dir
+from mert_pipeline.executor import Resources, Task, rank_path
 from mert_pipeline.listing import read_listing, write_listings
 
 DEFAULT_EXTENSIONS = (
@@ -220,9 +220,6 @@ class ManifestStage:
     def tsv_root(self) -> str:
         return manifest_root_of(self.config.roots)
 
-    def _path(self, sub: str, rank: int, suffix: str = "") -> Path:
-        return stage_dir(self) / sub / f"{rank:05d}{suffix}"
-
     def plan(self) -> list[Task]:
         """Walk the roots once, streaming the listing into task-sized chunks on disk."""
         walk = walk_roots(self.config.roots, self.config.extensions)
@@ -231,8 +228,8 @@ class ManifestStage:
     def run(self, task: Task, stats: Counter) -> None:
         tsv_root = self.tsv_root
         with (
-            ManifestWriter(self._path("parts", task.rank, ".parquet"), tsv_root) as accepted,
-            RejectsWriter(self._path("rejects", task.rank, ".jsonl")) as rejects,
+            ManifestWriter(rank_path(self, "parts", task.rank, ".parquet"), tsv_root) as accepted,
+            RejectsWriter(rank_path(self, "rejects", task.rank, ".jsonl")) as rejects,
         ):
             for item in read_listing(self, task.rank):
                 stats["files_seen"] += 1
@@ -251,7 +248,7 @@ class ManifestStage:
 
     def finalize(self, tasks: list[Task], stats: dict[str, float]) -> dict[str, Any]:
         """Merge parts in rank order into the final outputs; later copies of the same content are rejected."""
-        parts = [self._path("parts", t.rank, ".parquet") for t in tasks]
+        parts = [rank_path(self, "parts", t.rank, ".parquet") for t in tasks]
         duplicates = _duplicate_first_index(parts)
         kept_path: dict[str, str] = {}
         workdir = self.config.workdir
@@ -266,7 +263,7 @@ class ManifestStage:
             FairseqTsvWriter(workdir / "valid.tsv", self.tsv_root) as valid,
         ):
             for task in tasks:
-                for reject in iter_rejects(self._path("rejects", task.rank, ".jsonl")):
+                for reject in iter_rejects(rank_path(self, "rejects", task.rank, ".jsonl")):
                     rejects.write(reject)
             index = 0
             for part in parts:

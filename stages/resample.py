@@ -32,7 +32,7 @@ from typing import Any
 from manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_batches
 from manifests.records import SCHEMA_VERSION, Reject, ResampledRecord
 from mert_pipeline.audio import ProbeFailure, hash_file
-from mert_pipeline.executor import Resources, Task, stage_dir
+from mert_pipeline.executor import Resources, Task, rank_path
 from mert_pipeline.fs import atomic_path, remove_stale_tmp
 from mert_pipeline.listing import (
     Journal,
@@ -192,9 +192,6 @@ class ResampleStage:
     def source_manifest(self) -> Path:
         return self.config.workdir / MANIFEST
 
-    def _path(self, sub: str, rank: int, suffix: str = "") -> Path:
-        return stage_dir(self) / sub / f"{rank:05d}{suffix}"
-
     def plan(self) -> list[Task]:
         """Cut the manifest into task-sized listings on disk, streaming (one batch of rows in memory)."""
         if not self.source_manifest.exists():
@@ -211,11 +208,11 @@ class ResampleStage:
         with (
             Journal(self, task) as journal,
             ManifestWriter(
-                self._path("parts", task.rank, ".parquet"),
+                rank_path(self, "parts", task.rank, ".parquet"),
                 str(self.config.audio_dir),
                 record_type=ResampledRecord,
             ) as accepted,
-            RejectsWriter(self._path("rejects", task.rank, ".jsonl")) as rejects,
+            RejectsWriter(rank_path(self, "rejects", task.rank, ".jsonl")) as rejects,
         ):
             for row in read_listing(self, task.rank):
                 result = _from_journal(journal.done.get(row["id"]))

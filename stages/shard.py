@@ -40,7 +40,7 @@ import xxhash
 
 from manifests.io import RejectsWriter, iter_batches, iter_rejects
 from manifests.records import Reject
-from mert_pipeline.executor import Resources, Task, marker_path, stage_dir
+from mert_pipeline.executor import Resources, Task, marker_path, rank_path, stage_dir
 from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
 from mert_pipeline.listing import read_listing, write_listings
 from mert_pipeline.shards import (
@@ -158,7 +158,7 @@ class _WritesShards:
         return self.config.out
 
     def _part(self, rank: int) -> Path:
-        return stage_dir(self) / "parts" / f"{rank:05d}.json"  # type: ignore[arg-type]
+        return rank_path(self, "parts", rank, ".json")  # type: ignore[arg-type]
 
 
 @dataclass

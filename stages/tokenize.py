@@ -31,7 +31,7 @@ import numpy as np
 
 from manifests.io import ManifestWriter, RejectsWriter, iter_batches
 from manifests.records import LabelRecord, Reject
-from mert_pipeline.executor import Resources, Task, stage_dir
+from mert_pipeline.executor import Resources, Task, rank_path
 from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
 from mert_pipeline.listing import (
     Journal,
@@ -147,9 +147,6 @@ class TokenizeStage:
     def audio_manifest(self) -> Path:
         return self.config.audio_dir / "manifest.parquet"
 
-    def _path(self, sub: str, rank: int, suffix: str = "") -> Path:
-        return stage_dir(self) / sub / f"{rank:05d}{suffix}"
-
     def teacher_facts(self) -> dict[str, Any]:
         teacher = self.config.teacher
         return {
@@ -224,9 +221,9 @@ class TokenizeStage:
                 results[file_id] = item
         with (
             ManifestWriter(
-                self._path("parts", task.rank, ".parquet"), str(labels_dir), record_type=LabelRecord
+                rank_path(self, "parts", task.rank, ".parquet"), str(labels_dir), record_type=LabelRecord
             ) as parts,
-            RejectsWriter(self._path("rejects", task.rank, ".jsonl")) as rejects,
+            RejectsWriter(rank_path(self, "rejects", task.rank, ".jsonl")) as rejects,
         ):
             for row in rows:  # manifest order, whatever order the teacher finished files in
                 item = results[row["id"]]
