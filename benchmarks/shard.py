@@ -10,12 +10,17 @@ synthesized music-like tracks through the real `manifest` and `resample` stages 
 PCM_16), and one label set of 8 codebooks in the tokenize layout (random int16 codes: the shard stage's
 cost does not depend on the values, and running the EnCodec teacher on CPU would take far longer).
 
-Write: the shard stage, one local worker, 30 s segments, 256 MB shards; MB/s of tar bytes written.
-`cp` copies the very same tar bytes on the same disk (warm page cache in both cases), so the ratio
-is what the stage costs over moving its output bytes. Two variants of the stage: the real one (FLAC
-encoding of every segment) and one whose audio member is the raw int16 PCM `.npy` (what FLAC costs;
-the benchmark swaps the encoder, the shard format stays FLAC). Reading the source FLAC, slicing
-labels, tar writing and hashing are in both. Repeats are interleaved; medians are reported.
+Write: the shard stage, one local worker, 30 s segments, 256 MB shards; MB/s of tar bytes written
+(plan and finalize included). `cp -r` copies the very same tar bytes to another folder of the same disk.
+Three variants of the stage, each against a `cp` of its own output:
+- `flac`: the stage as it is (segments cut by copying the source's FLAC frames);
+- `reencode`: the previous path, forced for comparison (every segment decoded and FLAC-encoded again);
+- `npy`: raw PCM shards, what the issue asks to report next to FLAC: every segment decoded to int16
+  and stored as `.npy` (the benchmark swaps the stage's audio function; the member keeps its name).
+Two ways to time each: warm page cache (the stage and `cp` return when their bytes are in memory: the
+ratio is what the stage costs over moving its output bytes in RAM), and synced (each run followed by an
+fsync of every file it wrote: the ratio against a copy bound by this disk). Before each synced run,
+`sync` flushes what earlier runs left dirty. Repeats are interleaved; medians are reported.
 
 Read: `webdataset.WebDataset` over the shards, decoding every sample (FLAC -> int16 via soundfile, the
 labels via numpy), in the main process and through a `torch.utils.data.DataLoader` with 2 workers;
@@ -47,8 +52,9 @@ import stages.shard as shard_stage  # noqa: E402
 from manifests import LabelRecord, ResampledRecord, iter_records  # noqa: E402
 from manifests.io import ManifestWriter  # noqa: E402
 from mert_pipeline.executor import ExecutorConfig, execute  # noqa: E402
+from mert_pipeline.flac_frames import NotCopyable  # noqa: E402
 from mert_pipeline.fs import atomic_write_json  # noqa: E402
-from mert_pipeline.shards import npy_bytes  # noqa: E402
+from mert_pipeline.shards import npy_bytes, read_segment  # noqa: E402
 from mert_pipeline.synth import render_track  # noqa: E402
 from stages.manifest import ManifestConfig, ManifestStage, resolve_roots  # noqa: E402
 from stages.resample import ResampleConfig, ResampleStage  # noqa: E402
@@ -96,29 +102,66 @@ def make_inputs(root: Path, tracks: int, seconds: float) -> Path:
     return work
 
 
-def write_shards(work: Path, out: Path, raw_pcm: bool) -> tuple[float, int]:
-    """Seconds and bytes of one full shard run into a fresh `out`."""
+def raw_pcm_segment(row: dict, rate: int, stats: object) -> bytes:
+    """The `npy` variant's audio member: the segment decoded to int16 and saved as .npy."""
+    samples = read_segment(
+        row["path"], row["subtype"], row["offset"], row["num_samples"], row["source_num_samples"]
+    )
+    return npy_bytes(samples)
+
+
+def never_copy(*args: object, **kwargs: object) -> bytes:
+    """The `reencode` variant: no segment is cut from frames (whole tracks are still copied)."""
+    raise NotCopyable("benchmark", "the reencode variant")
+
+
+VARIANTS = {"flac": {}, "reencode": {"cut_segment": never_copy}, "npy": {"segment_flac": raw_pcm_segment}}
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder`: its bytes are on the disk when this returns."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def write_shards(work: Path, out: Path, variant: str, synced: bool) -> tuple[float, int, dict]:
+    """Seconds, bytes and the audio counters of one full shard run into a fresh `out`."""
     shutil.rmtree(out, ignore_errors=True)
-    real = shard_stage.encode_flac
-    if raw_pcm:
-        shard_stage.encode_flac = lambda samples, rate, subtype: npy_bytes(samples)
+    swapped = {name: getattr(shard_stage, name) for name in VARIANTS[variant]}
+    for name, function in VARIANTS[variant].items():
+        setattr(shard_stage, name, function)
+    if synced:
+        os.sync()
     try:
         config = shard_stage.ShardConfig(workdir=work, out=out, segment_seconds=30.0, shard_bytes=256 * 10**6)
         start = time.perf_counter()
         report = execute(shard_stage.ShardStage(config), LOCAL)
+        if synced:
+            fsync_tree(out)
         seconds = time.perf_counter() - start
     finally:
-        shard_stage.encode_flac = real
+        for name, function in swapped.items():
+            setattr(shard_stage, name, function)
     assert report.ok, report.failed
-    return seconds, int(report.stats["bytes"])
+    audio = {k: int(v) for k, v in report.stats.items() if k.startswith("audio_") and k != "audio_seconds"}
+    return seconds, int(report.stats["bytes"]), audio
 
 
-def cp_seconds(source: Path, target: Path) -> float:
+def cp_seconds(source: Path, target: Path, synced: bool) -> float:
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
     folders = [str(source / split) for split in ("train", "valid") if (source / split).is_dir()]
+    if synced:
+        os.sync()
     start = time.perf_counter()
     subprocess.run(["cp", "-r", *folders, str(target)], check=True)
+    if synced:
+        fsync_tree(target)
     return time.perf_counter() - start
 
 
@@ -158,7 +201,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()))
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    tracks, seconds = (8, 20.0) if args.quick else (48, 75.0)
+    tracks, seconds = (8, 45.0) if args.quick else (48, 75.0)
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"load average (1, 5, 15 min): {load}, cpus: {os.cpu_count()}")
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
@@ -167,23 +210,37 @@ def main() -> None:
         audio_hours = sum(r.duration for r in iter_records(work / "audio_24k/manifest.parquet",
                                                             record_type=ResampledRecord)) / 3600  # fmt: skip
         print(f"inputs: {tracks} tracks, {audio_hours:.3f} h of 24 kHz mono audio, 8 codebooks of labels")
-        times: dict[str, list[float]] = {"flac": [], "npy": [], "cp_flac": [], "cp_npy": []}
+        times: dict[tuple[str, str], list[float]] = {}
         sizes: dict[str, int] = {}
+        counters: dict[str, dict] = {}
         for _ in range(args.repeats):
-            for kind in ("flac", "npy"):
-                taken, size = write_shards(work, root / f"shards_{kind}", raw_pcm=kind == "npy")
-                times[kind].append(taken)
-                sizes[kind] = size
-                times[f"cp_{kind}"].append(cp_seconds(root / f"shards_{kind}", root / f"copy_{kind}"))
-        print(f"\nwrite ({args.repeats} interleaved repeats, medians):")
-        for kind in ("flac", "npy"):
-            stage = sizes[kind] / 1e6 / statistics.median(times[kind])
-            cp = sizes[kind] / 1e6 / statistics.median(times[f"cp_{kind}"])
-            hours = audio_hours * 3600 / statistics.median(times[kind])
+            for variant in VARIANTS:
+                for synced in (False, True):
+                    mode = "synced" if synced else "warm"
+                    taken, size, audio = write_shards(work, root / f"shards_{variant}", variant, synced)
+                    times.setdefault((variant, mode), []).append(taken)
+                    sizes[variant], counters[variant] = size, audio
+                    copied = cp_seconds(root / f"shards_{variant}", root / f"copy_{variant}", synced)
+                    times.setdefault((f"cp_{variant}", mode), []).append(copied)
+            print(f"  repeat done, load {os.getloadavg()[0]:.2f}")
+        print(f"\nwrite ({args.repeats} interleaved repeats, medians; MB/s of shard bytes):")
+        print(f"  {'variant':9s} {'MB':>7s} | {'stage':>7s} {'cp':>7s} {'ratio':>5s} {'x rt':>5s} | synced: "
+              f"{'stage':>7s} {'cp':>7s} {'ratio':>5s}")  # fmt: skip
+        for variant in VARIANTS:
+            row = []
+            for mode in ("warm", "synced"):
+                stage = sizes[variant] / 1e6 / statistics.median(times[(variant, mode)])
+                cp = sizes[variant] / 1e6 / statistics.median(times[(f"cp_{variant}", mode)])
+                row.append((stage, cp))
+            realtime = audio_hours * 3600 / statistics.median(times[(variant, "warm")])
+            (warm, warm_cp), (on_disk, disk_cp) = row
+            megabytes = sizes[variant] / 1e6
             print(
-                f"  audio as {kind:4s}: {sizes[kind] / 1e6:7.1f} MB of shards, stage {stage:7.1f} MB/s "
-                f"({hours:6.0f} x real time), cp {cp:7.1f} MB/s, stage/cp {stage / cp:.2f}"
+                f"  {variant:9s} {megabytes:7.1f} | {warm:7.1f} {warm_cp:7.1f} {warm / warm_cp:5.2f} "
+                f"{realtime:5.0f} | synced: {on_disk:7.1f} {disk_cp:7.1f} {on_disk / disk_cp:5.2f}"
             )
+        for variant in ("flac", "reencode"):
+            print(f"  how the {variant} variant made each audio member: {counters[variant]}")
         print("\nread + decode every sample (FLAC shards):")
         for workers in (0, 2):
             rates = [read_rate(root / "shards_flac", workers) for _ in range(args.repeats)]

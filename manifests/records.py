@@ -16,6 +16,7 @@ import pyarrow as pa
 
 SCHEMA_VERSION = "1"
 SPLITS = ("train", "valid")
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://[^/]")  # an fsspec URL: the corpus in object storage
 
 # Reason codes of rejected inputs: stable, machine-readable keys with a human description.
 REJECT_REASONS: dict[str, str] = {
@@ -58,7 +59,7 @@ class AudioRecord:
     """One accepted audio file."""
 
     id: str  # first 16 hex digits of content_hash: stable across moves and renames
-    path: str  # absolute path as walked (inside a root)
+    path: str  # absolute path as walked (inside a root), or a URL (s3://bucket/key)
     relpath: str  # path relative to the manifest root (the first line of train.tsv)
     format: str  # libsndfile major format, e.g. FLAC
     subtype: str  # libsndfile subtype, e.g. PCM_16
@@ -78,8 +79,8 @@ class AudioRecord:
             raise bad(f"id {self.id!r} is not 16 lowercase hex digits")
         if not _HASH.match(self.content_hash) or not self.content_hash.startswith(self.id):
             raise bad("content_hash must be 32 hex digits starting with the id")
-        if not self.path.startswith("/"):
-            raise bad("path must be absolute")
+        if not (self.path.startswith("/") or _URL.match(self.path)):
+            raise bad("path must be absolute (or an fsspec URL such as s3://bucket/key)")
         if not self.relpath or self.relpath.startswith("/") or any(c in self.relpath for c in "\t\n\r"):
             raise bad("relpath must be relative and hold no tab or newline")
         if not self.path.endswith(self.relpath):

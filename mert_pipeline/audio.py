@@ -15,6 +15,8 @@ import numpy as np
 import soundfile as sf
 import xxhash
 
+from mert_pipeline.storage import is_url, open_read
+
 HASH_CHUNK = 1 << 20
 EDGE_FRAMES = 8192  # frames decoded at the head and the tail by a quick probe
 DEEP_BLOCK = 1 << 16
@@ -59,7 +61,7 @@ def hash_file(path: Path | str) -> tuple[str, int]:
     buffer = bytearray(HASH_CHUNK)
     view = memoryview(buffer)
     try:
-        with open(path, "rb", buffering=0) as handle:
+        with open(path, "rb", buffering=0) if not is_url(path) else open_read(path) as handle:
             while count := handle.readinto(buffer):
                 digest.update(view[:count])
                 size += count
@@ -74,10 +76,28 @@ def sndfile_message(exc: Exception) -> str:
     return message.rsplit("': ", 1)[-1].strip()
 
 
+class _RemoteSoundFile(sf.SoundFile):
+    """A SoundFile over a remote object that also closes the object's file handle."""
+
+    def __init__(self, url: str) -> None:
+        self._handle = open_read(url)
+        try:
+            super().__init__(self._handle)
+        except BaseException:
+            self._handle.close()
+            raise
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self._handle.close()
+
+
 def open_audio(path: Path | str) -> sf.SoundFile:
-    """Open a file for reading; failures become a `ProbeFailure` with a reason code."""
+    """Open a file (or an fsspec URL) for reading; failures become a `ProbeFailure` with a reason code."""
     try:
-        return sf.SoundFile(path)
+        return _RemoteSoundFile(str(path)) if is_url(path) else sf.SoundFile(path)
     except OSError as exc:
         raise os_failure(exc) from exc
     except Exception as exc:  # noqa: BLE001 - libsndfile reports every kind of bad input this way

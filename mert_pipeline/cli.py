@@ -8,12 +8,13 @@ them), 2 on misuse, with a one-line `error:` message.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import time
-from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -22,10 +23,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from mert_pipeline import storage
 from mert_pipeline.executor import ExecutorConfig, Stage, StageReport, Task, TaskOutcome, execute
 from mert_pipeline.fs import WorkdirBusy, atomic_write_text, ensure_writable_dir, workdir_lock
 from mert_pipeline.resample import OutputSpec
 from mert_pipeline.shards import parse_size
+from mert_pipeline.storage import Location, as_location
 from stages.manifest import DEFAULT_EXTENSIONS, ManifestConfig, ManifestStage, inside_roots, resolve_roots
 from stages.resample import ResampleConfig, ResampleStage
 from stages.tokenize import (
@@ -52,6 +55,14 @@ ExecutorOpt = Annotated[
 ]
 WorkersOpt = Annotated[
     int, typer.Option("--workers", min=1, help="Worker processes (local) or CPUs of the local Ray started.")
+]
+ModelWorkersOpt = Annotated[  # stages that load a model: one worker per GPU, or one using every core
+    int | None,
+    typer.Option(
+        "--workers",
+        min=1,
+        help="Worker processes (default: one per GPU; on CPU one, with a torch thread per core).",
+    ),
 ]
 RayAddressOpt = Annotated[
     str | None,
@@ -108,18 +119,39 @@ def executor_config(
     )
 
 
-def run_stage(stage: Stage, config: ExecutorConfig, unit: str = "files") -> StageReport:
-    """Execute a stage with the workdir locked, a progress bar on terminals, and a summary at the end."""
-    progress = Progress(
+_run_progress: Progress | None = None  # set by `run`: one display, a row per stage, for the whole chain
+
+
+def _progress() -> Progress:
+    return Progress(
         TextColumn("[bold]{task.description}[/]"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn(unit),
+        TextColumn("{task.fields[unit]}"),
         TimeElapsedColumn(),
         console=console,
         disable=not console.is_terminal,
     )
-    bar = progress.add_task(f"{stage.name}: planning", total=None)
+
+
+@contextlib.contextmanager
+def _status(text: str) -> Iterator[None]:
+    """A spinner for a step without tasks; inside `run`, a row of its one display (rich allows only one
+    live display at a time)."""
+    if _run_progress is None:
+        with console.status(text):
+            yield
+        return
+    row = _run_progress.add_task(text, total=None, unit="")
+    yield
+    _run_progress.update(row, total=1, completed=1)
+
+
+def run_stage(stage: Stage, config: ExecutorConfig, unit: str = "files") -> StageReport:
+    """Execute a stage with the workdir locked, a progress bar on terminals, and a summary at the end."""
+    progress = _run_progress or _progress()
+    live = contextlib.nullcontext() if progress is _run_progress else progress
+    bar = progress.add_task(f"{stage.name}: planning", total=None, unit=unit)
 
     def on_plan(tasks: list[Task]) -> None:
         progress.update(bar, description=stage.name, total=sum(t.size for t in tasks))
@@ -128,7 +160,7 @@ def run_stage(stage: Stage, config: ExecutorConfig, unit: str = "files") -> Stag
         progress.advance(bar, task.size)
 
     try:
-        with workdir_lock(stage.workdir), progress:
+        with workdir_lock(stage.workdir), live:
             report = execute(stage, config, on_task=on_task, on_plan=on_plan)
     except WorkdirBusy as exc:
         raise fail(str(exc)) from exc
@@ -185,11 +217,40 @@ def _check_workdir(out: Path) -> Path:
     return out.resolve()
 
 
+def _check_roots(roots: list[str]) -> list[Location]:
+    """ROOT arguments: local folders or files that exist, or fsspec URLs (s3://bucket/prefix) that hold
+    something."""
+    located = [as_location(root) for root in roots]
+    for root in located:
+        try:
+            found = storage.exists(root)
+        except OSError as exc:
+            raise fail(str(exc)) from exc
+        if not found:
+            raise fail(f"root {root} does not exist")
+    return located
+
+
+def _shards_location(text: str) -> Location:
+    """A SHARDS argument: a local folder (made absolute) or a URL, proven writable when remote."""
+    location = as_location(text)
+    if isinstance(location, Path):
+        return location.resolve()
+    try:
+        storage.check_writable(location)
+    except OSError as exc:
+        raise fail(str(exc)) from exc
+    return location
+
+
 @app.command()
 def manifest(
     roots: Annotated[
-        list[Path],
-        typer.Argument(metavar="ROOT...", help="Folders (or files) to scan, recursively, in sorted order."),
+        list[str],
+        typer.Argument(
+            metavar="ROOT...",
+            help="Folders (or files) to scan, recursively, in sorted order; or URLs (s3://bucket/prefix).",
+        ),
     ],
     out: Annotated[
         Path, typer.Option("--out", help="WORKDIR that receives the manifest and all later stages.")
@@ -225,12 +286,9 @@ def manifest(
     accepted file), WORKDIR/rejects.jsonl (path, reason, detail for every other file), WORKDIR/train.tsv and
     valid.tsv (fairseq format), WORKDIR/stats/manifest.json.
     """
-    for root in roots:
-        if not root.exists():
-            raise fail(f"root {root} does not exist")
     try:
         config = ManifestConfig(
-            roots=resolve_roots(roots),
+            roots=resolve_roots(_check_roots(roots)),
             workdir=_check_workdir(out),
             valid_percent=valid_percent,
             seed=seed,
@@ -440,14 +498,7 @@ def tokenize(
         typer.Option("--files-per-task", min=1, help="Files per task (default: 4 on CPU, 256 on GPU)."),
     ] = None,
     executor: ExecutorOpt = "local",
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            "--workers",
-            min=1,
-            help="Worker processes (default: one per GPU; on CPU one, with a torch thread per core).",
-        ),
-    ] = None,
+    workers: ModelWorkersOpt = None,
     ray_address: RayAddressOpt = None,
     max_retries: MaxRetriesOpt = 3,
     cpus_per_task: CpusOpt = None,
@@ -759,9 +810,17 @@ def shard(
     workdir: Annotated[
         Path, typer.Argument(help="WORKDIR holding audio_24k/ and labels/ (from `tokenize`).")
     ],
-    out: Annotated[Path, typer.Option("--out", help="SHARDS: where train/, valid/ and index.json go.")],
+    out: Annotated[
+        str,
+        typer.Option("--out", help="SHARDS: where train/, valid/ and index.json go (a folder or a URL)."),
+    ],
     segment_seconds: Annotated[
-        float, typer.Option("--segment-seconds", min=0.02, help="Longest segment; tracks cut evenly.")
+        float,
+        typer.Option(
+            "--segment-seconds",
+            min=0.02,
+            help="Longest segment; tracks cut evenly on multiples of 20480 samples (whole FLAC frames).",
+        ),
     ] = 30.0,
     shard_size: Annotated[
         str, typer.Option("--shard-size", help="Close a shard at about this size.")
@@ -806,7 +865,7 @@ def shard(
         if labels_only:
             if not teacher:
                 raise UsageError("--labels-only needs --teacher NAME")
-            stage = SidecarStage(SidecarConfig(workdir=workdir, out=out.resolve(), teacher=teacher))
+            stage = SidecarStage(SidecarConfig(workdir=workdir, out=_shards_location(out), teacher=teacher))
         else:
             if teacher:
                 raise UsageError("--teacher goes with --labels-only; to choose label sets use --teachers")
@@ -814,7 +873,7 @@ def shard(
             stage = ShardStage(
                 ShardConfig(
                     workdir=workdir,
-                    out=out.resolve(),
+                    out=_shards_location(out),
                     teachers=tuple(names) if names else None,
                     segment_seconds=segment_seconds,
                     shard_bytes=parse_size(shard_size),
@@ -829,7 +888,7 @@ def shard(
 
 @app.command()
 def verify(
-    shards: Annotated[Path, typer.Argument(help="SHARDS folder holding index.json (from `shard`).")],
+    shards: Annotated[str, typer.Argument(help="SHARDS folder (or URL) holding index.json (from `shard`).")],
     workers: WorkersOpt = DEFAULT_WORKERS,
     max_problems: Annotated[
         int, typer.Option("--max-problems", min=1, help="Print at most this many problems.")
@@ -839,8 +898,13 @@ def verify(
     frame alignment, key sets (sidecars included). Exit code 1 when anything is wrong."""
     from mert_pipeline.shards import verify_all
 
-    if not (shards / "index.json").exists():
-        raise fail(f"{shards / 'index.json'} not found: run `mert-pipe shard WORKDIR --out {shards}` first")
+    location = as_location(shards)
+    try:
+        if not storage.exists(storage.join(location, "index.json")):
+            raise fail(f"{storage.join(location, 'index.json')} not found: run `mert-pipe shard` first")
+    except OSError as exc:
+        raise fail(str(exc)) from exc
+    shards = location  # type: ignore[assignment]
     start = time.perf_counter()
     progress = Progress(
         TextColumn("[bold]verify[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("shards"),
@@ -954,25 +1018,36 @@ def export_hf_command(
 
 @app.command()
 def stats(
-    source: Annotated[Path, typer.Argument(help="WORKDIR (manifest.parquet) or SHARDS (index.json).")],
+    source: Annotated[
+        str, typer.Argument(help="WORKDIR (manifest.parquet) or SHARDS (index.json; a folder or a URL).")
+    ],
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Report folder (default: WORKDIR/stats/report or SHARDS/report)."),
+        typer.Option(
+            "--out", help="Report folder (default: WORKDIR/stats/report or SHARDS/report; needed for a URL)."
+        ),
     ] = None,
 ) -> None:
     """Hours, files, rejects by reason, durations, per-teacher codebook usage and perplexity, label entropy
     and mutual information between teachers: OUT/report.md with PNG plots, OUT/stats.json."""
     from mert_pipeline.report import write_report
 
-    if not source.is_dir():
-        raise fail(f"{source} is not a folder")
-    shards = not (source / "manifest.parquet").exists()
-    target = (out or (source / "report" if shards else source / "stats" / "report")).resolve()
+    location = as_location(source)
+    if isinstance(location, Path):
+        if not location.is_dir():
+            raise fail(f"{source} is not a folder")
+        location = location.resolve()
+        shards = not (location / "manifest.parquet").exists()
+        target = (out or (location / "report" if shards else location / "stats" / "report")).resolve()
+    elif out is None:
+        raise fail(f"{source} is remote: give --out, a local folder for the report")
+    else:
+        target = out.resolve()
     _check_workdir(target)
     start = time.perf_counter()
     try:
         with console.status("reading labels"):
-            result = write_report(source.resolve(), target)
+            result = write_report(location, target)
     except (FileNotFoundError, ValueError, KeyError) as exc:
         raise fail(str(exc)) from exc
     rejects = sum(n for group in result["rejects"].values() for n in group.values())
@@ -1085,7 +1160,11 @@ def probe(
 @app.command()
 def embed(
     source: Annotated[
-        Path, typer.Argument(help="Audio file, folder, manifest.parquet or tsv/txt list of paths.")
+        str,
+        typer.Argument(
+            help="Audio file, folder, manifest.parquet, fairseq train.tsv, a .txt list of paths, or a URL "
+            "(s3://bucket/prefix)."
+        ),
     ],
     checkpoint: ModelOpt,
     out: Annotated[Path, typer.Option("--out", help="Folder for <id>.npy, rejects.jsonl, embed.json.")],
@@ -1100,53 +1179,61 @@ def embed(
     ] = 30.0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Chunks per forward pass.")] = 8,
     device: DeviceOpt = "auto",
+    files_per_task: Annotated[
+        int | None,
+        typer.Option("--files-per-task", min=1, help="Files per task (default: 8 on CPU, 64 on GPU)."),
+    ] = None,
+    executor: ExecutorOpt = "local",
+    workers: ModelWorkersOpt = None,
+    ray_address: RayAddressOpt = None,
+    max_retries: MaxRetriesOpt = 3,
+    cpus_per_task: CpusOpt = None,
+    gpus_per_task: GpusOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Per-file embeddings (float32 .npy) of any audio (any rate: resampled to 24 kHz with soxr), batched,
-    on the GPU when present. Runs locally in this process; files whose .npy exists are skipped (--force
-    redoes them). Unreadable files go to OUT/rejects.jsonl with a reason."""
-    from mert_pipeline.embed import embed_files, list_inputs, parse_layers
+    on the GPU when present, on a local process pool or Ray (each worker loads the model once). Finished
+    tasks are skipped (--force redoes them); unreadable files go to OUT/rejects.jsonl with a reason.
 
-    if pool not in ("mean", "none"):
-        raise fail(f"--pool must be mean or none, not {pool!r}")
-    if not source.exists():
-        raise fail(f"{source} does not exist")
-    _check_workdir(out)
-    embedder = _embedder(checkpoint, device)
+    Writes: OUT/<id>.npy, OUT/rejects.jsonl, OUT/embed.json, OUT/stats/embed.json."""
+    from mert_pipeline.embed import resolve_device
+    from mert_pipeline.hf_export import CheckpointError
+    from stages.embed import EmbedConfig, EmbedStage
+
+    located = _check_roots([source])[0]
+    out = _check_workdir(out)
     try:
-        picked = parse_layers(layers, embedder.num_layers)
-        inputs = list_inputs(source)
-    except (ValueError, OSError, KeyError) as exc:
-        raise fail(str(exc)) from exc
-    todo = [(i, p) for i, p in inputs if force or not (out / f"{i}.npy").exists()]
-    start = time.perf_counter()
-    counts: Counter = Counter(files_seen=len(inputs), skipped=len(inputs) - len(todo))
-    rejects = []
-    progress = Progress(
-        TextColumn("[bold]embed[/]"), BarColumn(), MofNCompleteColumn(), TextColumn("files"),
-        TimeElapsedColumn(), console=console, disable=not console.is_terminal,
-    )  # fmt: skip
-    with progress:
-        bar = progress.add_task("embed", total=len(todo))
-        for _, result in embed_files(embedder, todo, out, picked, pool, chunk_seconds, batch_size):
-            progress.advance(bar)
-            if "reject" in result:
-                counts[f"rejected.{result['reject']}"] += 1
-                rejects.append(
-                    {"path": result["path"], "reason": result["reject"], "detail": result["detail"]}
-                )
-            else:
-                counts["accepted"] += 1
-                counts["audio_seconds"] += result["seconds"]
-    if rejects or not (out / "rejects.jsonl").exists():
-        atomic_write_text(out / "rejects.jsonl", "".join(json.dumps(r) + "\n" for r in rejects))
-    counts["rejected"] = sum(v for k, v in counts.items() if k.startswith("rejected."))
-    seconds = time.perf_counter() - start
-    summary = {"counts": dict(sorted(counts.items())), "checkpoint": embedder.source, "layers": layers,
-               "pool": pool, "device": str(embedder.device)}  # fmt: skip
-    atomic_write_text(out / "embed.json", json.dumps(summary, indent=1) + "\n")
-    print_report(StageReport("embed", 1, 1, 0, [], summary["counts"], seconds, summary), "files")
-    console.print(f"embeddings: {out}/<id>.npy on {embedder.device}", highlight=False)
+        cuda = resolve_device(device).type == "cuda"
+        workers = workers or default_workers(device)
+        exec_config = executor_config(
+            executor, workers, ray_address, force, max_retries, cpus_per_task, gpus_per_task
+        )
+        config = EmbedConfig(
+            inputs=located.resolve() if isinstance(located, Path) else located,
+            out=out,
+            checkpoint=checkpoint,
+            layers=layers,
+            pool=pool,
+            chunk_seconds=chunk_seconds,
+            batch_size=batch_size,
+            device=device,
+            files_per_task=files_per_task or (64 if cuda else 8),
+            threads=max(1, (os.cpu_count() or 1) // workers),
+        )
+        stage = EmbedStage(config)  # loads the model once here: a bad checkpoint fails before any worker
+    except (UsageError, CheckpointError, ValueError, OSError) as exc:
+        raise fail(str(exc).splitlines()[0]) from exc
+    try:
+        report = run_stage(stage, exec_config)
+    except (ValueError, OSError, KeyError) as exc:  # listing the inputs: an unreadable list or manifest
+        raise fail(str(exc).splitlines()[0]) from exc
+    counts, speed = report.summary["counts"], report.summary["throughput"]
+    console.print(
+        f"embed: {counts['accepted']} files, {counts['rejected']} rejected, {counts['audio_seconds']:.1f} s "
+        f"of audio, {speed['x_real_time']:g}x real time per worker on {report.summary['device']} -> "
+        f"{out}/<id>.npy",
+        highlight=False,
+    )
 
 
 def _teacher_specs(text: str) -> list[tuple[str, int]]:
@@ -1170,15 +1257,18 @@ def _teacher_specs(text: str) -> list[tuple[str, int]]:
 @app.command()
 def run(
     roots: Annotated[
-        list[Path],
-        typer.Argument(metavar="ROOT...", help="Folders (or files) of audio to scan, recursively."),
+        list[str],
+        typer.Argument(
+            metavar="ROOT...", help="Folders (or files) of audio to scan, recursively; or URLs (s3://...)."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="WORKDIR of every stage.")],
     teachers: Annotated[
         str, typer.Option("--teachers", help="Label sets to make: rvq, kmeansK (e.g. kmeans500), bestrq.")
     ] = "rvq",
     shards: Annotated[
-        Path | None, typer.Option("--shards", help="Where the shards go (default: WORKDIR/shards).")
+        str | None,
+        typer.Option("--shards", help="Where the shards go, a folder or a URL (default: WORKDIR/shards)."),
     ] = None,
     valid_percent: Annotated[
         float, typer.Option("--valid-percent", min=0.0, max=1.0, help="manifest: fraction in valid.")
@@ -1228,16 +1318,15 @@ def run(
     from stages.kmeans import fit_from_features
     from stages.shard import ShardConfig, ShardStage
 
-    for root in roots:
-        if not root.exists():
-            raise fail(f"root {root} does not exist")
+    located = _check_roots(roots)
+    shard_target = _shards_location(shards) if shards else None  # a bad bucket fails now, not in an hour
     if device not in ("auto", "cpu", "cuda"):
         raise fail(f"--device must be auto, cpu or cuda, not {device!r}")
     try:
         specs = _teacher_specs(teachers)
         exec_config = executor_config(executor, workers, ray_address, False, max_retries, None, gpus_per_task)
         manifest_config = ManifestConfig(
-            roots=resolve_roots(roots),
+            roots=resolve_roots(located),
             workdir=_check_workdir(out),
             valid_percent=valid_percent,
             seed=seed,
@@ -1252,41 +1341,61 @@ def run(
     if inside_roots(str(workdir), manifest_config.roots):
         raise fail(f"--out {workdir} is inside a root; its own files would be scanned")
     start = time.perf_counter()
-    reports: list[StageReport] = [run_stage(ManifestStage(manifest_config), exec_config)]
-    reports.append(run_stage(ResampleStage(ResampleConfig(workdir=workdir, output=spec)), exec_config))
-    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
-    names = []
-    for kind, k in specs:
-        if kind == "rvq":
-            teacher = _rvq_teacher(
-                bandwidth, codec_checkpoint, device, dtype, None, None, workers, workdir / ".work/gpu-locks"
+    global _run_progress
+    _run_progress = _progress()
+    try:
+        with _run_progress:
+            reports: list[StageReport] = [run_stage(ManifestStage(manifest_config), exec_config)]
+            reports.append(
+                run_stage(ResampleStage(ResampleConfig(workdir=workdir, output=spec)), exec_config)
             )
-            per_task = default_files_per_task(teacher.device)
-        elif kind == "kmeans":
-            features = FeaturesConfig(
-                workdir=workdir, sample_frames=sample_frames, seed=seed, threads=threads
+            threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+            names = []
+            for kind, k in specs:
+                if kind == "rvq":
+                    teacher = _rvq_teacher(
+                        bandwidth,
+                        codec_checkpoint,
+                        device,
+                        dtype,
+                        None,
+                        None,
+                        workers,
+                        workdir / ".work/gpu-locks",
+                    )
+                    per_task = default_files_per_task(teacher.device)
+                elif kind == "kmeans":
+                    features = FeaturesConfig(
+                        workdir=workdir, sample_frames=sample_frames, seed=seed, threads=threads
+                    )
+                    reports.append(run_stage(FeaturesStage(features), exec_config))
+                    with _status(f"kmeans fit: k={k}"):
+                        fit = fit_from_features(workdir, "mfcc", k, seed=seed, name=f"mfcc_k{k}")
+                    teacher, per_task = (
+                        KMeansTeacher(centroids=fit["centroids"], threads=threads).resolve(),
+                        16,
+                    )
+                else:
+                    teacher = _feature_teacher(
+                        "bestrq", workdir, exec_config, None, 1, 4096, 16, seed, workers
+                    )
+                    per_task = 16
+                name = f"kmeans{k}" if kind == "kmeans" else kind
+                names.append(name)
+                config = TokenizeConfig(workdir=workdir, teacher=teacher, name=name, files_per_task=per_task)
+                reports.append(run_tokenize(config, exec_config))
+            shard_out = shard_target or (workdir / "shards").resolve()
+            shard_config = ShardConfig(
+                workdir=workdir,
+                out=shard_out,
+                teachers=tuple(names),
+                segment_seconds=segment_seconds,
+                shard_bytes=shard_bytes,
+                seed=seed,
             )
-            reports.append(run_stage(FeaturesStage(features), exec_config))
-            with console.status(f"kmeans fit: k={k}"):
-                fit = fit_from_features(workdir, "mfcc", k, seed=seed, name=f"mfcc_k{k}")
-            teacher, per_task = KMeansTeacher(centroids=fit["centroids"], threads=threads).resolve(), 16
-        else:
-            teacher = _feature_teacher("bestrq", workdir, exec_config, None, 1, 4096, 16, seed, workers)
-            per_task = 16
-        name = f"kmeans{k}" if kind == "kmeans" else kind
-        names.append(name)
-        config = TokenizeConfig(workdir=workdir, teacher=teacher, name=name, files_per_task=per_task)
-        reports.append(run_tokenize(config, exec_config))
-    shard_out = (shards or workdir / "shards").resolve()
-    shard_config = ShardConfig(
-        workdir=workdir,
-        out=shard_out,
-        teachers=tuple(names),
-        segment_seconds=segment_seconds,
-        shard_bytes=shard_bytes,
-        seed=seed,
-    )
-    reports.append(run_shard(ShardStage(shard_config), exec_config))
+            reports.append(run_shard(ShardStage(shard_config), exec_config))
+    finally:
+        _run_progress = None
     checked = verify_all(shard_out, workers)
     for problem in checked.problems:
         console.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
@@ -1297,7 +1406,7 @@ def run(
         raise typer.Exit(code=1)
 
 
-def _run_summary(reports: list[StageReport], workdir: Path, shard_out: Path, seconds: float) -> None:
+def _run_summary(reports: list[StageReport], workdir: Path, shard_out: Location, seconds: float) -> None:
     """One table for the whole run (time, tasks, throughput per stage), rejects by reason, and the same
     facts in WORKDIR/stats/run.json."""
     from mert_pipeline.fs import atomic_write_json

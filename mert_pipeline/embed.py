@@ -8,6 +8,7 @@ padded inference differ from unpadded inference (see README "Use the model").
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 
 from mert_pipeline.audio import open_audio
 from mert_pipeline.resample import StreamResampler, downmix
+from mert_pipeline.storage import Location, as_location, is_url, join, relative, walk_files
 
 RATE = 24000
 MIN_SAMPLES = 400  # one frame of the conv front end
@@ -51,6 +53,9 @@ class Embedder:
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto, cpu, cuda, or cuda:N (a stage's worker that claimed GPU N of a local pool)."""
+    if device.startswith("cuda:") and device[5:].isdigit():
+        return torch.device(device)
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
     if device == "auto":
@@ -86,6 +91,21 @@ def load_embedder(source: Path, device: str = "auto", random_init: bool = False,
     cfg, state, meta = load_checkpoint(source)
     model = build_encoder(cfg, None if random_init else state, seed=seed).to(dev)
     return Embedder(model, "checkpoint", cfg.num_layers, cfg.embed_dim, False, dev, meta["path"])
+
+
+def model_identity(source: Path) -> tuple[Path, str]:
+    """(the path `load_embedder` should load, sha256 of what decides the numbers): a trainer checkpoint
+    (a run folder resolves to its newest ckpt-*.pt, so a checkpoint saved mid-run changes nothing), or an
+    HF directory, hashed over its config, weights and preprocessor config."""
+    from mert_pipeline.fs import sha256_file
+    from mert_pipeline.hf_export import resolve_checkpoint
+
+    if (source / "config.json").exists() and (source / "model.safetensors").exists():
+        names = ("config.json", "model.safetensors", "preprocessor_config.json")
+        text = "".join(f"{n} {sha256_file(source / n)}\n" for n in names if (source / n).exists())
+        return source.resolve(), hashlib.sha256(text.encode()).hexdigest()
+    path = resolve_checkpoint(source).resolve()
+    return path, sha256_file(path)
 
 
 def read_audio(path: Path | str) -> np.ndarray:
@@ -147,21 +167,38 @@ def parse_layers(text: str, num_layers: int) -> list[int] | None:
     return picked
 
 
-def list_inputs(source: Path) -> list[tuple[str, Path]]:
-    """(id, path) pairs: a manifest.parquet (id, path columns), a tsv/txt list of paths, an audio file,
-    or a folder (its audio files, recursively, sorted)."""
+def list_inputs(source: Location) -> list[tuple[str, Location]]:
+    """(id, path) pairs: a manifest.parquet (id, path columns), a fairseq train.tsv or a .txt list of
+    paths, an audio file, or a folder (its audio files, recursively, sorted). A URL (s3://bucket/prefix)
+    is a folder or one object; paths in a manifest or a list may be URLs too."""
     from stages.manifest import DEFAULT_EXTENSIONS
 
+    extensions = {f".{e.lstrip('.')}" for e in DEFAULT_EXTENSIONS}
+    if is_url(source):
+        url = str(source).rstrip("/")
+        found = [item["path"] for item in walk_files(url)]
+        if found == [url]:
+            return [(Path(url.rsplit("/", 1)[-1]).stem, url)]
+        audio = [p for p in found if Path(p).suffix.lower() in extensions]
+        return [(str(Path(relative(p, url)).with_suffix("")).replace("/", "__"), p) for p in audio]
+    source = Path(source)
     if source.suffix == ".parquet":
         import pyarrow.parquet as pq
 
         table = pq.read_table(source, columns=["id", "path"]).to_pylist()
-        return [(row["id"], Path(row["path"])) for row in table]
+        return [(row["id"], as_location(row["path"])) for row in table]
     if source.suffix in (".tsv", ".txt"):
-        lines = [line.split("\t")[0] for line in source.read_text().splitlines() if line.strip()]
-        return [(Path(p).stem, Path(p)) for p in lines]
+        lines = [line for line in source.read_text().splitlines() if line.strip()]
+        if source.suffix == ".tsv" and lines and "\t" not in lines[0]:  # fairseq: root, then relpath<TAB>n
+            root = as_location(lines[0])
+            relpaths = [line.split("\t")[0] for line in lines[1:]]
+            return [(str(Path(r).with_suffix("")).replace("/", "__"), join(root, r)) for r in relpaths]
+        listed = [as_location(line.split("\t")[0]) for line in lines]  # relative: from the list's folder
+        return [
+            (Path(str(p)).stem, p if not isinstance(p, Path) or p.is_absolute() else source.parent / p)
+            for p in listed
+        ]
     if source.is_dir():
-        extensions = {f".{e.lstrip('.')}" for e in DEFAULT_EXTENSIONS}
         files = sorted(p for p in source.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
         return [(str(p.relative_to(source).with_suffix("")).replace("/", "__"), p) for p in files]
     return [(source.stem, source)]
@@ -169,14 +206,15 @@ def list_inputs(source: Path) -> list[tuple[str, Path]]:
 
 def embed_files(
     embedder: Embedder,
-    inputs: list[tuple[str, Path]],
+    inputs: list[tuple[str, Location]],
     out: Path,
     layers: list[int] | None,
     pool: str,
     chunk_seconds: float = 30.0,
     batch: int = 8,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Write OUT/<id>.npy per input (float32); yields (id, {"seconds", "shape"} or {"reject": reason})."""
+    """Write OUT/<id>.npy per input (float32); yields (id, {"seconds", "shape"} or {"reject": reason,
+    "detail", "path"}). Empty and NaN/Inf audio are rejected; audio shorter than one frame is padded."""
     from mert_pipeline.audio import ProbeFailure
     from mert_pipeline.fs import atomic_path
 
@@ -189,7 +227,15 @@ def embed_files(
             yield file_id, {"reject": exc.reason, "detail": exc.detail, "path": str(path)}
             continue
         except (OSError, RuntimeError, ValueError) as exc:
-            yield file_id, {"reject": "decode_error", "detail": str(exc), "path": str(path)}
+            yield file_id, {"reject": "decode_error", "detail": " ".join(str(exc).split()), "path": str(path)}
+            continue
+        if not len(audio):
+            yield file_id, {"reject": "empty", "detail": "no audio frames", "path": str(path)}
+            continue
+        if not np.isfinite(audio).all():  # NaN/Inf would make every frame's embedding NaN
+            first = int(np.flatnonzero(~np.isfinite(audio))[0])
+            detail = f"NaN/Inf sample at {first / RATE:.3f} s (24 kHz)"
+            yield file_id, {"reject": "non_finite", "detail": detail, "path": str(path)}
             continue
         vectors = embed_array(embedder, audio, layers, pool, chunk, batch).astype(np.float32)
         with atomic_path(out / f"{file_id}.npy") as tmp, open(tmp, "wb") as handle:

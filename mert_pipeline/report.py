@@ -21,8 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from mert_pipeline import storage
 from mert_pipeline.fs import atomic_path, atomic_write_json, atomic_write_text
 from mert_pipeline.kmeans import JointCounts, usage_from_counts
+from mert_pipeline.storage import Location, is_url, join
 
 DURATION_BINS = (0, 1, 3, 5, 10, 30, 60, 120, 300, 600, math.inf)  # seconds
 
@@ -74,14 +76,13 @@ def _histogram(durations: np.ndarray) -> list[dict[str, Any]]:
     ]
 
 
-def _rejects(path: Path) -> dict[str, int]:
-    if not path.exists():
+def _rejects(path: Location) -> dict[str, int]:
+    if not storage.exists(path):
         return {}
     counts: Counter = Counter()
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                counts[json.loads(line)["reason"]] += 1
+    for line in storage.read_bytes(path).decode("utf-8").splitlines():
+        if line.strip():
+            counts[json.loads(line)["reason"]] += 1
     return dict(sorted(counts.items()))
 
 
@@ -131,14 +132,14 @@ def workdir_stats(workdir: Path) -> dict[str, Any]:
     return stats
 
 
-def _shard_samples(root: Path, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+def _shard_samples(root: Location, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     from mert_pipeline.shards import iter_samples
 
-    with (root / name).open("rb") as handle:
+    with storage.open_read(join(root, name)) as handle:
         yield from iter_samples(handle)
 
 
-def shards_stats(shards: Path) -> dict[str, Any]:
+def shards_stats(shards: Location) -> dict[str, Any]:
     """Statistics of a SHARDS folder: segments from the audio shards' KEY.json, labels from KEY.<t>.npy
     (sidecars included), rejects from SHARDS/rejects.jsonl."""
     import io
@@ -175,7 +176,7 @@ def shards_stats(shards: Path) -> dict[str, Any]:
         "hours": float(array.sum() / 3600),
         "splits": dict(sorted(splits.items())),
         "durations": _duration_summary(array),
-        "rejects": {"shard": _rejects(shards / "rejects.jsonl")},
+        "rejects": {"shard": _rejects(join(shards, "rejects.jsonl"))},
         **counts.summary(),
     }
 
@@ -193,10 +194,10 @@ def _duration_summary(durations: np.ndarray) -> dict[str, Any]:
     }
 
 
-def collect_stats(path: Path) -> dict[str, Any]:
-    if (path / "manifest.parquet").exists():
-        return workdir_stats(path)
-    if (path / "index.json").exists():
+def collect_stats(path: Location) -> dict[str, Any]:
+    if not is_url(path) and (Path(path) / "manifest.parquet").exists():
+        return workdir_stats(Path(path))
+    if storage.exists(join(path, "index.json")):
         return shards_stats(path)
     raise FileNotFoundError(f"{path} is neither a WORKDIR (manifest.parquet) nor SHARDS (index.json)")
 
@@ -338,7 +339,7 @@ def render_markdown(stats: dict[str, Any], plots: dict[str, Path]) -> str:
     return "\n".join(lines)
 
 
-def write_report(source: Path, out: Path) -> dict[str, Any]:
+def write_report(source: Location, out: Path) -> dict[str, Any]:
     """Collect, then write OUT/stats.json, OUT/report.md and the PNG plots; returns the stats."""
     stats = collect_stats(source)
     out.mkdir(parents=True, exist_ok=True)

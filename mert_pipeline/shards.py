@@ -22,13 +22,17 @@ import io
 import json
 import re
 import tarfile
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import soundfile as sf
+
+from mert_pipeline import storage
+from mert_pipeline.storage import Location, join
 
 INDEX = "index.json"
 FORMAT = "mert-pipeline-shards/1"
@@ -63,14 +67,15 @@ def frames_for(num_samples: int, hop: int) -> int:
     return -(-num_samples // hop)
 
 
-def segment_bounds(num_samples: int, max_frames: int, hop: int) -> list[tuple[int, int]]:
-    """(offset, num_samples) of each segment: as few segments as fit `max_frames` frames each, of equal
-    length to a frame, cut on frame boundaries (multiples of `hop` samples) so labels slice exactly.
-    Equal lengths mean no track ends in a useless sliver: the shortest segment of a long track is about
-    half a full one."""
-    frames = frames_for(num_samples, hop)
-    count = -(-frames // max_frames)
-    starts = [index * frames // count * hop for index in range(count)]
+def segment_bounds(num_samples: int, max_units: int, unit: int) -> list[tuple[int, int]]:
+    """(offset, num_samples) of each segment: as few segments as fit `max_units` units of `unit` samples
+    each, of equal length to a unit, cut on multiples of `unit`. The shard stage's unit is a multiple of
+    the label hop (labels slice exactly) and of the FLAC block size (the segment is a run of whole FLAC
+    frames, copied without decoding). Equal lengths mean no track ends in a useless sliver: the shortest
+    segment of a long track is about half a full one."""
+    units = -(-num_samples // unit)
+    count = -(-units // max_units)
+    starts = [index * units // count * unit for index in range(count)]
     ends = starts[1:] + [num_samples]
     return [(start, end - start) for start, end in zip(starts, ends, strict=True)]
 
@@ -118,43 +123,104 @@ def json_bytes(obj: dict[str, Any]) -> bytes:
 
 
 class HashingWriter:
-    """A write-only file that hashes and counts what passes through (the tar is hashed as written)."""
+    """A write-only file that hashes and counts what passes through (the tar is hashed as written). The
+    hashing runs in a second thread, a batch of about 1 MB behind the writes: hashlib releases the GIL on
+    large buffers, so hashing a member overlaps making the next one (sha256 alone is about as slow as
+    copying the bytes)."""
+
+    BATCH = 1 << 20  # bytes handed to the hashing thread at once
+    AHEAD = 4  # batches in flight at most (memory stays bounded when hashing is the slower side)
 
     def __init__(self, handle: BinaryIO) -> None:
         self.handle = handle
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._jobs: deque[Future] = deque()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sha256")  # ends with the writer (weakref)
 
     def write(self, data: bytes) -> int:
+        data = bytes(data)  # the thread hashes it later: a buffer the caller reuses must not change
         self.handle.write(data)
-        self.sha256.update(data)
+        self._pending.append(data)
+        self._pending_bytes += len(data)
         self.size += len(data)
+        if self._pending_bytes >= self.BATCH:
+            self._flush()
         return len(data)
+
+    def _flush(self) -> None:
+        if len(self._jobs) >= self.AHEAD:
+            self._jobs.popleft().result()
+        self._jobs.append(self._pool.submit(_update_all, self.sha256, self._pending))
+        self._pending, self._pending_bytes = [], 0
 
     def tell(self) -> int:
         return self.size
 
+    def hexdigest(self) -> str:
+        """The sha256 of everything written (waits for the hashing thread, then stops it)."""
+        self._flush()
+        while self._jobs:
+            self._jobs.popleft().result()
+        self._pool.shutdown()
+        return self.sha256.hexdigest()
+
+
+def _update_all(sha256: Any, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        sha256.update(piece)
+
+
+def _tarfile_header(name: str, size: int) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = 0
+    info.mode = 0o444
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape")
+
+
+_HEADER = _tarfile_header("", 0)  # tarfile's header of a member: name and size patched in below
+
+
+def member_header(name: str, size: int) -> bytes:
+    """tarfile's header of a member (mode 0444, owner 0, time 0), the same bytes, a tenth of the time:
+    for an ASCII name of at most 100 bytes (every shard member's) only the name, size and checksum
+    fields differ between members; any other name goes through tarfile (PAX extended header)."""
+    raw = name.encode("ascii", "replace")
+    if len(raw) > 100 or not name.isascii() or size >= 8**11:
+        return _tarfile_header(name, size)
+    header = bytearray(_HEADER)
+    header[: len(raw)] = raw
+    header[124:136] = b"%011o\0" % size
+    header[148:156] = b"        "
+    header[148:155] = b"%06o\0" % sum(header)
+    return bytes(header)
+
 
 class DeterministicTar:
-    """A tar whose bytes depend only on member names and contents (fixed mtime, owner and mode)."""
+    """A tar whose bytes depend only on member names and contents (fixed mtime, owner and mode). The
+    bytes are tarfile's (its own PAX-format member headers, zero padding and end blocks), but each member
+    is written whole instead of through tarfile's 16 KiB copy loop."""
 
     def __init__(self, handle: BinaryIO) -> None:
         self.out = HashingWriter(handle)
-        self.tar = tarfile.open(fileobj=self.out, mode="w", format=tarfile.PAX_FORMAT)  # noqa: SIM115
 
     def add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = 0
-        info.mode = 0o444
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self.tar.addfile(info, io.BytesIO(data))
+        self.out.write(member_header(name, len(data)))
+        self.out.write(data)
+        if len(data) % tarfile.BLOCKSIZE:
+            self.out.write(bytes(tarfile.BLOCKSIZE - len(data) % tarfile.BLOCKSIZE))
 
     def close(self) -> tuple[int, str]:
-        """Finish the archive; return its size and sha256."""
-        self.tar.close()
-        return self.out.size, self.out.sha256.hexdigest()
+        """Finish the archive (two zero blocks, then zeros to a whole record); return its size and sha256."""
+        self.out.write(bytes(2 * tarfile.BLOCKSIZE))
+        if self.out.size % tarfile.RECORDSIZE:
+            self.out.write(bytes(tarfile.RECORDSIZE - self.out.size % tarfile.RECORDSIZE))
+        return self.out.size, self.out.hexdigest()
 
 
 class HashingReader:
@@ -209,10 +275,10 @@ def iter_samples(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
         yield key, sample
 
 
-def read_index(shards: Path) -> dict[str, Any]:
-    path = shards / INDEX
+def read_index(shards: Location) -> dict[str, Any]:
+    path = join(shards, INDEX)
     try:
-        return json.loads(path.read_text())
+        return json.loads(storage.read_bytes(path))
     except FileNotFoundError as exc:
         raise FileNotFoundError(
             f"{path} not found: run `mert-pipe shard WORKDIR --out {shards}` first"
@@ -231,16 +297,16 @@ class ShardCheck:
     problems: list[str] = field(default_factory=list)  # "NAME[: KEY]: what is wrong"
 
 
-def _check_file(root: Path, name: str, entry: dict[str, Any], check: ShardCheck) -> HashingReader | None:
-    path = root / name
+def _check_file(root: Location, name: str, entry: dict[str, Any], check: ShardCheck) -> HashingReader | None:
+    path = join(root, name)
     try:
-        size = path.stat().st_size
+        size = storage.size(path)
     except FileNotFoundError:
         check.problems.append(f"{name}: missing (listed in index.json)")
         return None
     if size != entry["bytes"]:
         check.problems.append(f"{name}: {size} bytes, index.json says {entry['bytes']}")
-    return HashingReader(open(path, "rb"))  # noqa: SIM115 - closed by the caller
+    return HashingReader(storage.open_read(path))
 
 
 def _finish_file(name: str, entry: dict[str, Any], reader: HashingReader, check: ShardCheck) -> None:
@@ -305,7 +371,7 @@ def _check_sample(
     return num_samples
 
 
-def verify_shard(root: Path, shard: str, index: dict[str, Any]) -> ShardCheck:
+def verify_shard(root: Location, shard: str, index: dict[str, Any]) -> ShardCheck:
     """Re-read one audio shard and its sidecars: checksums, every audio member decoded, label shapes,
     frame alignment and key sets; each problem names the shard and the key."""
     entry = index["shards"][shard]
@@ -335,7 +401,7 @@ def verify_shard(root: Path, shard: str, index: dict[str, Any]) -> ShardCheck:
 
 
 def _verify_sidecar(
-    root: Path,
+    root: Location,
     name: str,
     entry: dict[str, Any],
     index: dict[str, Any],
@@ -377,20 +443,14 @@ def _verify_sidecar(
         )
 
 
-def unlisted_tars(root: Path, index: dict[str, Any]) -> list[str]:
+def unlisted_tars(root: Location, index: dict[str, Any]) -> list[str]:
     """Visible tars in the split folders that index.json does not list (stale or foreign)."""
     found = []
     for split in SPLITS:
-        folder = root / split
-        if folder.is_dir():
-            for path in sorted(folder.iterdir()):
-                name = f"{split}/{path.name}"
-                if (
-                    path.name.endswith(".tar")
-                    and not path.name.startswith(".")
-                    and name not in index["shards"]
-                ):
-                    found.append(name)
+        for base in storage.list_names(join(root, split)):
+            name = f"{split}/{base}"
+            if base.endswith(".tar") and not base.startswith(".") and name not in index["shards"]:
+                found.append(name)
     return found
 
 
@@ -404,7 +464,7 @@ class VerifyReport:
         return not self.problems
 
 
-def verify_all(root: Path, workers: int = 1, on_shard: Any = None) -> VerifyReport:
+def verify_all(root: Location, workers: int = 1, on_shard: Any = None) -> VerifyReport:
     """Verify every audio shard (with its sidecars) listed in `root/index.json`, `workers` processes at a
     time; then what spans shards: keys in two shards, tars the index does not list, totals."""
     index = read_index(root)

@@ -32,6 +32,7 @@ checkpoint's sha256 and the layer are part of the extractor config, hence of its
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -181,6 +182,8 @@ class FeaturesStage:
 
     def __post_init__(self) -> None:
         self.name = f"features_{self.config.feature_name}"
+        if self.config.model is not None:  # a network's features: on Ray, actors that load it once
+            self.resources = dataclasses.replace(self.resources, model=True)
 
     @property
     def workdir(self) -> Path:

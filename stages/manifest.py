@@ -29,9 +29,10 @@ import pyarrow.parquet as pq
 
 from manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_rejects
 from manifests.records import SCHEMA_VERSION, AudioRecord, Reject, assign_split
-from mert_pipeline.audio import ProbeFailure, hash_file, probe_audio
+from mert_pipeline.audio import ProbeFailure, hash_file, os_failure, probe_audio
 from mert_pipeline.executor import Resources, Task, rank_path
 from mert_pipeline.listing import read_listing, write_listings
+from mert_pipeline.storage import is_url, local_copy, relative, walk_files
 
 DEFAULT_EXTENSIONS = (
     "wav",
@@ -83,8 +84,12 @@ class ManifestConfig:
 
 
 def resolve_roots(roots: list[Path | str]) -> tuple[str, ...]:
-    """Real, absolute, sorted, de-duplicated roots; nested roots are refused (files would count twice)."""
-    resolved = sorted({os.path.realpath(os.path.abspath(r)) for r in roots})
+    """Real, absolute, sorted, de-duplicated roots; nested roots are refused (files would count twice).
+    fsspec URLs (`s3://bucket/prefix`) are roots too, as written; local and remote roots do not mix
+    (train.tsv holds one root for every path)."""
+    resolved = sorted({_resolve(r) for r in roots})
+    if len({is_url(r) for r in resolved}) > 1:
+        raise ValueError("roots are either all local folders or all URLs, not both")
     for outer in resolved:
         for inner in resolved:
             if inner != outer and inside_roots(inner, (outer,)):
@@ -92,10 +97,28 @@ def resolve_roots(roots: list[Path | str]) -> tuple[str, ...]:
     return tuple(resolved)
 
 
+def _resolve(root: Path | str) -> str:
+    if is_url(root):
+        return str(root).rstrip("/")
+    return os.path.realpath(os.path.abspath(root))
+
+
 def manifest_root_of(roots: tuple[str, ...]) -> str:
     """The directory every path is relative to in train.tsv: the roots' common ancestor."""
+    if roots and is_url(roots[0]):
+        scheme = roots[0].split("://", 1)[0]
+        keys = [r.split("://", 1)[1] for r in roots]
+        common = os.path.commonpath(keys)
+        if len(keys) == 1 and os.path.splitext(common)[1]:  # one root naming a single object
+            common = os.path.dirname(common)
+        return f"{scheme}://{common}"
     common = os.path.commonpath(roots)
     return common if os.path.isdir(common) else os.path.dirname(common)
+
+
+def relpath_of(path: str, tsv_root: str) -> str:
+    """A file's path in train.tsv: relative to the manifest's root."""
+    return relative(path, tsv_root) if is_url(path) else os.path.relpath(path, tsv_root)
 
 
 def _printable(path: str) -> str:
@@ -125,7 +148,7 @@ def walk_roots(roots: tuple[str, ...], extensions: tuple[str, ...]) -> Iterator[
     def reject(path: str, reason: str, detail: str) -> dict[str, Any]:
         return {"path": _printable(path), "reject": reason, "detail": detail}
 
-    def entry(path: str, st: os.stat_result) -> dict[str, Any]:
+    def entry(path: str, st: os.stat_result | None) -> dict[str, Any]:
         problem = _path_problem(path)
         if problem:
             return reject(path, "bad_path", problem)
@@ -134,7 +157,7 @@ def walk_roots(roots: tuple[str, ...], extensions: tuple[str, ...]) -> Iterator[
             return reject(
                 path, "extension", f"extension {('.' + ext) if ext else '(none)'} not in --extensions"
             )
-        return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        return {"path": path, "size": st.st_size, "mtime_ns": st.st_mtime_ns} if st else {"path": path}
 
     def visit(directory: str) -> Iterator[dict[str, Any]]:
         try:
@@ -170,7 +193,11 @@ def walk_roots(roots: tuple[str, ...], extensions: tuple[str, ...]) -> Iterator[
                 yield reject(path, "not_regular_file", "not a regular file (FIFO, socket or device)")
 
     for root in roots:
-        if os.path.isdir(root):
+        if is_url(root):
+            for item in walk_files(root):  # object stores hold only plain objects
+                named = entry(item["path"], None)
+                yield named if "reject" in named else item
+        elif os.path.isdir(root):
             yield from visit(root)
         else:
             yield entry(root, os.stat(root))
@@ -179,19 +206,23 @@ def walk_roots(roots: tuple[str, ...], extensions: tuple[str, ...]) -> Iterator[
 def probe_file(path: str, config: ManifestConfig, tsv_root: str) -> AudioRecord | Reject:
     """One candidate file -> its record, or a reject with a one-line reason. Never raises for bad input."""
     try:
-        content_hash, size = hash_file(path)
-        if size == 0:
-            return Reject(path, "empty", "file has 0 bytes")
-        info = probe_audio(path, deep=config.deep)
+        with local_copy(path) as local:  # an object in a bucket is fetched once for the hash and the probe
+            content_hash, size = hash_file(local)
+            if size == 0:
+                return Reject(path, "empty", "file has 0 bytes")
+            info = probe_audio(local, deep=config.deep)
         if info.duration < config.min_seconds:
             return Reject(path, "too_short", f"{info.duration:.3f}s < --min-seconds {config.min_seconds:g}")
     except ProbeFailure as failure:  # hash_file and probe_audio turn every OSError into one
+        return Reject(path, failure.reason, failure.detail)
+    except OSError as exc:  # fetching a remote object failed
+        failure = os_failure(exc)
         return Reject(path, failure.reason, failure.detail)
     record_id = content_hash[:16]
     return AudioRecord(
         id=record_id,
         path=path,
-        relpath=os.path.relpath(path, tsv_root),
+        relpath=relpath_of(path, tsv_root),
         format=info.format,
         subtype=info.subtype,
         sampling_rate=info.sampling_rate,

@@ -31,6 +31,7 @@ from typing import Any
 
 from manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_batches
 from manifests.records import SCHEMA_VERSION, Reject, ResampledRecord
+from mert_pipeline import storage
 from mert_pipeline.audio import ProbeFailure, hash_file
 from mert_pipeline.executor import Resources, Task, rank_path
 from mert_pipeline.fs import atomic_path, remove_stale_tmp
@@ -102,11 +103,11 @@ def resample_one(row: dict[str, Any], config: ResampleConfig) -> ResampledRecord
     final = config.audio_dir / relpath
     try:
         try:
-            size = os.stat(source).st_size
+            size = storage.size(source)  # a local path or a URL (the corpus in object storage)
         except FileNotFoundError:
             return Reject(source, "missing", "listed in the manifest but no longer exists")
         except OSError as exc:
-            return Reject(source, "unreadable", f"cannot stat: {exc.strerror}")
+            return Reject(source, "unreadable", f"cannot stat: {exc.strerror or exc}")
         if size != row["size_bytes"]:
             return Reject(
                 source,

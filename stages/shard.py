@@ -4,16 +4,19 @@
 Plan (driver): read `WORKDIR/audio_24k/manifest.parquet` and each teacher's `labels.parquet`. A file
 goes to `SHARDS/rejects.jsonl` when a teacher lacks its labels (`no_labels`), its labels were computed
 from another length (`label_mismatch`) or its samples are float (`unshardable`). Every other file is cut
-into segments of at most `--segment-seconds` on multiples of 320 samples; the segments of each split are
+into segments of at most `--segment-seconds` on multiples of 20480 samples (`segment_unit`: whole
+320-sample label frames and whole 4096-sample FLAC frames); the segments of each split are
 shuffled with `--seed` across the whole split and dealt in order into shards that close at about
 `--shard-size` bytes (estimated from the source files) or `--shard-samples` samples. Shard k of a split
 is task `SPLIT/shard-k`, so a rerun overwrites exactly its own shards.
 
-Run (worker): one shard per task. Each segment's integer samples are read from the resampled file and
-FLAC-encoded at the same bit depth (the teachers' exact input, never requantised), its labels sliced
-frame-exactly after checking frames == ceil(num_samples / 320) for the whole file (a mismatch fails the
-task naming the .npy); the tar is written to a hidden temporary name, hashed as it is written, and
-renamed when complete.
+Run (worker): one shard per task. Each segment's audio is the resampled file's own FLAC frames, copied
+and renumbered (`mert_pipeline.flac_frames`; a whole track: the file itself), or, where that does not
+apply, its integer samples decoded and FLAC-encoded at the same bit depth: either way the teachers'
+exact input, never requantised (`stats`: audio_copied_whole / audio_copied_frames / audio_reencoded.WHY).
+Its labels are sliced frame-exactly after checking frames == ceil(num_samples / 320) for the whole
+file (a mismatch fails the task naming the .npy); the tar is written to a hidden temporary name, hashed
+as it is written, and renamed when complete.
 
 Finalize (driver): `SHARDS/index.json` (per shard: split, samples, bytes, sha256, seconds; per split
 and overall totals; the teachers and their configs) and `SHARDS/rejects.jsonl`; shards of an earlier
@@ -26,7 +29,10 @@ made from one WORKDIR.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import math
+import os
 import re
 import sys
 from collections import Counter
@@ -40,8 +46,10 @@ import xxhash
 
 from manifests.io import RejectsWriter, iter_batches, iter_rejects
 from manifests.records import Reject
+from mert_pipeline import storage
 from mert_pipeline.executor import Resources, Task, marker_path, rank_path, stage_dir
-from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
+from mert_pipeline.flac_frames import FLAC_BLOCK, NotCopyable, cut_segment
+from mert_pipeline.fs import atomic_write_json, remove_stale_tmp, to_json
 from mert_pipeline.listing import read_listing, write_listings
 from mert_pipeline.shards import (
     FLAC_SUBTYPES,
@@ -62,6 +70,7 @@ from mert_pipeline.shards import (
     segment_bounds,
     segment_key,
 )
+from mert_pipeline.storage import Location, is_url, join
 from stages.resample import audio_dir_name
 from stages.tokenize import LABELS, TEACHER
 
@@ -70,6 +79,7 @@ AUDIO_COLUMNS = ["id", "path", "relpath", "subtype", "sampling_rate", "num_sampl
 AUDIO_COLUMNS += ["content_hash", "split", "format"]
 LABEL_COLUMNS = ["id", "relpath", "config_hash", "num_samples", "n_q", "frames"]
 TAR_OVERHEAD = 1024  # bytes per member: its 512-byte header and, on average, half a block of padding
+_BITS = {"PCM_16": 16, "PCM_24": 24}
 
 
 def discover_teachers(workdir: Path) -> dict[str, dict[str, Any]]:
@@ -123,10 +133,40 @@ def load_aligned(path: Path, n_q: int, num_samples: int, hop: int) -> np.ndarray
     return labels
 
 
+_NPY_INT16 = re.compile(rb"\{'descr': '<i2', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \} *\n")
+
+
+def label_columns(path: Path, n_q: int, num_samples: int, hop: int, first: int, frames: int) -> np.ndarray:
+    """`load_aligned(...)[:, first : first + frames]`, read with one pread per codebook: np.load's header
+    parsing and np.memmap cost ten times the slice. Any file whose header or size is not exactly what
+    np.save writes for int16 (n_q, ceil(num_samples / hop)) goes through load_aligned (its checks and
+    messages)."""
+    total = frames_for(num_samples, hop)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        fd = -1
+    if fd >= 0:
+        try:
+            head = os.pread(fd, 256, 0)
+            start = 10 + int.from_bytes(head[8:10], "little")
+            found = _NPY_INT16.fullmatch(head, 10, start) if head[:8] == b"\x93NUMPY\x01\x00" else None
+            if found and (int(found[1]), int(found[2])) == (n_q, total) and first + frames <= total:
+                if os.fstat(fd).st_size == start + 2 * n_q * total:
+                    out = np.empty((n_q, frames), dtype=np.int16)
+                    for row in range(n_q):
+                        at = start + 2 * (row * total + first)
+                        out[row] = np.frombuffer(os.pread(fd, 2 * frames, at), dtype="<i2")
+                    return out
+        finally:
+            os.close(fd)
+    return np.asarray(load_aligned(path, n_q, num_samples, hop)[:, first : first + frames])
+
+
 @dataclass(frozen=True)
 class ShardConfig:
     workdir: Path  # WORKDIR with audio_24k/ and labels/
-    out: Path  # SHARDS
+    out: Location  # SHARDS: a folder, or an fsspec URL (s3://bucket/shards)
     teachers: tuple[str, ...] | None = None  # None: every label set under WORKDIR/labels
     segment_seconds: float = 30.0
     shard_bytes: int = 256 * 10**6
@@ -139,7 +179,7 @@ class ShardConfig:
             raise ValueError("--segment-seconds must be positive")
         if self.shard_bytes < 1 or (self.shard_samples is not None and self.shard_samples < 1):
             raise ValueError("--shard-size and --shard-samples must be positive")
-        if self.out.resolve() == self.workdir.resolve():
+        if not is_url(self.out) and Path(self.out).resolve() == self.workdir.resolve():
             raise ValueError("--out must be a folder of its own, not WORKDIR")
 
     @property
@@ -148,17 +188,22 @@ class ShardConfig:
 
 
 class _WritesShards:
-    """Both shard stages keep their bookkeeping in SHARDS/.work (the stage's workdir is SHARDS) and one
-    small JSON part per task (the shard's size, hash and counts) for finalize to merge into index.json."""
+    """Both shard stages keep their bookkeeping in SHARDS/.work (the stage's workdir is SHARDS; for a
+    remote SHARDS, a folder under WORKDIR named by the URL) and one small JSON part per task (the shard's
+    size, hash and counts) for finalize to merge into index.json."""
 
     config: Any
 
     @property
     def workdir(self) -> Path:
-        return self.config.out
+        return bookkeeping_dir(self.config.workdir, self.config.out)
 
     def _part(self, rank: int) -> Path:
         return rank_path(self, "parts", rank, ".json")  # type: ignore[arg-type]
+
+    def _output(self, name: str) -> Any:
+        """A local temporary file that becomes SHARDS/NAME when complete (renamed, or uploaded whole)."""
+        return storage.atomic_output(join(self.config.out, name), stage_dir(self) / "upload")  # type: ignore[arg-type]
 
 
 @dataclass
@@ -180,12 +225,13 @@ class ShardStage(_WritesShards):
         rate = next(iter(self.facts.values()))["sampling_rate"]
         if rate != config.sample_rate:
             raise ValueError(f"the teachers' labels are for {rate} Hz audio, not {config.sample_rate} Hz")
-        max_frames = int(config.segment_seconds * rate) // hop
-        if max_frames < 1:
+        unit = segment_unit(int(config.segment_seconds * rate), hop)
+        max_units = int(config.segment_seconds * rate) // unit
+        if max_units < 1:
             raise ValueError(f"--segment-seconds {config.segment_seconds} is shorter than one frame")
         labels = {name: load_labels(config.workdir / "labels" / name) for name in self.facts}
         for split in SPLITS:
-            remove_stale_tmp(config.out / split)
+            _remove_stale_tmp(config.out, split)
         files: list[dict[str, Any]] = []
         segments: dict[str, list[tuple[str, int, int, int, int]]] = {split: [] for split in SPLITS}
         counts: Counter = Counter()
@@ -201,7 +247,7 @@ class ShardStage(_WritesShards):
                     file_index = len(files)
                     files.append(row)
                     counts["files"] += 1
-                    for index, (offset, n) in enumerate(segment_bounds(row["num_samples"], max_frames, hop)):
+                    for index, (offset, n) in enumerate(segment_bounds(row["num_samples"], max_units, unit)):
                         est = row["size_bytes"] * n // row["num_samples"] + self._label_bytes(n, hop)
                         segments[row["split"]].append(
                             (segment_key(row["id"], index), file_index, offset, n, est)
@@ -244,17 +290,15 @@ class ShardStage(_WritesShards):
                         "offset": offset,
                         "num_samples": n,
                         "source_num_samples": row["num_samples"],
+                        "size_bytes": row["size_bytes"],
                         "labels": {name: labels[name][row["id"]][0] for name in self.facts},
                     }
 
         fingerprint = json.dumps(
-            {"teachers": self.facts, "rate": rate, "hop": hop, "version": 1}, sort_keys=True, default=str
+            {"teachers": self.facts, "rate": rate, "hop": hop, "version": 2}, sort_keys=True, default=str
         )
         tasks = write_listings(self, rows(), sys.maxsize, fingerprint, SUBDIRS, task_key=lambda r: r["shard"])
-        for task, shard in zip(tasks, shards, strict=True):  # a shard deleted by hand is written again
-            if not (config.out / shard).exists():
-                with contextlib.suppress(FileNotFoundError):
-                    marker_path(self, task.rank).unlink()
+        _redo_missing(self, tasks, list(shards))
         return tasks
 
     def _label_bytes(self, num_samples: int, hop: int) -> int:
@@ -295,7 +339,7 @@ class ShardStage(_WritesShards):
         shard = rows[0]["shard"]
         hashes = {name: facts["config_hash"] for name, facts in self.facts.items()}
         seconds = 0.0
-        with atomic_path(self.config.out / shard) as tmp, open(tmp, "wb") as handle:
+        with self._output(shard) as tmp, open(tmp, "wb") as handle:
             tar = DeterministicTar(handle)
             for row in rows:
                 n, offset = row["num_samples"], row["offset"]
@@ -303,9 +347,10 @@ class ShardStage(_WritesShards):
                 slices = {}
                 for name, facts in self.facts.items():  # check every teacher before writing the sample
                     path = self.config.workdir / "labels" / name / row["labels"][name]
-                    labels = load_aligned(path, facts["n_q"], row["source_num_samples"], hop)
-                    slices[name] = np.asarray(labels[:, first : first + frames])
-                flac = segment_flac(row, rate)
+                    slices[name] = label_columns(
+                        path, facts["n_q"], row["source_num_samples"], hop, first, frames
+                    )
+                flac = segment_flac(row, rate, stats)
                 meta = {
                     "key": row["key"],
                     "id": row["id"],
@@ -344,7 +389,7 @@ class ShardStage(_WritesShards):
             part = json.loads(self._part(task.rank).read_text())
             shard = part.pop("shard")
             entries[shard] = part
-        with RejectsWriter(config.out / "rejects.jsonl") as rejects:
+        with self._output("rejects.jsonl") as tmp, RejectsWriter(tmp) as rejects:
             for reject in iter_rejects(stage_dir(self) / "rejects.jsonl"):
                 rejects.write(reject)
         old = _old_index(config.out)
@@ -370,57 +415,108 @@ class ShardStage(_WritesShards):
             "shards": {**entries, **sidecars},
         }
         _add_totals(index)
-        atomic_write_json(config.out / INDEX, index)
+        storage.write_bytes(join(config.out, INDEX), to_json(index).encode())
         counts = dict(plan["counts"])
         counts["rejected"] = sum(v for k, v in counts.items() if k.startswith("rejected."))
         counts["accepted"] = counts.pop("files", 0)
         for key in ("samples", "bytes", "shards", "audio_seconds"):
             counts[key] = stats.get(key, 0)
+        counts |= {key: value for key, value in stats.items() if key.startswith("audio_")}
         counts["removed_stale"] = removed
         return {
             "counts": {key: counts[key] for key in sorted(counts)},
             "totals": index["totals"],
-            "outputs": {"shards": str(config.out), "index": str(config.out / INDEX)},
+            "outputs": {"shards": str(config.out), "index": str(join(config.out, INDEX))},
         }
 
 
-def segment_flac(row: dict[str, Any], rate: int) -> bytes:
-    """The segment as FLAC. A whole track that already is FLAC goes in as its own bytes (the file the
-    teachers read, no decode or encode); any other segment is decoded to integers and re-encoded
-    losslessly at the same bit depth. FLAC frames (4096 samples) do not fall on the 320-sample segment
-    boundaries, so byte ranges of a longer file cannot be copied."""
+def segment_unit(max_samples: int, hop: int) -> int:
+    """Segments are cut on multiples of this many samples: whole label frames (`hop`) and whole FLAC
+    frames, so that `segment_flac` copies frames instead of decoding and encoding; just `hop` when
+    --segment-seconds is shorter than that (such segments are re-encoded)."""
+    unit = math.lcm(hop, FLAC_BLOCK)
+    return unit if unit <= max_samples else hop
+
+
+def segment_flac(row: dict[str, Any], rate: int, stats: Counter) -> bytes:
+    """The segment as FLAC, by the cheapest exact way (counted in `stats`): a whole track that already
+    is FLAC goes in as its own bytes (the file the teachers read, hash-checked); a segment of a FLAC file
+    that is a run of whole frames is cut out of it by copying the frames (`cut_segment`); anything else
+    (other formats, block sizes or bounds, a file that does not pass cut_segment's checks) is decoded
+    to integers and re-encoded losslessly at the same bit depth."""
     whole = row["offset"] == 0 and row["num_samples"] == row["source_num_samples"]
     if whole and row["format"] == "FLAC":
         data = Path(row["path"]).read_bytes()
         if xxhash.xxh3_128(data).hexdigest() != row["content_hash"]:  # the very file the teachers read
             raise ShardError(f"{row['path']} changed after resample: rerun resample and tokenize")
+        stats["audio_copied_whole"] += 1
         return data
+    reason = "not_flac"
+    if row["format"] == "FLAC":
+        try:
+            data = cut_segment(
+                row["path"],
+                row["offset"],
+                row["num_samples"],
+                sample_rate=rate,
+                bits=_BITS[row["subtype"]],
+                total_samples=row["source_num_samples"],
+                size_bytes=row.get("size_bytes"),
+            )
+            stats["audio_copied_frames"] += 1
+            return data
+        except NotCopyable as why:
+            reason = why.reason
+    stats["audio_reencoded"] += 1
+    stats[f"audio_reencoded.{reason}"] += 1
     samples = read_segment(
         row["path"], row["subtype"], row["offset"], row["num_samples"], row["source_num_samples"]
     )
     return encode_flac(samples, rate, row["subtype"])
 
 
-def _old_index(out: Path) -> dict[str, Any]:
+def _old_index(out: Location) -> dict[str, Any]:
     try:
         return read_index(out)
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
 
-def _prune(out: Path, kept: set[str]) -> int:
+def _prune(out: Location, kept: set[str]) -> int:
     """Delete shard and sidecar tars of earlier plans (names this index does not list)."""
     removed = 0
     for split in SPLITS:
-        folder = out / split
-        if not folder.is_dir():
-            continue
-        for path in sorted(folder.iterdir()):
-            named = SHARD_NAME.match(path.name) or SIDECAR_NAME.match(path.name)
-            if named and f"{split}/{path.name}" not in kept:
-                path.unlink()
+        for name in storage.list_names(join(out, split)):
+            named = SHARD_NAME.match(name) or SIDECAR_NAME.match(name)
+            if named and f"{split}/{name}" not in kept:
+                storage.remove(join(out, split, name))
                 removed += 1
     return removed
+
+
+def bookkeeping_dir(workdir: Path, out: Location) -> Path:
+    """A shard set's bookkeeping (and, for a remote set, its tars while they upload): SHARDS itself when
+    it is a folder; for a URL, a folder under WORKDIR named by the URL, so two shard sets never mix."""
+    if not is_url(out):
+        return Path(out)
+    return workdir / "remote_shards" / hashlib.sha256(str(out).encode()).hexdigest()[:16]
+
+
+def _remove_stale_tmp(out: Location, split: str) -> None:
+    """Temporaries of killed writers (local only: a remote object appears only when whole)."""
+    if not is_url(out):
+        remove_stale_tmp(Path(out) / split)
+
+
+def _redo_missing(stage: Any, tasks: list[Task], names: list[str]) -> None:
+    """A task whose tar was deleted by hand is run again: its completion marker goes."""
+    present = {
+        f"{split}/{name}" for split in SPLITS for name in storage.list_names(join(stage.config.out, split))
+    }
+    for task, name in zip(tasks, names, strict=True):
+        if name not in present:
+            with contextlib.suppress(FileNotFoundError):
+                marker_path(stage, task.rank).unlink()
 
 
 def _add_totals(index: dict[str, Any]) -> None:
@@ -443,7 +539,7 @@ def _add_totals(index: dict[str, Any]) -> None:
 @dataclass(frozen=True)
 class SidecarConfig:
     workdir: Path
-    out: Path
+    out: Location
     teacher: str
 
 
@@ -476,15 +572,12 @@ class SidecarStage(_WritesShards):
                 f"{self.facts['hop']}; the shards are {index['sample_rate']} Hz with hop {index['hop']}"
             )
         for split in SPLITS:
-            remove_stale_tmp(self.config.out / split)
+            _remove_stale_tmp(self.config.out, split)
         bases = sorted(name for name, entry in index["shards"].items() if "teacher" not in entry)
         rows = [{"shard": name, "sha256": index["shards"][name]["sha256"]} for name in bases]
         fingerprint = json.dumps({"teacher": self.facts, "version": 1}, sort_keys=True, default=str)
         tasks = write_listings(self, rows, 1, fingerprint, SUBDIRS)
-        for task, base in zip(tasks, bases, strict=True):
-            if not (self.config.out / sidecar_name(base, teacher)).exists():
-                with contextlib.suppress(FileNotFoundError):
-                    marker_path(self, task.rank).unlink()
+        _redo_missing(self, tasks, [sidecar_name(base, teacher) for base in bases])
         return tasks
 
     def _labels(self) -> dict[str, tuple[str, str, int]]:
@@ -504,7 +597,7 @@ class SidecarStage(_WritesShards):
         table = self._labels()
         labels_dir = self.config.workdir / "labels" / teacher
         seconds, samples = 0.0, 0
-        with open(self.config.out / base, "rb") as source:
+        with storage.open_read(join(self.config.out, base)) as source:
             metas = [json.loads(sample["json"]) for _, sample in iter_samples(source)]
         missing = [m["id"] for m in metas if m["id"] not in table]
         if missing:
@@ -512,7 +605,7 @@ class SidecarStage(_WritesShards):
                 f"teacher {teacher!r} has no labels for {len(missing)} tracks of {base} (e.g. {missing[0]}); "
                 f"label them, or reshard with --teachers including {teacher}"
             )
-        with atomic_path(self.config.out / sidecar_name(base, teacher)) as tmp, open(tmp, "wb") as handle:
+        with self._output(sidecar_name(base, teacher)) as tmp, open(tmp, "wb") as handle:
             tar = DeterministicTar(handle)
             for meta in metas:
                 relpath, config_hash, num_samples = table[meta["id"]]
@@ -522,9 +615,9 @@ class SidecarStage(_WritesShards):
                         f"{path}: made for {num_samples} samples with config {config_hash}; the shard's "
                         f"audio has {meta['source_num_samples']} and the teacher is {facts['config_hash']}"
                     )
-                labels = load_aligned(path, facts["n_q"], num_samples, hop)
                 first, frames = meta["offset"] // hop, frames_for(meta["num_samples"], hop)
-                tar.add(f"{meta['key']}.{teacher}.npy", npy_bytes(labels[:, first : first + frames]))
+                labels = label_columns(path, facts["n_q"], num_samples, hop, first, frames)
+                tar.add(f"{meta['key']}.{teacher}.npy", npy_bytes(labels))
                 seconds += meta["num_samples"] / meta["sample_rate"]
                 samples += 1
                 stats["samples"] += 1
@@ -553,13 +646,13 @@ class SidecarStage(_WritesShards):
         )
         _add_totals(index)
         removed = _prune(self.config.out, set(shards))
-        atomic_write_json(self.config.out / INDEX, index)
+        storage.write_bytes(join(self.config.out, INDEX), to_json(index).encode())
         counts = {key: stats.get(key, 0) for key in ("samples", "bytes", "shards", "audio_seconds")}
         counts["removed_stale"] = removed
         return {
             "counts": counts,
             "totals": index["totals"],
-            "outputs": {"shards": str(self.config.out), "index": str(self.config.out / INDEX)},
+            "outputs": {"shards": str(self.config.out), "index": str(join(self.config.out, INDEX))},
         }
 
 

@@ -38,3 +38,33 @@ def test_codec_file(tmp_path_factory: pytest.TempPathFactory):
     from mert_pipeline.codec import make_test_codec
 
     return make_test_codec(tmp_path_factory.mktemp("codec") / "test-codec.pt", seed=0)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto's server) on a local port, reached through s3fs as any bucket would be. The
+    endpoint and fake credentials go into the environment, which subprocesses and spawned workers
+    inherit, exactly as a user's AWS settings would."""
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    settings = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL_S3": f"http://{host}:{port}",
+    }
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    yield settings["AWS_ENDPOINT_URL_S3"]
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    server.stop()

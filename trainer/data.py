@@ -31,12 +31,14 @@ import numpy as np
 import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from mert_pipeline import storage
 
 
 @dataclass
 class ShardIndex:
-    root: Path
+    root: storage.Location  # a folder or a URL (s3://bucket/shards)
     sample_rate: int
     hop: int
     shards: dict[str, list[tuple[str, int]]]  # split -> [(path relative to root, samples)]
@@ -51,8 +53,8 @@ def load_shard_index(root: Path | str) -> ShardIndex:
     """Read `root/index.json`: the one place that knows its layout. Accepts `shards` as a dict keyed by
     relative path (entries with `split`, `samples`, and `teacher` + `base` for sidecars) or as a list
     of entries with `name`; teachers from `teachers` and `sidecars` ({name: {n_q, num_classes, ...}})."""
-    root = Path(root)
-    index = json.loads((root / "index.json").read_text())
+    root = storage.as_location(root)
+    index = json.loads(storage.read_bytes(storage.join(root, "index.json")))
     entries = index["shards"]
     if isinstance(entries, list):
         entries = {entry["name"]: entry for entry in entries}
@@ -85,12 +87,18 @@ class CropSpec:
     seed: int = 0
 
 
+def _tar_samples(location: storage.Location) -> Iterator[dict[str, Any]]:
+    """WebDataset samples of one tar, local or remote (streamed through fsspec)."""
+    with storage.open_read(location) as stream:
+        yield from group_by_keys(tar_file_expander([{"url": str(location), "stream": stream}]))
+
+
 def _read_samples(index: ShardIndex, shard: str, teachers: tuple[str, ...]) -> Iterator[dict[str, Any]]:
     """Raw samples (bytes by extension) of one audio shard, with its sidecars' labels merged in."""
-    streams = [tarfile_samples([{"url": str(index.root / shard)}])]
+    streams = [_tar_samples(storage.join(index.root, shard))]
     sides = index.sidecars.get(shard, {})
     names = [t for t in teachers if t in sides]
-    streams += [tarfile_samples([{"url": str(index.root / sides[t])}]) for t in names]
+    streams += [_tar_samples(storage.join(index.root, sides[t])) for t in names]
     for parts in zip(*streams, strict=True):
         sample = dict(parts[0])
         for part in parts[1:]:

@@ -3,11 +3,13 @@ resample, tokenize with the test codec) and read back with the real `webdataset`
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from mert_pipeline.cli import app
 from mert_pipeline.executor import ExecutorConfig, execute
 from mert_pipeline.fs import atomic_write_json
 from mert_pipeline.shards import (
+    DeterministicTar,
     encode_flac,
     parse_size,
     read_segment,
@@ -120,7 +123,7 @@ def test_round_trip_through_webdataset_is_exact(workdir: Path, shards: Path) -> 
             meta = json.loads(sample["json"])
             record = audio[meta["id"]]
             assert meta["split"] == record.split == name.split("/")[0]
-            assert meta["offset"] % 320 == 0 and meta["num_samples"] <= 4 * 24000
+            assert meta["offset"] % 20480 == 0 and meta["num_samples"] <= 4 * 24000  # whole FLAC frames
             assert meta["teachers"] == {"rvq": labels[meta["id"]].config_hash}
             decoded, rate = sf.read(io.BytesIO(sample["flac"]), dtype="float32")
             source, _ = sf.read(record.path, dtype="float32")  # what the teacher read
@@ -139,7 +142,7 @@ def test_round_trip_through_webdataset_is_exact(workdir: Path, shards: Path) -> 
                 whole_tracks += 1
             seen.setdefault(meta["id"], []).append((meta["offset"], meta["num_samples"]))
     assert sorted(seen) == sorted(audio)
-    assert whole_tracks == 1  # the 3 s track; the others are cut and re-encoded
+    assert whole_tracks == 1  # the 3 s track; the others are cut by copying frames
     for file_id, parts in seen.items():  # segments tile each track exactly
         parts.sort()
         assert parts[0][0] == 0 and sum(n for _, n in parts) == audio[file_id].num_samples
@@ -158,13 +161,15 @@ def test_segments_are_shuffled_across_shards_deterministically(
             json.loads(s["json"])["key"] for s in wds.WebDataset(str(shards / name), shardshuffle=False)
         ]
     assert order != sorted(order)  # shuffled, not in key order
-    shard(workdir, tmp_path / "again", teachers=("rvq",))
+    counts = shard(workdir, tmp_path / "again", teachers=("rvq",))["counts"]
+    assert counts["audio_copied_frames"] > 0 and counts["audio_copied_whole"] == 1
+    assert not [key for key in counts if key.startswith("audio_reencoded")]  # every segment copied
     assert tars(tmp_path / "again") == tars(shards)
     shard(workdir, tmp_path / "other", teachers=("rvq",), seed=8)
     assert tars(tmp_path / "other") != tars(shards)
 
 
-def test_segment_bounds_fall_on_frames_and_balance() -> None:
+def test_segment_bounds_fall_on_label_frames_and_balance() -> None:
     for n in (320, 321, 72000, 72017, 720000, 720001, 1_500_000):
         bounds = segment_bounds(n, 2250, 320)
         assert bounds[0][0] == 0 and sum(m for _, m in bounds) == n
@@ -174,6 +179,25 @@ def test_segment_bounds_fall_on_frames_and_balance() -> None:
     assert parse_size("256MB") == 256 * 10**6 and parse_size("1GiB") == 2**30 and parse_size("4096") == 4096
     with pytest.raises(ValueError, match="cannot read the size"):
         parse_size("lots")
+
+
+def test_deterministic_tar_writes_the_bytes_tarfile_writes() -> None:
+    """Members are written whole with patched header templates: the archive must stay tarfile's."""
+    members = [("0123456789abcdef_0001.flac", bytes(range(256)) * 40), ("0123456789abcdef_0001.json", b"{}")]
+    members += [("k.npy", b""), ("x" * 100, b"a" * 512), ("y" * 101, b"b"), ("ü.npy", b"c" * 513)]
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
+            tar.addfile(info, io.BytesIO(data))
+    written = io.BytesIO()
+    ours = DeterministicTar(written)
+    for name, data in members:
+        ours.add(name, data)
+    size, sha256 = ours.close()
+    assert written.getvalue() == expected.getvalue() and size == len(expected.getvalue())
+    assert sha256 == hashlib.sha256(expected.getvalue()).hexdigest()
 
 
 @pytest.mark.parametrize(("fmt", "subtype"), [("FLAC", "PCM_24"), ("WAV", "PCM_16"), ("WAV", "PCM_24")])
