@@ -6,14 +6,17 @@ Run from the repository root:
     /tmp/v1/bin/python benchmarks/shard.py --quick    # fewer, shorter tracks: a sanity run
 
 Inputs, made in a temporary folder on the disk under test (`--dir`, default the system temp folder):
-synthesized music-like tracks through the real `manifest` and `resample` stages (24 kHz mono FLAC
-PCM_16), and one label set of 8 codebooks in the tokenize layout (random int16 codes: the shard stage's
-cost does not depend on the values, and running the EnCodec teacher on CPU would take far longer).
+synthesized music-like tracks (44.1 kHz stereo FLAC, as most corpora) through the real `manifest` and
+`resample` stages (24 kHz mono FLAC PCM_16 with a seek table of its frames), and one label set of 8
+codebooks in the tokenize layout (random int16 codes: the shard stage's cost does not depend on the
+values, and running the EnCodec teacher on CPU would take far longer).
 
 Write: the shard stage, one local worker, 30 s segments, 256 MB shards; MB/s of tar bytes written
 (plan and finalize included). `cp -r` copies the very same tar bytes to another folder of the same disk.
-Three variants of the stage, each against a `cp` of its own output:
-- `flac`: the stage as it is (segments cut by copying the source's FLAC frames);
+Four variants of the stage, each against a `cp` of its own output:
+- `flac`: the stage as it is (segments cut by copying the source's FLAC frames, found by its seek table);
+- `flac_scan`: the same, the frames found by scanning the file (a FLAC without a seek table: one that
+  resample copied because it already was 24 kHz mono);
 - `reencode`: the previous path, forced for comparison (every segment decoded and FLAC-encoded again);
 - `npy`: raw PCM shards, what the issue asks to report next to FLAC: every segment decoded to int16
   and stored as `.npy` (the benchmark swaps the stage's audio function; the member keeps its name).
@@ -48,6 +51,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
+import mert_pipeline.flac_frames as flac_frames  # noqa: E402
 import stages.shard as shard_stage  # noqa: E402
 from manifests import LabelRecord, ResampledRecord, iter_records  # noqa: E402
 from manifests.io import ManifestWriter  # noqa: E402
@@ -68,8 +72,10 @@ def make_inputs(root: Path, tracks: int, seconds: float) -> Path:
     rng = np.random.default_rng(0)
     for i in range(tracks):
         length = seconds * rng.uniform(0.6, 1.4)
-        n = int(length * 24000)
-        sf.write(corpus / f"t{i:04d}.flac", render_track(i, length, 24000, 1)[:n], 24000, subtype="PCM_16")
+        n = int(
+            length * 44100
+        )  # CD-rate stereo sources, as most corpora: resample encodes (and indexes) them
+        sf.write(corpus / f"t{i:04d}.flac", render_track(i, length, 44100, 2)[:n], 44100, subtype="PCM_16")
     config = ManifestConfig(roots=resolve_roots([corpus]), workdir=work, valid_percent=0.05, min_seconds=1.0)
     assert execute(ManifestStage(config), LOCAL).ok
     assert execute(ResampleStage(ResampleConfig(workdir=work)), LOCAL).ok
@@ -115,7 +121,22 @@ def never_copy(*args: object, **kwargs: object) -> bytes:
     raise NotCopyable("benchmark", "the reencode variant")
 
 
-VARIANTS = {"flac": {}, "reencode": {"cut_segment": never_copy}, "npy": {"segment_flac": raw_pcm_segment}}
+def cut_by_scan(*args: object, **kwargs: object) -> bytes:
+    """The `flac_scan` variant: frames found by scanning the file, as for a FLAC without a seek table."""
+    table = flac_frames._from_table
+    flac_frames._from_table = lambda *_: None
+    try:
+        return flac_frames.cut_segment(*args, **kwargs)  # type: ignore[arg-type]
+    finally:
+        flac_frames._from_table = table
+
+
+VARIANTS = {
+    "flac": {},
+    "flac_scan": {"cut_segment": cut_by_scan},
+    "reencode": {"cut_segment": never_copy},
+    "npy": {"segment_flac": raw_pcm_segment},
+}
 
 
 def fsync_tree(folder: Path) -> None:

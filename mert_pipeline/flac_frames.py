@@ -10,6 +10,11 @@ header; the frame ends with a CRC-16 of all its bytes. Both are redone for the n
 over the few header bytes, the CRC-16 without reading the body, because with init 0 the CRC is linear:
 new = stored XOR ((crc16(old header) XOR crc16(new header)) * x^(8 * body bytes) mod P).
 
+Where the frames are: the resample stage gives every FLAC it writes a SEEKTABLE with one point per frame
+(`add_seektable`, which finds them with the checked scan below, once per file); a cut then reads the
+positions of its frames from it, and checks each (the header found there must be exactly the expected
+one). A file without such a table, or whose table does not hold, is scanned for its frames instead.
+
 What is checked, so that a wrong cut cannot pass: the STREAMINFO (fixed block size FLAC_BLOCK, rate,
 mono, bit depth, sample count as in the manifest), the file size against the manifest, and every frame
 boundary: a sync code whose header is the exact expected one (constant bytes of frame 0, the next frame
@@ -35,10 +40,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mert_pipeline.fs import atomic_path
+
 # Samples per FLAC frame as libsndfile 1.2.2 writes them (libFLAC's block size at its default compression
 # level; levels 0-2 use 1152). Segments cut on multiples of it are runs of whole frames and can be copied.
 FLAC_BLOCK = 4096
 
+SEEKTABLE = 3  # FLAC metadata block type
+SEEKPOINT = 18  # bytes per seek point: sample number, byte offset from the first frame, samples (u64 u64 u16)
 SYNC = b"\xff\xf8"  # frame sync code, then reserved bit 0 and blocking strategy 0 (fixed block size)
 SLACK = 8  # frames before the segment that a probe may land on (read for nothing, but harmless)
 MAX_PROBES = 24
@@ -207,12 +216,13 @@ class _Stream:
     prefix: bytes  # the first 4 bytes of every frame header but the last frame's
     extras: bytes  # block size / rate bytes after the frame number (none for libsndfile's files)
     window: int  # bytes a probe reads: twice the largest frame a mono frame of this bit depth can take
+    seektable: int = 0  # byte position of a SEEKTABLE with one point per frame (resample writes it), or 0
 
 
 def _open_stream(data: mmap.mmap, sample_rate: int, bits: int, total_samples: int) -> _Stream:
     if data[:4] != b"fLaC":
         raise NotCopyable("not_flac", "no fLaC marker")
-    pos, info = 4, b""
+    pos, info, table, table_length = 4, b"", 0, -1
     while True:
         block = data[pos : pos + 4]
         if len(block) < 4:
@@ -222,6 +232,8 @@ def _open_stream(data: mmap.mmap, sample_rate: int, bits: int, total_samples: in
             if kind != 0 or length != 34:
                 raise NotCopyable("metadata", "the first metadata block is not a STREAMINFO")
             info = data[pos + 4 : pos + 38]
+        elif kind == SEEKTABLE:
+            table, table_length = pos + 4, length
         pos += 4 + length
         if block[0] & 0x80:
             break
@@ -243,7 +255,8 @@ def _open_stream(data: mmap.mmap, sample_rate: int, bits: int, total_samples: in
     extras = data[pos + 4 + header.utf8_length : pos + header.length - 1]
     window = 2 * (FLAC_BLOCK * bits // 8 + 64)
     frames = -(-total // FLAC_BLOCK)
-    return _Stream(data, len(data), pos, info, total, frames, data[pos : pos + 4], extras, window)
+    table = table if table_length == SEEKPOINT * frames else 0  # only a table of every frame is used
+    return _Stream(data, len(data), pos, info, total, frames, data[pos : pos + 4], extras, window, table)
 
 
 def _regular(stream: _Stream, p: int) -> Header | None:
@@ -257,7 +270,7 @@ def _regular(stream: _Stream, p: int) -> Header | None:
 
 def _probe(stream: _Stream, target: int) -> tuple[int, int]:
     """(byte position, number) of the header of a frame in [target - SLACK, target]: interpolation
-    search (the file has no seek table), each probe taking the first header of one window."""
+    search (for files without a seek table), each probe taking the first header of one window."""
     lo_pos, lo_k, hi_pos, hi_k = stream.audio_start, 0, stream.size, stream.frames
     for _ in range(MAX_PROBES):
         if lo_k >= target - SLACK:
@@ -352,6 +365,77 @@ def _scan(stream: _Stream, base: int, first: int, last: int, guess: int) -> tupl
             )
 
 
+def _from_table(stream: _Stream, k0: int, k1: int) -> tuple[list[int], Header | None] | None:
+    """Positions of the headers of frames k0..min(k1, last) from the seek table, each checked to hold
+    exactly the header that frame has (as `_scan` checks); None if any does not (then scan instead)."""
+    data, final = stream.data, stream.frames - 1
+    upto = min(k1, final)
+    start = stream.seektable + SEEKPOINT * k0
+    rows = np.frombuffer(data[start : start + SEEKPOINT * (upto - k0 + 1)], dtype=np.uint8)
+    rows = rows.reshape(-1, SEEKPOINT)
+    samples = rows[:, 0:8].copy().view(">u8").ravel()
+    offsets = rows[:, 8:16].copy().view(">u8").ravel()
+    if not np.array_equal(samples, np.arange(k0, upto + 1, dtype=np.uint64) * FLAC_BLOCK):
+        return None
+    positions = (offsets.astype(np.int64) + stream.audio_start).tolist()
+    heads = _headers(stream.prefix, stream.extras, max(k0, min(upto, final - 1)))
+    tail = None
+    for k, p in zip(range(k0, upto + 1), positions, strict=True):
+        if k < final:
+            head = heads[k][0]
+            if data[p : p + len(head)] != head:
+                return None
+        else:
+            tail = parse_header(data, p)
+            if tail is None or tail.number != final or tail.block_size != stream.total - FLAC_BLOCK * final:
+                return None
+    return positions, tail
+
+
+def add_seektable(path: str | os.PathLike) -> bool:
+    """Give a FLAC written by libsndfile a SEEKTABLE with one point per frame, found by the same checked
+    scan that cutting uses (done once here, at resample, instead of once per segment at shard time;
+    any FLAC reader may use the table to seek). The file is rewritten in place (through a temporary
+    name). False, and the file untouched, when it is not a fixed-block FLAC of FLAC_BLOCK frames or a
+    check fails; cutting then scans as before."""
+    with open(path, "rb") as handle:
+        data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        packed = int.from_bytes(data[18:26], "big")  # STREAMINFO's rate, channels, bits, samples
+        bits, total = ((packed >> 36) & 31) + 1, packed & ((1 << 36) - 1)
+        stream = _open_stream(data, packed >> 44, bits, total)
+        if stream.seektable or SEEKPOINT * stream.frames >= 1 << 24:  # has one / too long for one block
+            return bool(stream.seektable)
+        positions, _ = _scan(stream, stream.audio_start, 0, stream.frames - 1, stream.size)
+        points = np.zeros((stream.frames, SEEKPOINT), dtype=np.uint8)
+        numbers = np.arange(stream.frames, dtype=np.uint64)
+        points[:, 0:8] = (numbers * FLAC_BLOCK).astype(">u8").view(np.uint8).reshape(-1, 8)
+        offsets = np.array(positions, dtype=np.uint64) - np.uint64(stream.audio_start)
+        points[:, 8:16] = offsets.astype(">u8").view(np.uint8).reshape(-1, 8)
+        sizes = np.minimum(FLAC_BLOCK, total - numbers * FLAC_BLOCK).astype(">u2")
+        points[:, 16:18] = sizes.view(np.uint8).reshape(-1, 2)
+        blocks, pos = [], 4  # the metadata blocks as they are (but an older, sparser seek table: a
+        while pos < stream.audio_start:  # stream holds one at most), then the table after STREAMINFO
+            length = int.from_bytes(data[pos + 1 : pos + 4], "big")
+            if data[pos] & 0x7F != SEEKTABLE:
+                blocks.append(bytearray(data[pos : pos + 4 + length]))
+            pos += 4 + length
+        table = bytearray([SEEKTABLE]) + (SEEKPOINT * stream.frames).to_bytes(3, "big") + points.tobytes()
+        blocks.insert(1, table)
+        for block in blocks:
+            block[0] &= 0x7F
+        blocks[-1][0] |= 0x80  # the last-metadata-block flag
+        with atomic_path(path) as tmp, open(tmp, "wb") as out, memoryview(data) as mem:
+            out.write(b"fLaC" + b"".join(blocks))
+            out.write(mem[stream.audio_start :])
+        return True
+    except NotCopyable:
+        return False
+    finally:
+        with contextlib.suppress(BufferError):
+            data.close()
+
+
 def cut_segment(
     path: str,
     offset: int,
@@ -384,12 +468,16 @@ def cut_segment(
 def _cut(stream: _Stream, offset: int, end: int) -> bytes:
     data = stream.data
     k0, k1 = offset // FLAC_BLOCK, -(-end // FLAC_BLOCK)  # frames k0 .. k1 - 1
-    base, first = (stream.audio_start, 0) if k0 == 0 else _probe(stream, k0 - 1)
-    # Scan through the header of frame k1 + 1: a false header of k1 (the segment's end) would meet the
-    # real one on the way.
-    last = min(k1 + 1, stream.frames - 1)
-    per_frame = (stream.size - stream.audio_start) / stream.frames
-    positions, tail = _scan(stream, base, first, last, int(per_frame * (last - first + 2) * 1.25))
+    found = _from_table(stream, k0, k1) if stream.seektable else None
+    if found is not None:
+        first, positions, tail = k0, *found
+    else:
+        base, first = (stream.audio_start, 0) if k0 == 0 else _probe(stream, k0 - 1)
+        # Scan through the header of frame k1 + 1: a false header of k1 (the segment's end) would meet
+        # the real one on the way.
+        last = min(k1 + 1, stream.frames - 1)
+        per_frame = (stream.size - stream.audio_start) / stream.frames
+        positions, tail = _scan(stream, base, first, last, int(per_frame * (last - first + 2) * 1.25))
     positions.append(stream.size)  # the end of the file's last frame, if the segment reaches it
     info = bytearray(stream.streaminfo)
     info[4:10] = bytes(6)  # min/max frame size: unknown

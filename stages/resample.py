@@ -3,7 +3,8 @@
 Plan (driver): stream `WORKDIR/manifest.parquet` and cut it into chunks of `files_per_task` rows;
 chunk i is task i. Run (worker): resample each file of the chunk (see `mert_pipeline.resample`) to
 `AUDIO_DIR/ab/<id>.flac` (`ab` = the id's first two hex digits, so no directory holds more than 1/256
-of the corpus), and write `parts/RANK.parquet` (records) and `rejects/RANK.jsonl`. Every finished file
+of the corpus; a FLAC written here gets a seek table of its frames, `flac_frames.add_seektable`, for
+the shard stage), and write `parts/RANK.parquet` (records) and `rejects/RANK.jsonl`. Every finished file
 is also appended to `journal/RANK.jsonl`, so a task killed halfway redoes only its unfinished files.
 Finalize (driver): merge the parts in rank order into the dataset directory `AUDIO_DIR`
 (`WORKDIR/audio_24k` at 24 kHz):
@@ -34,6 +35,7 @@ from manifests.records import SCHEMA_VERSION, Reject, ResampledRecord
 from mert_pipeline import storage
 from mert_pipeline.audio import ProbeFailure, hash_file
 from mert_pipeline.executor import Resources, Task, rank_path
+from mert_pipeline.flac_frames import add_seektable
 from mert_pipeline.fs import atomic_path, remove_stale_tmp
 from mert_pipeline.listing import (
     Journal,
@@ -132,6 +134,8 @@ def resample_one(row: dict[str, Any], config: ResampleConfig) -> ResampledRecord
                     f"{result.clipped_samples} of {result.num_samples} samples at full scale "
                     f"(> --clip-fraction {config.clip_fraction:g})",
                 )
+            if spec.format == "FLAC" and not result.copied:  # a copy stays the source's bytes
+                add_seektable(tmp)  # shard then copies segments' frames without scanning for them
             content_hash, size_bytes = hash_file(tmp)
     except ProbeFailure as failure:
         return Reject(source, failure.reason, failure.detail)

@@ -11,7 +11,16 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mert_pipeline.flac_frames import FLAC_BLOCK, NotCopyable, crc16, cut_segment, parse_header
+from mert_pipeline.flac_frames import (
+    FLAC_BLOCK,
+    NotCopyable,
+    _from_table,
+    _open_stream,
+    add_seektable,
+    crc16,
+    cut_segment,
+    parse_header,
+)
 from mert_pipeline.shards import ShardError, segment_bounds
 from mert_pipeline.synth import render_track
 from stages.shard import segment_flac, segment_unit
@@ -132,3 +141,43 @@ def test_a_corrupt_frame_header_is_never_copied(tmp_path: Path) -> None:
     path.write_bytes(bytes(data[:-100]))  # size differs from the manifest's
     with pytest.raises(NotCopyable, match="the manifest says"):
         cut_segment(str(path), UNIT, UNIT, RATE, 16, LENGTH, len(data))
+
+
+@pytest.mark.parametrize(("subtype", "bits"), [("PCM_16", 16), ("PCM_24", 24)])
+def test_seek_table_gives_the_same_cuts_and_a_wrong_one_is_not_trusted(
+    tmp_path: Path, subtype: str, bits: int
+) -> None:
+    plain, tabled = tmp_path / "plain.flac", tmp_path / "tabled.flac"
+    source = write(plain, subtype)
+    tabled.write_bytes(plain.read_bytes())
+    assert add_seektable(tabled) and add_seektable(tabled)  # a second call keeps the table it finds
+    data = tabled.read_bytes()
+    frames = -(-LENGTH // FLAC_BLOCK)
+    assert len(data) == plain.stat().st_size + 4 + 18 * frames  # one point per frame
+    decoded, _ = sf.read(tabled, dtype="int32")
+    np.testing.assert_array_equal(decoded, source)
+    with sf.SoundFile(tabled) as handle:  # readers may seek with it
+        handle.seek(LENGTH - 5000)
+        np.testing.assert_array_equal(handle.read(5000, dtype="int32"), source[-5000:])
+    cuts = [*segment_bounds(LENGTH, 3, UNIT), (FLAC_BLOCK * 41, LENGTH - FLAC_BLOCK * 41)]
+    for offset, n in cuts:  # byte for byte what scanning the file without a table gives
+        assert cut_segment(str(tabled), offset, n, RATE, bits, LENGTH, len(data)) == cut_segment(
+            str(plain), offset, n, RATE, bits, LENGTH, plain.stat().st_size
+        )
+    assert data[42] & 0x7F == 3  # the SEEKTABLE block, right after STREAMINFO
+    wrong = bytearray(data)
+    wrong[42 + 4 + 18 * 10 + 15] ^= 1  # frame 10's offset one byte off: its header is not there
+    tabled.write_bytes(bytes(wrong))
+    for blob, used in ((data, True), (bytes(wrong), False)):
+        stream = _open_stream(blob, RATE, bits, LENGTH)  # type: ignore[arg-type]
+        assert stream.seektable and (_from_table(stream, 10, 20) is not None) == used
+    assert cut_segment(str(tabled), 2 * UNIT, UNIT, RATE, bits, LENGTH, len(wrong)) == cut_segment(
+        str(plain), 2 * UNIT, UNIT, RATE, bits, LENGTH, plain.stat().st_size
+    )  # a table that does not hold is not trusted: the file is scanned
+
+
+def test_seek_table_is_not_added_to_other_flac(tmp_path: Path) -> None:
+    path = tmp_path / "fast.flac"
+    write(path, compression_level=0.0)  # libsndfile's fastest level: 1152-sample frames
+    before = path.read_bytes()
+    assert not add_seektable(path) and path.read_bytes() == before

@@ -418,3 +418,47 @@ def test_cli_shard_and_its_misuse(workdir: Path, tmp_path: Path) -> None:
     assert sized.exit_code == 0, sized.output
     entries = json.loads((tmp_path / "sized/index.json").read_text())["shards"].values()
     assert len(entries) > 3 and all(e["bytes"] <= 150_000 * 1.2 or e["samples"] == 1 for e in entries)
+
+
+def test_float_audio_is_rejected_as_unshardable_and_the_rest_is_sharded(tmp_path: Path) -> None:
+    """`resample --format wav` keeps float sources float; FLAC holds integers only, so such a file cannot
+    go into a shard unchanged: it is rejected with a reason, the integer files are sharded."""
+    from mert_pipeline.resample import OutputSpec
+
+    corpus, work = tmp_path / "corpus", tmp_path / "work"
+    corpus.mkdir()
+    for name, subtype in (("float", "FLOAT"), ("int", "PCM_16")):
+        sf.write(corpus / f"{name}.wav", render_track(3, 2.0, 24000, 1), 24000, subtype=subtype)
+    manifest = ManifestConfig(roots=resolve_roots([corpus]), workdir=work, valid_percent=0.0, min_seconds=0.0)
+    assert execute(ManifestStage(manifest), LOCAL).ok
+    assert execute(ResampleStage(ResampleConfig(workdir=work, output=OutputSpec(format="WAV"))), LOCAL).ok
+    root = work / "labels" / "km"  # a label set in the tokenize layout for both files
+    facts = {"name": "km", "kind": "kmeans", "config_hash": "km", "config": {}, "n_q": 1}
+    facts |= {"num_classes": 8, "label_rate": 75.0, "hop": 320, "sampling_rate": 24000}
+    with ManifestWriter(root / "labels.parquet", str(root), record_type=LabelRecord) as writer:
+        for audio in iter_records(work / "audio_24k/manifest.parquet", record_type=ResampledRecord):
+            frames = -(-audio.num_samples // 320)
+            (root / f"{audio.id}.npy").parent.mkdir(parents=True, exist_ok=True)
+            np.save(root / f"{audio.id}.npy", np.zeros((1, frames), dtype=np.int16))
+            writer.write(
+                LabelRecord(
+                    audio.id,
+                    "km",
+                    "kmeans",
+                    "km",
+                    f"{audio.id}.npy",
+                    1,
+                    frames,
+                    8,
+                    75.0,
+                    audio.num_samples,
+                    24000,
+                    audio.split,
+                )  # fmt: skip
+            )
+    atomic_write_json(root / "teacher.json", facts)
+    summary = shard(work, tmp_path / "shards")
+    rejects = list(iter_rejects(tmp_path / "shards/rejects.jsonl"))
+    assert [(Path(r.path).suffix, r.reason) for r in rejects] == [(".wav", "unshardable")]
+    assert "float" in rejects[0].detail.lower() and summary["counts"]["accepted"] == 1
+    assert verify_all(tmp_path / "shards").ok
