@@ -81,7 +81,7 @@ def open_read(location: Location) -> IO[bytes]:
     fs, path = filesystem(str(location))
     try:
         return fs.open(path, "rb", block_size=READ_BLOCK, cache_type="readahead")
-    except FileNotFoundError:
+    except OSError:  # missing, permission denied: their own types, which callers tell apart
         raise
     except Exception as exc:  # noqa: BLE001 - backends raise their own types: one line with the URL
         raise StorageError(f"{location}: cannot open: {exc}") from exc
