@@ -61,7 +61,7 @@ def hash_file(path: Path | str) -> tuple[str, int]:
     buffer = bytearray(HASH_CHUNK)
     view = memoryview(buffer)
     try:
-        with open(path, "rb", buffering=0) if not is_url(path) else open_read(path) as handle:
+        with open(path, "rb", buffering=0) as handle:
             while count := handle.readinto(buffer):
                 digest.update(view[:count])
                 size += count

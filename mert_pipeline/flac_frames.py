@@ -293,6 +293,22 @@ def _probe(stream: _Stream, target: int) -> tuple[int, int]:
     raise NotCopyable("seek", f"no frame near {target} found in {MAX_PROBES} probes")
 
 
+def _last_header(stream: _Stream, p: int) -> Header | None:
+    """The header at `p` if it is exactly the file's last frame's: its number, its (shorter) block size,
+    and the stream's sample rate, channel and bit-depth codes."""
+    header = parse_header(stream.data, p)
+    final = stream.frames - 1
+    if (
+        header is not None
+        and header.number == final
+        and header.block_size == stream.total - FLAC_BLOCK * final
+        and stream.data[p + 2] & 15 == stream.prefix[2] & 15
+        and stream.data[p + 3] == stream.prefix[3]
+    ):
+        return header
+    return None
+
+
 def _syncs(data: mmap.mmap, start: int, stop: int) -> list[int]:
     """Positions in [start, stop) where a sync code begins (numpy: a loop of `find` reads ~1 GB/s)."""
     view = np.frombuffer(data, dtype=np.uint8, count=min(stop + 1, len(data)) - start, offset=start)
@@ -321,7 +337,6 @@ def _scan(stream: _Stream, base: int, first: int, last: int, guess: int) -> tupl
     tail: Header | None = None  # the file's last frame, whose block size may differ
     heads = _headers(stream.prefix, stream.extras, max(first, min(last, final - 1)))
     expect, pos = first + 1, base + len(heads[first][0])
-    short = stream.total - FLAC_BLOCK * final
     stop = min(size, base + guess)
     candidates, i = _syncs(data, pos, stop), 0
     while True:
@@ -346,14 +361,8 @@ def _scan(stream: _Stream, base: int, first: int, last: int, guess: int) -> tupl
                     return positions, tail
                 continue
         elif expect == final and expect <= last:
-            header = parse_header(data, p)
-            if (
-                header is not None
-                and header.number == expect
-                and header.block_size == short
-                and data[p + 2] & 15 == stream.prefix[2] & 15
-                and data[p + 3] == stream.prefix[3]
-            ):
+            header = _last_header(stream, p)
+            if header is not None:
                 positions.append(p)
                 tail, expect, pos = header, expect + 1, p + header.length
                 continue
@@ -386,8 +395,8 @@ def _from_table(stream: _Stream, k0: int, k1: int) -> tuple[list[int], Header | 
             if data[p : p + len(head)] != head:
                 return None
         else:
-            tail = parse_header(data, p)
-            if tail is None or tail.number != final or tail.block_size != stream.total - FLAC_BLOCK * final:
+            tail = _last_header(stream, p)
+            if tail is None:
                 return None
     return positions, tail
 

@@ -22,7 +22,6 @@ Rules, stated once:
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import soundfile as sf
 import soxr
 
 from mert_pipeline.audio import ProbeFailure, open_audio, os_failure, sndfile_message
-from mert_pipeline.storage import READ_BLOCK, is_url, open_read
+from mert_pipeline.storage import copy_to
 
 BLOCK_FRAMES = 1 << 17  # decode block: 1 MB of stereo float32; measured faster than 2^14..2^16
 QUALITIES = ("HQ", "VHQ")  # soxr recipes worth offering; see benchmarks/RESULTS.md for the choice
@@ -234,11 +233,7 @@ def resample_file(src: str, dst: Path, spec: OutputSpec, block_frames: int = BLO
                 writer.close()
     if copy:
         try:
-            if is_url(src):
-                with open_read(src) as source, open(dst, "wb") as target:
-                    shutil.copyfileobj(source, target, READ_BLOCK)
-            else:
-                shutil.copyfile(src, dst)
+            copy_to(src, dst)  # a local path or a URL
         except OSError as exc:
             raise os_failure(exc) from exc
     return ResampleResult(

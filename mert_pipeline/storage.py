@@ -87,6 +87,15 @@ def open_read(location: Location) -> IO[bytes]:
         raise StorageError(f"{location}: cannot open: {exc}") from exc
 
 
+def copy_to(location: Location, target: Path) -> None:
+    """Copy a file, local or remote (streamed, `READ_BLOCK` bytes at a time), to a local path."""
+    if not is_url(location):
+        shutil.copyfile(location, target)
+        return
+    with open_read(location) as source, open(target, "wb") as handle:
+        shutil.copyfileobj(source, handle, READ_BLOCK)
+
+
 @contextlib.contextmanager
 def local_copy(location: Location) -> Iterator[Path]:
     """A local path holding the file's bytes: the file itself when local, else a temporary download
@@ -96,8 +105,7 @@ def local_copy(location: Location) -> Iterator[Path]:
         return
     with tempfile.TemporaryDirectory(prefix="mert-pipe-") as folder:
         target = Path(folder) / str(location).rsplit("/", 1)[-1]
-        with open_read(location) as source, open(target, "wb") as handle:
-            shutil.copyfileobj(source, handle, READ_BLOCK)
+        copy_to(location, target)
         yield target
 
 

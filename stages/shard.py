@@ -201,6 +201,10 @@ class _WritesShards:
     def _part(self, rank: int) -> Path:
         return rank_path(self, "parts", rank, ".json")  # type: ignore[arg-type]
 
+    def _write_index(self, index: dict[str, Any]) -> None:
+        """SHARDS/index.json, whole or not at all (renamed locally, one PUT remotely); written last."""
+        storage.write_bytes(join(self.config.out, INDEX), to_json(index).encode())
+
     def _output(self, name: str) -> Any:
         """A local temporary file that becomes SHARDS/NAME when complete (renamed, or uploaded whole)."""
         return storage.atomic_output(join(self.config.out, name), stage_dir(self) / "upload")  # type: ignore[arg-type]
@@ -415,7 +419,7 @@ class ShardStage(_WritesShards):
             "shards": {**entries, **sidecars},
         }
         _add_totals(index)
-        storage.write_bytes(join(config.out, INDEX), to_json(index).encode())
+        self._write_index(index)
         counts = dict(plan["counts"])
         counts["rejected"] = sum(v for k, v in counts.items() if k.startswith("rejected."))
         counts["accepted"] = counts.pop("files", 0)
@@ -646,7 +650,7 @@ class SidecarStage(_WritesShards):
         )
         _add_totals(index)
         removed = _prune(self.config.out, set(shards))
-        storage.write_bytes(join(self.config.out, INDEX), to_json(index).encode())
+        self._write_index(index)
         counts = {key: stats.get(key, 0) for key in ("samples", "bytes", "shards", "audio_seconds")}
         counts["removed_stale"] = removed
         return {
