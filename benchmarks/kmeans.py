@@ -6,8 +6,9 @@ Run from the repository root (the script puts the repository on sys.path itself)
     /tmp/v1/bin/python benchmarks/kmeans.py                    # 1M frames x 39, k=500
     /tmp/v1/bin/python benchmarks/kmeans.py --frames 200000    # a quicker run
 
-Frames (``--source synth``, the default) are real 39-dim MFCC+delta features (`mert_pipeline.features.MFCC`)
-of 30-second tracks from `mert_pipeline.synth.render_track` (seeds 0, 1, 2, ...), cut to ``--frames``;
+Frames (``--source synth``, the default) are real 39-dim MFCC+delta features
+(`mert_pipeline.teachers.features.MFCC`)
+of 30-second tracks from `mert_pipeline.demo.synth.render_track` (seeds 0, 1, 2, ...), cut to ``--frames``;
 they are cached as .npy under --cache. ``--source gmm`` draws ``--dim``-dim frames from a seeded mixture of
 anisotropic Gaussians instead (any dim, no synthesis).
 
@@ -54,9 +55,10 @@ import torch  # noqa: E402
 import torchaudio  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
-from mert_pipeline.features import HOP, MFCC, SAMPLE_RATE  # noqa: E402
-from mert_pipeline.kmeans import assign, assign_with_distances, fit_kmeans  # noqa: E402
-from mert_pipeline.synth import render_track  # noqa: E402
+from mert_pipeline.demo.synth import render_track  # noqa: E402
+from mert_pipeline.grid import HOP, SAMPLE_RATE  # noqa: E402
+from mert_pipeline.teachers.features import MFCC  # noqa: E402
+from mert_pipeline.teachers.kmeans import assign, assign_with_distances, fit_kmeans  # noqa: E402
 
 TRACK_SECONDS = 30.0
 

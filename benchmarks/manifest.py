@@ -60,9 +60,9 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
 from mert_pipeline.audio import hash_file, probe_audio  # noqa: E402
+from mert_pipeline.demo.synth import render_track  # noqa: E402
 from mert_pipeline.executor import ExecutorConfig, execute, stage_dir  # noqa: E402
-from mert_pipeline.synth import render_track  # noqa: E402
-from stages.manifest import ManifestConfig, ManifestStage, resolve_roots  # noqa: E402
+from mert_pipeline.stages.manifest import ManifestConfig, ManifestStage, resolve_roots  # noqa: E402
 
 CORPUS_VERSION = 1
 MARKER = "corpus.json"

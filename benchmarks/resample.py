@@ -56,9 +56,9 @@ import torch  # noqa: E402
 import torchaudio  # noqa: E402
 import torchaudio.functional as AF  # noqa: E402
 
+from mert_pipeline.demo.synth import render_track  # noqa: E402
 from mert_pipeline.flac_frames import add_seektable  # noqa: E402
 from mert_pipeline.resample import BLOCK_FRAMES, OutputSpec, resample_file  # noqa: E402
-from mert_pipeline.synth import render_track  # noqa: E402
 
 torch.set_num_threads(1)
 Resampler = Callable[[np.ndarray, int, int], np.ndarray]

@@ -44,13 +44,17 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from mert_pipeline.codec import CodecError, load_codec, make_test_codec  # noqa: E402
+from mert_pipeline.demo.synth import render_track  # noqa: E402
+from mert_pipeline.demo.test_codec import make_test_codec  # noqa: E402
 from mert_pipeline.executor import ExecutorConfig, Resources, Task, execute  # noqa: E402
-from mert_pipeline.synth import render_track  # noqa: E402
-from mert_pipeline.teachers import RvqTeacher  # noqa: E402
-from stages.manifest import ManifestConfig, ManifestStage, resolve_roots  # noqa: E402
-from stages.resample import ResampleConfig, ResampleStage  # noqa: E402
-from stages.tokenize import TokenizeConfig, TokenizeStage  # noqa: E402
+from mert_pipeline.stages.manifest import ManifestConfig, ManifestStage, resolve_roots  # noqa: E402
+from mert_pipeline.stages.resample import ResampleConfig, ResampleStage  # noqa: E402
+from mert_pipeline.stages.tokenize import TokenizeConfig, TokenizeStage  # noqa: E402
+from mert_pipeline.teachers.rvq import (  # noqa: E402
+    CodecError,
+    RvqTeacher,  # noqa: E402
+    load_codec,
+)
 
 
 @dataclass
@@ -127,8 +131,8 @@ def main() -> None:
         assert execute(resample, one).ok  # warm-up (page cache)
         small_resample = ResampleStage(ResampleConfig(workdir=workdirs[1], files_per_task=4))
         assert execute(small_resample, one).ok  # the input of tokenize
-        tokenize = TokenizeStage(TokenizeConfig(workdir=workdirs[1], teacher=teacher, files_per_task=1))
-        tokenize.claim_labels_dir(force=True)
+        config = TokenizeConfig(workdir=workdirs[1], teacher=teacher, files_per_task=1, replace=True)
+        tokenize = TokenizeStage(config)
         print("\n| stage | executor | 1 worker x RT | 2 workers x RT | speed-up | efficiency |")
         print("|---|---|---:|---:|---:|---:|")
         jobs = (("resample", resample, big[0] * big[1]), ("tokenize rvq", tokenize, small[0] * small[1]))

@@ -52,16 +52,16 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 
 import mert_pipeline.flac_frames as flac_frames  # noqa: E402
-import stages.shard as shard_stage  # noqa: E402
-from manifests import LabelRecord, ResampledRecord, iter_records  # noqa: E402
-from manifests.io import ManifestWriter  # noqa: E402
+import mert_pipeline.stages.shard as shard_stage  # noqa: E402
+from mert_pipeline.demo.synth import render_track  # noqa: E402
 from mert_pipeline.executor import ExecutorConfig, execute  # noqa: E402
 from mert_pipeline.flac_frames import NotCopyable  # noqa: E402
 from mert_pipeline.fs import atomic_write_json  # noqa: E402
+from mert_pipeline.manifests import LabelRecord, ResampledRecord, iter_records  # noqa: E402
+from mert_pipeline.manifests.io import ManifestWriter  # noqa: E402
 from mert_pipeline.shards import npy_bytes, read_segment  # noqa: E402
-from mert_pipeline.synth import render_track  # noqa: E402
-from stages.manifest import ManifestConfig, ManifestStage, resolve_roots  # noqa: E402
-from stages.resample import ResampleConfig, ResampleStage  # noqa: E402
+from mert_pipeline.stages.manifest import ManifestConfig, ManifestStage, resolve_roots  # noqa: E402
+from mert_pipeline.stages.resample import ResampleConfig, ResampleStage  # noqa: E402
 
 LOCAL = ExecutorConfig(kind="local", workers=1)
 

@@ -46,14 +46,20 @@ import numpy as np  # noqa: E402
 import soundfile as sf  # noqa: E402
 import torch  # noqa: E402
 
-from manifests import LabelRecord, iter_records  # noqa: E402
-from mert_pipeline.codec import CodecError, load_codec, make_test_codec, resolve_device  # noqa: E402
+from mert_pipeline.demo.synth import render_track  # noqa: E402
+from mert_pipeline.demo.test_codec import make_test_codec  # noqa: E402
+from mert_pipeline.devices import resolve_device  # noqa: E402
 from mert_pipeline.executor import ExecutorConfig, execute  # noqa: E402
-from mert_pipeline.synth import render_track  # noqa: E402
-from mert_pipeline.teachers import RvqTeacher  # noqa: E402
-from stages.manifest import ManifestConfig, ManifestStage, resolve_roots  # noqa: E402
-from stages.resample import ResampleConfig, ResampleStage  # noqa: E402
-from stages.tokenize import TokenizeConfig, TokenizeStage, default_files_per_task  # noqa: E402
+from mert_pipeline.manifests import LabelRecord, iter_records  # noqa: E402
+from mert_pipeline.stages.manifest import ManifestConfig, ManifestStage, resolve_roots  # noqa: E402
+from mert_pipeline.stages.resample import ResampleConfig, ResampleStage  # noqa: E402
+from mert_pipeline.stages.tokenize import TokenizeConfig, TokenizeStage  # noqa: E402
+from mert_pipeline.teachers.rvq import (  # noqa: E402
+    CodecError,
+    RvqTeacher,  # noqa: E402
+    default_files_per_task,  # noqa: E402
+    load_codec,
+)
 
 
 def build_corpus(root: Path, minutes: list[float]) -> Path:
@@ -99,9 +105,10 @@ def stage(workdir: Path, teacher: RvqTeacher, workers: int, name: str) -> tuple[
     """(b): the stage end to end; seconds (the timed run after a warm-up) and the codes by id. Tasks are
     sized as the CLI sizes them for the device."""
     files_per_task = default_files_per_task(teacher.device)
-    config = TokenizeConfig(workdir=workdir, teacher=teacher, name=name, files_per_task=files_per_task)
+    config = TokenizeConfig(
+        workdir=workdir, teacher=teacher, name=name, files_per_task=files_per_task, replace=True
+    )
     tokenize = TokenizeStage(config)
-    tokenize.claim_labels_dir(force=True)
     execute(tokenize, ExecutorConfig(kind="local", workers=workers, force=True))  # warm-up: pools, models
     start = time.perf_counter()
     report = execute(tokenize, ExecutorConfig(kind="local", workers=workers, force=True))

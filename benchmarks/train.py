@@ -30,10 +30,10 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+from mert_pipeline.trainer.data import CropSpec, Loader, load_shard_index  # noqa: E402
+from mert_pipeline.trainer.model import MERT, flops_per_clip  # noqa: E402
+from mert_pipeline.trainer.pretrain import load_config, peak_flops  # noqa: E402
 from tests.trainer.shardgen import write_shards  # noqa: E402
-from trainer.data import CropSpec, Loader, load_shard_index  # noqa: E402
-from trainer.model import MERT, flops_per_clip  # noqa: E402
-from trainer.pretrain import load_config, peak_flops  # noqa: E402
 
 
 def loader_rate(index, spec: CropSpec, workers: int, batches: int) -> float:

@@ -1,6 +1,6 @@
-"""Manifest record types and their streaming readers and writers."""
+"""Manifest record types and their streaming readers and writers (`mert_pipeline.manifests`)."""
 
-from manifests.io import (
+from mert_pipeline.manifests.io import (
     FairseqTsvWriter,
     ManifestWriter,
     RejectsWriter,
@@ -11,7 +11,7 @@ from manifests.io import (
     manifest_root,
     read_fairseq_tsv,
 )
-from manifests.records import (
+from mert_pipeline.manifests.records import (
     REJECT_REASONS,
     AudioRecord,
     LabelRecord,
@@ -39,3 +39,8 @@ __all__ = [
     "manifest_root",
     "read_fairseq_tsv",
 ]
+
+if __name__ != "mert_pipeline.manifests":  # the folder is mapped into the package; never import it bare
+    raise ImportError(
+        "import mert_pipeline.manifests, not manifests: this folder is part of the mert_pipeline package"
+    )

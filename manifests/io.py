@@ -15,8 +15,15 @@ from types import TracebackType
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from manifests.records import SCHEMA_VERSION, SCHEMAS, AudioRecord, Record, Reject, record_to_row
 from mert_pipeline.fs import atomic_path
+from mert_pipeline.manifests.records import (
+    SCHEMA_VERSION,
+    SCHEMAS,
+    AudioRecord,
+    Record,
+    Reject,
+    record_to_row,
+)
 
 ROW_GROUP = 65536
 META_ROOT = b"mert_pipeline.root"

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
 import pyarrow as pa
+
+from mert_pipeline.grid import hop_of, num_frames
 
 SCHEMA_VERSION = "1"
 SPLITS = ("train", "valid")
@@ -242,9 +245,7 @@ class LabelRecord:
             raise bad("teacher and config_hash must be set and relpath relative")
         if self.n_q < 1 or self.frames < 1 or not 1 <= self.num_classes <= 32768:
             raise bad("n_q and frames must be positive and num_classes in 1..32768 (int16 labels)")
-        hop = self.sampling_rate / self.label_rate
-        if abs(hop - round(hop)) > 1e-9 or self.frames != -(-self.num_samples // round(hop)):
-            raise bad(f"frames must be ceil(num_samples / hop) = ceil({self.num_samples} / {hop:g})")
+        _check_frames(bad, self.sampling_rate, self.label_rate, self.frames, self.num_samples)
         if self.split not in SPLITS:
             raise bad(f"split must be one of {SPLITS}")
 
@@ -298,9 +299,7 @@ class FeatureRecord:
             raise bad("kind and config_hash must be set and relpath relative")
         if self.dim < 1 or self.frames < 1:
             raise bad("dim and frames must be positive")
-        hop = self.sampling_rate / self.frame_rate
-        if abs(hop - round(hop)) > 1e-9 or self.frames != -(-self.num_samples // round(hop)):
-            raise bad(f"frames must be ceil(num_samples / hop) = ceil({self.num_samples} / {hop:g})")
+        _check_frames(bad, self.sampling_rate, self.frame_rate, self.frames, self.num_samples)
         if self.split not in SPLITS:
             raise bad(f"split must be one of {SPLITS}")
 
@@ -329,6 +328,18 @@ SCHEMAS: dict[type, pa.Schema] = {
     LabelRecord: LABEL_SCHEMA,
     FeatureRecord: FEATURE_SCHEMA,
 }
+
+
+def _check_frames(
+    bad: Callable[[str], RecordError], rate: int, frame_rate: float, frames: int, n: int
+) -> None:
+    """Frames on the grid: a whole hop, and ceil(num_samples / hop) of them."""
+    try:
+        hop = hop_of(rate, frame_rate)
+    except ValueError as exc:
+        raise bad(str(exc)) from exc
+    if frames != num_frames(n, hop):
+        raise bad(f"frames must be ceil(num_samples / hop) = ceil({n} / {hop})")
 
 
 def record_to_row(record: Record) -> dict:

@@ -19,11 +19,13 @@ import numpy as np
 import torch
 
 from mert_pipeline.audio import open_audio
+from mert_pipeline.devices import resolve_device
+from mert_pipeline.grid import RECEPTIVE_FIELD, SAMPLE_RATE
 from mert_pipeline.resample import StreamResampler, downmix
 from mert_pipeline.storage import Location, as_location, is_url, join, relative, walk_files
 
-RATE = 24000
-MIN_SAMPLES = 400  # one frame of the conv front end
+RATE = SAMPLE_RATE
+MIN_SAMPLES = RECEPTIVE_FIELD  # one frame of the conv front end
 BLOCK = 1 << 16
 
 
@@ -50,17 +52,6 @@ class Embedder:
         else:
             states = mert_hidden_states(self.model, audio)
         return torch.stack(states).float().cpu()
-
-
-def resolve_device(device: str) -> torch.device:
-    """auto, cpu, cuda, or cuda:N (a stage's worker that claimed GPU N of a local pool)."""
-    if device.startswith("cuda:") and device[5:].isdigit():
-        return torch.device(device)
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, not {device!r}")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(device)
 
 
 def load_embedder(source: Path, device: str = "auto", random_init: bool = False, seed: int = 0) -> Embedder:
@@ -171,7 +162,7 @@ def list_inputs(source: Location) -> list[tuple[str, Location]]:
     """(id, path) pairs: a manifest.parquet (id, path columns), a fairseq train.tsv or a .txt list of
     paths, an audio file, or a folder (its audio files, recursively, sorted). A URL (s3://bucket/prefix)
     is a folder or one object; paths in a manifest or a list may be URLs too."""
-    from stages.manifest import DEFAULT_EXTENSIONS
+    from mert_pipeline.stages.manifest import DEFAULT_EXTENSIONS
 
     extensions = {f".{e.lstrip('.')}" for e in DEFAULT_EXTENSIONS}
     if is_url(source):

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from mert_pipeline.fs import atomic_write_json, atomic_write_text, remove_stale_tmp
+from mert_pipeline.layout import bookkeeping_dir, stage_stats
 from mert_pipeline.stats import merge_stats
 
 
@@ -90,7 +91,7 @@ def _rank_name(rank: int) -> str:
 
 def stage_dir(stage: Stage) -> Path:
     """Where a stage keeps per-task bookkeeping and intermediate outputs."""
-    return stage.workdir / ".work" / stage.name
+    return bookkeeping_dir(stage.workdir, stage.name)
 
 
 def rank_path(stage: Stage, sub: str, rank: int, suffix: str = "") -> Path:
@@ -100,7 +101,7 @@ def rank_path(stage: Stage, sub: str, rank: int, suffix: str = "") -> Path:
 
 
 def merged_stats_path(stage: Stage) -> Path:
-    return stage.workdir / "stats" / f"{stage.name}.json"
+    return stage_stats(stage.workdir, stage.name)
 
 
 def marker_path(stage: Stage, rank: int) -> Path:
@@ -153,10 +154,11 @@ def run_task(stage: Stage, task: Task) -> TaskOutcome:
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    """How to schedule tasks. Reaches stages as plain arguments from the CLI."""
+    """How to schedule tasks. `workers`: processes of the local pool (or CPUs of the local Ray started);
+    None lets each stage choose its own (`pipeline.scheduled`), one per core when run directly."""
 
     kind: Literal["local", "ray"] = "local"
-    workers: int = 1
+    workers: int | None = None
     ray_address: str | None = None
     cpus_per_task: float | None = None  # None: the stage's own default
     gpus_per_task: float | None = None
@@ -193,6 +195,10 @@ def execute(
 ) -> StageReport:
     """Plan, run every task on the chosen executor, and finalize when all tasks are complete."""
     start = time.perf_counter()
+    if config.kind not in ("local", "ray"):
+        raise ValueError(f"--executor must be 'local' or 'ray', not {config.kind!r}")
+    if config.workers is None:
+        config = dataclasses.replace(config, workers=max(1, os.cpu_count() or 1))
     remove_stale_tmp(stage_dir(stage))
     if config.force:
         for sub in ("completions", "stats", "errors"):
@@ -228,6 +234,7 @@ def execute(
         {
             "stage": stage.name,
             "executor": config.kind,
+            "workers": config.workers,
             "tasks": {
                 "total": report.tasks,
                 "done": report.done,

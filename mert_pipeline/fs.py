@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from mert_pipeline.layout import LOCK
+
 TMP_MARK = ".tmp-"
 
 
@@ -101,11 +103,23 @@ class WorkdirBusy(RuntimeError):
     """Another run holds the workdir lock."""
 
 
+_HELD: dict[str, int] = {}  # this process's workdir locks: real path -> nesting depth
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `workdir` so two drivers never interleave writes to the same outputs."""
+    """Hold an exclusive lock on `workdir` so two drivers never interleave writes to the same outputs.
+    Re-entrant within a process: a command holds it for all its stages, each of which takes it again."""
     workdir.mkdir(parents=True, exist_ok=True)
-    lock_path = workdir / ".lock"
+    key = os.path.realpath(workdir)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    lock_path = workdir / LOCK
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -115,6 +129,10 @@ def workdir_lock(workdir: Path) -> Iterator[None]:
             raise WorkdirBusy(f"another mert-pipe run (pid {holder}) is using {workdir}") from exc
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            del _HELD[key]
     finally:
         os.close(fd)

@@ -47,7 +47,7 @@ def resolve_checkpoint(path: Path) -> Path:
 
 def load_checkpoint(path: Path) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:
     """(ModelConfig, model state dict, {step, path}) of a trainer checkpoint, read with weights_only."""
-    from trainer.model import ModelConfig
+    from mert_pipeline.trainer.model import ModelConfig
 
     path = resolve_checkpoint(path)
     try:
@@ -69,7 +69,7 @@ def load_checkpoint(path: Path) -> tuple[Any, dict[str, torch.Tensor], dict[str,
 def build_encoder(cfg: Any, state: dict[str, torch.Tensor] | None, seed: int = 0) -> torch.nn.Module:
     """Our MERT in eval mode without the CQT target (not needed to encode); `state` None = random init
     with `seed` (the baseline a trained checkpoint is compared against)."""
-    from trainer.model import MERT
+    from mert_pipeline.trainer.model import MERT
 
     cfg = dataclasses.replace(cfg, cqt_weight=0.0, codebooks=list(cfg.codebooks) or [("none", 1, 2)])
     torch.manual_seed(seed)

@@ -137,7 +137,7 @@ def merge_task_parts(
     """Finalize's merge for file-by-file stages: copy each task's `rejects/RANK.jsonl` (counted as
     `rejected.REASON` in `summary`) and `parts/RANK.parquet` records, in rank order, into the final
     `RejectsWriter` and `ManifestWriter`; yield every record written, for the caller's own counts."""
-    from manifests.io import iter_rejects
+    from mert_pipeline.manifests.io import iter_rejects
 
     for task in tasks:
         for reject in iter_rejects(rank_path(stage, "rejects", task.rank, ".jsonl")):

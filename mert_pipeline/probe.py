@@ -182,3 +182,58 @@ def plot_accuracy(results: dict[str, dict[str, Any]], path: Path, title: str) ->
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def run_probe(
+    checkpoint: Path,
+    data: str = "builtin:pitch",
+    out: Path = Path("probe"),
+    *,
+    baseline: bool = True,
+    per_class: int = 16,
+    test_fraction: float = 0.25,
+    seed: int = 0,
+    device: str = "auto",
+    on_status: Any = None,
+) -> dict[str, Any]:
+    """The probe of `mert-pipe probe`: every layer of the model (and of its random init with `baseline`)
+    on `data`, written to OUT/probe.json and OUT/probe.png; returns probe.json's content. A dataset or
+    checkpoint that cannot be used is a ValueError in one line."""
+    import contextlib
+    import json
+    import time
+
+    from mert_pipeline.embed import load_embedder
+    from mert_pipeline.fs import atomic_write_text
+    from mert_pipeline.hf_export import CheckpointError
+
+    status = on_status or (lambda text: contextlib.nullcontext())
+    try:
+        dataset = load_probe_data(data, per_class=per_class, seed=seed)
+    except OSError as exc:
+        raise ValueError(str(exc)) from exc
+    if len(set(dataset.labels)) < 2:
+        raise ValueError(f"{data}: fewer than two classes with readable audio")
+    models = {"trained": False, "random init": True} if baseline else {"trained": False}
+    start = time.perf_counter()
+    results = {}
+    for name, random_init in models.items():
+        try:
+            embedder = load_embedder(checkpoint, device, random_init=random_init, seed=seed)
+        except (CheckpointError, OSError) as exc:
+            raise ValueError(str(exc).splitlines()[0]) from exc
+        with status(f"probe: embedding {len(dataset.audio)} clips ({name})"):
+            features = pooled_features(embedder, dataset.audio)
+        results[name] = linear_probe(features, dataset.labels, test_fraction=test_fraction, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_accuracy(results, out / "probe.png", f"linear probe: {dataset.name}")
+    summary = {
+        "checkpoint": str(checkpoint),
+        "data": dataset.name,
+        "clips": len(dataset.audio),
+        "rejects": dataset.rejects,
+        "results": results,
+        "seconds": time.perf_counter() - start,
+    }
+    atomic_write_text(out / "probe.json", json.dumps(summary, indent=1) + "\n")
+    return summary

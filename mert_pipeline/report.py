@@ -3,7 +3,8 @@
 From a WORKDIR: files and hours of the manifest (and of the resampled audio), rejects by stage and
 reason, the duration histogram, and for every label set in WORKDIR/labels its codebook usage. From a
 SHARDS folder: the same from index.json and the samples themselves (segments, not source files), rejects
-from SHARDS/rejects.jsonl. Codebook figures come from `mert_pipeline.kmeans` (cluster_usage, JointCounts):
+from SHARDS/rejects.jsonl. Codebook figures come from `mert_pipeline.teachers.kmeans` (cluster_usage,
+JointCounts):
 per codebook the codes used, the label entropy H (bits) and the perplexity 2^H; between every two
 teachers the mutual information of their first codebooks (the coarsest RVQ level) frame by frame, with
 I / H and normalised MI. Labels are read one file (or shard) at a time.
@@ -11,10 +12,10 @@ I / H and normalised MI. Labels are read one file (or shard) at a time.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections import Counter
-from collections.abc import Iterator
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,11 @@ import numpy as np
 
 from mert_pipeline import storage
 from mert_pipeline.fs import atomic_path, atomic_write_json, atomic_write_text
-from mert_pipeline.kmeans import JointCounts, usage_from_counts
+from mert_pipeline.labels import label_sets, load_labels
+from mert_pipeline.layout import Workdir
+from mert_pipeline.shards import INDEX, REJECTS, SegmentMeta, load_index, read_samples
 from mert_pipeline.storage import Location, is_url, join
+from mert_pipeline.teachers.kmeans import JointCounts, usage_from_counts
 
 DURATION_BINS = (0, 1, 3, 5, 10, 30, 60, 120, 300, 600, math.inf)  # seconds
 
@@ -94,7 +98,8 @@ def _read_column(path: Path, columns: list[str]) -> dict[str, list[Any]]:
 
 def workdir_stats(workdir: Path) -> dict[str, Any]:
     """Statistics of a WORKDIR (manifest.parquet, audio_24k/, labels/*/)."""
-    manifest = _read_column(workdir / "manifest.parquet", ["id", "duration", "split"])
+    layout = Workdir(workdir)
+    manifest = _read_column(layout.manifest, ["id", "duration", "split"])
     durations = np.array(manifest["duration"], dtype=float)
     stats: dict[str, Any] = {
         "source": str(workdir),
@@ -103,70 +108,48 @@ def workdir_stats(workdir: Path) -> dict[str, Any]:
         "hours": float(durations.sum() / 3600),
         "splits": dict(sorted(Counter(manifest["split"]).items())),
         "durations": _duration_summary(durations),
-        "rejects": {"manifest": _rejects(workdir / "rejects.jsonl")},
+        "rejects": {"manifest": _rejects(layout.rejects)},
     }
-    resampled = workdir / "audio_24k" / "manifest.parquet"
-    if resampled.exists():
-        rows = _read_column(resampled, ["duration"])
+    audio = layout.audio()
+    if audio.manifest.exists():
+        rows = _read_column(audio.manifest, ["duration"])
         stats["resampled"] = {"files": len(rows["duration"]), "hours": float(sum(rows["duration"]) / 3600)}
-        stats["rejects"]["resample"] = _rejects(workdir / "audio_24k" / "rejects.jsonl")
-    from stages.kmeans import label_sets
-
+        stats["rejects"]["resample"] = _rejects(audio.rejects)
     teachers, tables = {}, {}
     for name, facts in label_sets(workdir).items():
-        folder = workdir / "labels" / name
-        teachers[folder.name] = (int(facts["n_q"]), int(facts["num_classes"]))
-        table = _read_column(folder / "labels.parquet", ["id", "relpath"])
-        tables[folder.name] = dict(zip(table["id"], table["relpath"], strict=True))
-        stats["rejects"][f"labels/{folder.name}"] = _rejects(folder / "rejects.jsonl")
+        label_set = layout.labels(name)
+        teachers[name] = (int(facts["n_q"]), int(facts["num_classes"]))
+        tables[name] = {file_id: row[0] for file_id, row in load_labels(label_set).items()}
+        stats["rejects"][f"labels/{name}"] = _rejects(label_set.rejects)
     counts = LabelCounts(teachers)
     for file_id in sorted(set().union(*[set(t) for t in tables.values()]) if tables else []):
         counts.update(
-            {
-                name: np.load(workdir / "labels" / name / t[file_id])
-                for name, t in tables.items()
-                if file_id in t
-            }
+            {name: np.load(layout.labels(name).npy(t[file_id])) for name, t in tables.items() if file_id in t}
         )
     stats.update(counts.summary())
     return stats
 
 
-def _shard_samples(root: Location, name: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    from mert_pipeline.shards import iter_samples
-
-    with storage.open_read(join(root, name)) as handle:
-        yield from iter_samples(handle)
-
-
 def shards_stats(shards: Location) -> dict[str, Any]:
     """Statistics of a SHARDS folder: segments from the audio shards' KEY.json, labels from KEY.<t>.npy
-    (sidecars included), rejects from SHARDS/rejects.jsonl."""
-    import io
-
-    from trainer.data import load_shard_index
-
-    index = load_shard_index(shards)
+    (sidecars merged in by the shard reader), rejects from SHARDS/rejects.jsonl."""
+    index = load_index(shards)
     counts = LabelCounts(index.teachers)
     durations, splits, files = [], Counter(), set()
     for split, entries in sorted(index.shards.items()):
         for name, _ in entries:
-            labels: dict[str, dict[str, np.ndarray]] = {}
-            for key, sample in _shard_samples(shards, name):
-                meta = json.loads(sample["json"])
-                durations.append(meta["num_samples"] / meta["sample_rate"])
+            for sample in read_samples(index, name):
+                meta = SegmentMeta.from_bytes(sample["json"])
+                durations.append(meta.num_samples / meta.sample_rate)
                 splits[split] += 1
-                files.add(meta["id"])
-                labels[key] = {
-                    ext[:-4]: np.load(io.BytesIO(data))
-                    for ext, data in sample.items()
-                    if ext.endswith(".npy")
-                }
-            for teacher, sidecar in index.sidecars.get(name, {}).items():
-                for key, sample in _shard_samples(shards, sidecar):
-                    labels.setdefault(key, {})[teacher] = np.load(io.BytesIO(sample[f"{teacher}.npy"]))
-            for key in sorted(labels):
-                counts.update(labels[key])
+                files.add(meta.id)
+                counts.update(
+                    {
+                        ext[:-4]: np.load(io.BytesIO(data), allow_pickle=False)
+                        for ext, data in sample.items()
+                        if ext.endswith(".npy")
+                    }
+                )
     array = np.array(durations, dtype=float)
     return {
         "source": str(shards),
@@ -176,7 +159,7 @@ def shards_stats(shards: Location) -> dict[str, Any]:
         "hours": float(array.sum() / 3600),
         "splits": dict(sorted(splits.items())),
         "durations": _duration_summary(array),
-        "rejects": {"shard": _rejects(join(shards, "rejects.jsonl"))},
+        "rejects": {"shard": _rejects(join(shards, REJECTS))},
         **counts.summary(),
     }
 
@@ -195,9 +178,9 @@ def _duration_summary(durations: np.ndarray) -> dict[str, Any]:
 
 
 def collect_stats(path: Location) -> dict[str, Any]:
-    if not is_url(path) and (Path(path) / "manifest.parquet").exists():
+    if not is_url(path) and Workdir(Path(path)).manifest.exists():
         return workdir_stats(Path(path))
-    if storage.exists(join(path, "index.json")):
+    if storage.exists(join(path, INDEX)):
         return shards_stats(path)
     raise FileNotFoundError(f"{path} is neither a WORKDIR (manifest.parquet) nor SHARDS (index.json)")
 
@@ -337,6 +320,19 @@ def render_markdown(stats: dict[str, Any], plots: dict[str, Path]) -> str:
             lines += ["", "![agreement](agreement.png)"]
         lines.append("")
     return "\n".join(lines)
+
+
+def default_report_dir(source: Location) -> Path:
+    """Where `stats` writes by default: WORKDIR/stats/report, or SHARDS/report for a local shard set; a
+    remote SHARDS has none (ValueError: name a local folder)."""
+    if is_url(source):
+        raise ValueError(f"{source} is remote: give --out, a local folder for the report")
+    source = Path(source)
+    if not source.is_dir():
+        raise ValueError(f"{source} is not a folder")
+    if Workdir(source).manifest.exists():
+        return Workdir(source.resolve()).report_dir
+    return source.resolve() / "report"
 
 
 def write_report(source: Location, out: Path) -> dict[str, Any]:

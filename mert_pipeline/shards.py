@@ -1,22 +1,32 @@
-"""The shard format: deterministic WebDataset tars of audio segments and teacher labels, and their check.
+"""The shard format: deterministic WebDataset tars of audio segments and teacher labels; their one writer,
+their one reader (which merges sidecars), `index.json`, and their check (`verify`).
+
+A shard set is a folder (or a URL):
+
+    SHARDS/index.json                     per shard: split, samples, bytes, sha256, seconds; totals
+    SHARDS/rejects.jsonl                  source files that could not be sharded, with the reason
+    SHARDS/{train,valid}/shard-NNNNNN.tar            audio shards
+    SHARDS/{train,valid}/shard-NNNNNN.TEACHER.tar    label-only sidecars of a teacher added later
 
 A shard is a plain tar read by `webdataset.WebDataset`. Each sample is one segment of one track:
 
 - `KEY.flac`: 24 kHz mono, the very integer samples the teachers encoded (same bit depth), lossless;
-- `KEY.json`: id, split, segment index, offset and num_samples in samples, sample and label rate, and
-  the teachers' config hashes;
+- `KEY.json`: `SegmentMeta`: id, split, segment index, offset and num_samples in samples, sample and label
+  rate, and the teachers' config hashes;
 - `KEY.<teacher>.npy`: int16 labels of shape (n_q, ceil(num_samples / 320)) per teacher.
 
 A label-only sidecar `shard-NNNNNN.<teacher>.tar` holds `KEY.<teacher>.npy` for exactly the keys of
-`shard-NNNNNN.tar`, in the same order, so a reader can zip the two streams.
+`shard-NNNNNN.tar`, in the same order, so a reader can zip the two streams (`read_samples`).
 
 Tar headers carry no time, owner or mode of the writer (all fixed), so the same samples give the same
-bytes on any machine, executor or run. `SHARDS/index.json` lists every shard with its sample count,
-bytes, sha256 and seconds of audio; `verify_shard` re-reads one shard (and its sidecars) against it.
+bytes on any machine, executor or run. `verify_shard` re-reads one shard (and its sidecars) against the
+index. Everything that reads shards (the trainer, `verify`, `stats`, the sidecar stage, the tests' shard
+generator) goes through this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -25,20 +35,26 @@ import tarfile
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import soundfile as sf
 
 from mert_pipeline import storage
+from mert_pipeline.fs import to_json
+from mert_pipeline.grid import num_frames
 from mert_pipeline.storage import Location, join
 
 INDEX = "index.json"
+REJECTS = "rejects.jsonl"
 FORMAT = "mert-pipeline-shards/1"
 SPLITS = ("train", "valid")
 SHARD_NAME = re.compile(r"^shard-(\d{6})\.tar$")
 SIDECAR_NAME = re.compile(r"^shard-(\d{6})\.([A-Za-z0-9_-]+)\.tar$")
+_ENTRY_NAME = re.compile(r"^(train|valid)/shard-\d{6}(\.[A-Za-z0-9_-]+)?\.tar$")  # a name in index.json
+_ID = re.compile(r"^[0-9a-f]{16}$")
 FLAC_SUBTYPES = ("PCM_16", "PCM_24")  # what FLAC holds; the shard keeps the source's bit depth
 _READ_DTYPE = {"PCM_16": "int16", "PCM_24": "int32"}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
@@ -63,10 +79,6 @@ def parse_size(text: str) -> int:
     return size
 
 
-def frames_for(num_samples: int, hop: int) -> int:
-    return -(-num_samples // hop)
-
-
 def segment_bounds(num_samples: int, max_units: int, unit: int) -> list[tuple[int, int]]:
     """(offset, num_samples) of each segment: as few segments as fit `max_units` units of `unit` samples
     each, of equal length to a unit, cut on multiples of `unit`. The shard stage's unit is a multiple of
@@ -83,6 +95,76 @@ def segment_bounds(num_samples: int, max_units: int, unit: int) -> list[tuple[in
 def segment_key(file_id: str, index: int) -> str:
     """WebDataset keys end at the first dot, so a key holds none."""
     return f"{file_id}_{index:04d}"
+
+
+def shard_name(split: str, number: int) -> str:
+    """`train/shard-000000.tar`: shard `number` of `split`, relative to SHARDS."""
+    return f"{split}/shard-{number:06d}.tar"
+
+
+def sidecar_name(base: str, teacher: str) -> str:
+    """`train/shard-000000.tar` -> `train/shard-000000.TEACHER.tar`."""
+    return re.sub(r"\.tar$", f".{teacher}.tar", base)
+
+
+def check_entry_name(name: str) -> str:
+    """A shard's name read from index.json, refused unless it is `SPLIT/shard-NNNNNN[.TEACHER].tar`: no
+    index can make a reader open a file outside SHARDS."""
+    if not isinstance(name, str) or not _ENTRY_NAME.match(name):
+        raise ShardError(f"index.json names a shard {name!r}, not SPLIT/shard-NNNNNN[.TEACHER].tar")
+    return name
+
+
+@dataclass(frozen=True)
+class SegmentMeta:
+    """`KEY.json` of a sample: which segment of which track it is, on which grid, labelled by whom."""
+
+    key: str
+    id: str  # the track's manifest id
+    relpath: str  # the track's audio file, relative to its audio directory
+    split: str
+    segment: int  # index of the segment within its track
+    offset: int  # first sample of the segment in the track (a multiple of hop)
+    num_samples: int
+    source_num_samples: int  # the whole track's
+    sample_rate: int
+    label_rate: float
+    hop: int
+    frames: int  # ceil(num_samples / hop)
+    teachers: dict[str, str]  # label set -> config hash
+
+    def to_bytes(self) -> bytes:
+        return json_bytes(asdict(self))
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SegmentMeta:
+        """Parse and check a `KEY.json`; ShardError naming what is wrong."""
+        try:
+            raw = json.loads(data)
+            meta = cls(**{name: raw[name] for name in cls.__dataclass_fields__})
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ShardError(f"unreadable json ({type(exc).__name__}: {exc})") from exc
+        meta.validate()
+        return meta
+
+    def validate(self) -> None:
+        ints = (self.segment, self.offset, self.num_samples, self.source_num_samples, self.sample_rate)
+        if not all(type(v) is int for v in (*ints, self.hop, self.frames)):
+            raise ShardError(f"json fields must be integers: {asdict(self)}")
+        if not _ID.match(str(self.id)) or self.key != segment_key(self.id, self.segment):
+            raise ShardError(f"json key {self.key!r} is not id_segment for id {self.id!r}")
+        if self.split not in SPLITS or self.hop < 1 or self.sample_rate < 1:
+            raise ShardError(f"json split/hop/sample_rate invalid: {self.split!r}, {self.hop}")
+        if self.offset < 0 or self.offset % self.hop or self.num_samples < 1:
+            raise ShardError(f"json offset {self.offset} / num_samples {self.num_samples} off the grid")
+        if self.offset + self.num_samples > self.source_num_samples:
+            raise ShardError(f"json segment ends past its track ({self.source_num_samples} samples)")
+        if self.frames != num_frames(self.num_samples, self.hop):
+            raise ShardError(f"json frames {self.frames} != ceil({self.num_samples} / {self.hop})")
+        if abs(self.label_rate * self.hop - self.sample_rate) > 1e-6 or not isinstance(self.teachers, dict):
+            raise ShardError(
+                f"json label_rate {self.label_rate} does not match {self.sample_rate} / {self.hop}"
+            )
 
 
 def read_segment(path: str, subtype: str, offset: int, num_samples: int, source_samples: int) -> np.ndarray:
@@ -276,13 +358,119 @@ def iter_samples(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
 
 
 def read_index(shards: Location) -> dict[str, Any]:
+    """SHARDS/index.json as written (`write_index`), every shard name in it checked."""
     path = join(shards, INDEX)
     try:
-        return json.loads(storage.read_bytes(path))
+        index = json.loads(storage.read_bytes(path))
     except FileNotFoundError as exc:
         raise FileNotFoundError(
             f"{path} not found: run `mert-pipe shard WORKDIR --out {shards}` first"
         ) from exc
+    except ValueError as exc:
+        raise ShardError(f"{path} is not JSON ({exc})") from exc
+    if not isinstance(index, dict) or not isinstance(index.get("shards"), dict):
+        raise ShardError(f"{path} has no 'shards' table: not a shard set's index")
+    for name, entry in index["shards"].items():
+        check_entry_name(name)
+        if "base" in entry:
+            check_entry_name(entry["base"])
+    return index
+
+
+def add_totals(index: dict[str, Any]) -> None:
+    """Per split and overall: audio shards' samples, seconds and bytes (sidecar bytes apart)."""
+    totals: dict[str, Any] = {}
+    for split in SPLITS:
+        audio = {k: v for k, v in index["shards"].items() if v["split"] == split and "teacher" not in v}
+        side = [v for v in index["shards"].values() if v["split"] == split and "teacher" in v]
+        totals[split] = {
+            "shards": len(audio),
+            "samples": sum(v["samples"] for v in audio.values()),
+            "seconds": sum(v["seconds"] for v in audio.values()),
+            "bytes": sum(v["bytes"] for v in audio.values()),
+            "sidecar_bytes": sum(v["bytes"] for v in side),
+        }
+    totals["all"] = {key: sum(totals[s][key] for s in SPLITS) for key in totals["train"]}
+    index["totals"] = totals
+
+
+def write_index(shards: Location, index: dict[str, Any]) -> None:
+    """SHARDS/index.json with its totals, whole or not at all (renamed locally, one PUT remotely). The
+    shard stages write it last, after every tar it lists."""
+    add_totals(index)
+    storage.write_bytes(join(shards, INDEX), to_json(index).encode())
+
+
+@dataclass
+class ShardIndex:
+    """What a reader needs of index.json: where each split's shards are, their sample counts, the
+    teachers (in the shards or in sidecars) and which sidecars go with which shard."""
+
+    root: Location  # a folder or a URL (s3://bucket/shards)
+    sample_rate: int
+    hop: int
+    shards: dict[str, list[tuple[str, int]]]  # split -> [(name relative to root, samples)]
+    teachers: dict[str, tuple[int, int]]  # name -> (n_q, num_classes), in shards or sidecars
+    sidecars: dict[str, dict[str, str]]  # audio shard -> {teacher: sidecar shard}
+
+    def samples(self, split: str) -> int:
+        return sum(count for _, count in self.shards.get(split, []))
+
+
+def load_index(root: Path | str | Location) -> ShardIndex:
+    """Read and check `root/index.json` into a `ShardIndex`."""
+    root = storage.as_location(root)
+    index = read_index(root)
+    shards: dict[str, list[tuple[str, int]]] = {}
+    sidecars: dict[str, dict[str, str]] = {}
+    try:
+        for name, entry in sorted(index["shards"].items()):
+            split = entry.get("split") or name.split("/", 1)[0]
+            if "teacher" in entry:
+                sidecars.setdefault(entry["base"], {})[entry["teacher"]] = name
+            else:
+                shards.setdefault(split, []).append((name, int(entry["samples"])))
+        teachers = {
+            name: (int(facts["n_q"]), int(facts["num_classes"]))
+            for group in ("teachers", "sidecars")
+            for name, facts in index.get(group, {}).items()
+        }
+        return ShardIndex(root, int(index["sample_rate"]), int(index["hop"]), shards, teachers, sidecars)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ShardError(f"{join(root, INDEX)}: malformed ({type(exc).__name__}: {exc})") from exc
+
+
+def read_samples(
+    index: ShardIndex, shard: str, teachers: tuple[str, ...] | list[str] | None = None
+) -> Iterator[dict[str, Any]]:
+    """The samples of one audio shard, in order, as webdataset gives them ({"__key__": KEY, "flac": bytes,
+    "json": bytes, "TEACHER.npy": bytes, ...}), with the labels of its sidecars for `teachers` (None: every
+    sidecar) merged in; a sidecar whose keys fall out of step is a ShardError."""
+    sides = index.sidecars.get(shard, {})
+    names = [t for t in (sorted(sides) if teachers is None else teachers) if t in sides]
+    with contextlib.ExitStack() as stack:
+        streams = [iter_samples(stack.enter_context(storage.open_read(join(index.root, shard))))]
+        for teacher in names:
+            handle = stack.enter_context(storage.open_read(join(index.root, sides[teacher])))
+            streams.append(iter_samples(handle))
+        for parts in zip(*streams, strict=True):
+            key, members = parts[0]
+            sample = {"__key__": key, **members}
+            for teacher, (side_key, side) in zip(names, parts[1:], strict=True):
+                if side_key != key:
+                    raise ShardError(f"{sides[teacher]}: key {side_key} where {shard} has {key}")
+                sample[f"{teacher}.npy"] = side.get(f"{teacher}.npy", b"")
+            yield sample
+
+
+def write_sample(
+    tar: DeterministicTar, meta: SegmentMeta, flac: bytes, labels: dict[str, np.ndarray]
+) -> None:
+    """One sample of an audio shard, members in the format's order: flac, json, then labels by teacher."""
+    tar.add(f"{meta.key}.flac", flac)
+    tar.add(f"{meta.key}.json", meta.to_bytes())
+    for name in sorted(labels):
+        tar.add(f"{meta.key}.{name}.npy", npy_bytes(labels[name]))
 
 
 @dataclass
@@ -347,15 +535,15 @@ def _check_sample(
         missing, extra = sorted(expected - set(sample)), sorted(set(sample) - expected)
         check.problems.append(f"{where}: members {sorted(sample)}; missing {missing}, unexpected {extra}")
     try:
-        meta = json.loads(sample["json"])
-        num_samples, offset = int(meta["num_samples"]), int(meta["offset"])
-    except Exception as exc:  # noqa: BLE001 - missing or corrupt metadata
-        check.problems.append(f"{where}: unreadable json ({type(exc).__name__}: {exc})")
+        meta = SegmentMeta.from_bytes(sample.get("json", b""))
+    except ShardError as exc:  # missing, corrupt or inconsistent metadata
+        check.problems.append(f"{where}: {exc}")
         return None
-    if meta.get("key") != key or offset % hop or meta.get("sample_rate") != rate:
-        check.problems.append(f"{where}: json key/offset/sample_rate inconsistent ({meta})")
-    if meta.get("teachers") != {name: facts["config_hash"] for name, facts in teachers.items()}:
-        check.problems.append(f"{where}: teachers {meta.get('teachers')} differ from index.json's")
+    num_samples = meta.num_samples
+    if meta.key != key or meta.hop != hop or meta.sample_rate != rate:
+        check.problems.append(f"{where}: json key/hop/sample_rate inconsistent ({asdict(meta)})")
+    if meta.teachers != {name: facts["config_hash"] for name, facts in teachers.items()}:
+        check.problems.append(f"{where}: teachers {meta.teachers} differ from index.json's")
     try:
         audio, sr = sf.read(io.BytesIO(sample["flac"]), dtype="int32", always_2d=True)
         if sr != rate or audio.shape != (num_samples, 1):
@@ -364,7 +552,7 @@ def _check_sample(
             )
     except Exception as exc:  # noqa: BLE001 - a member that does not decode
         check.problems.append(f"{where}: flac does not decode ({' '.join(str(exc).split())})")
-    frames = frames_for(num_samples, hop)
+    frames = num_frames(num_samples, hop)
     for name, facts in teachers.items():
         _check_labels(sample.get(f"{name}.npy"), facts, frames, f"{where}.{name}.npy", check.problems)
     check.seconds += num_samples / rate
@@ -427,7 +615,7 @@ def _verify_sidecar(
                 check.problems.append(f"{where}: members {sorted(sample)}, expected ['{teacher}.npy']")
             num_samples = lengths.get(key)
             if num_samples is not None:
-                frames = frames_for(num_samples, index["hop"])
+                frames = num_frames(num_samples, index["hop"])
                 _check_labels(
                     sample.get(f"{teacher}.npy"), facts, frames, f"{where}.{teacher}.npy", check.problems
                 )

@@ -40,17 +40,26 @@ from typing import Any
 
 import numpy as np
 
-from manifests.io import RejectsWriter, iter_rejects
-from manifests.records import Reject
-from mert_pipeline import storage
+from mert_pipeline import layout, storage
+from mert_pipeline.devices import (
+    check_device,
+    resolve_device,
+    set_threads,
+    uses_cuda,
+    with_gpu,
+    worker_device,
+)
 from mert_pipeline.embed import Embedder
 from mert_pipeline.executor import Resources, Task, is_complete, marker_path, rank_path
 from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
+from mert_pipeline.layout import Workdir
 from mert_pipeline.listing import Journal, drop_journals, read_listing, write_listings
+from mert_pipeline.manifests.io import RejectsWriter, iter_rejects
+from mert_pipeline.manifests.records import Reject
 from mert_pipeline.storage import Location, as_location, is_url
 
 SUMMARY = "embed.json"
-REJECTS = "rejects.jsonl"
+REJECTS = layout.REJECTS
 SUBDIRS = ("listing", "parts", "rejects", "journal", "completions", "stats", "errors")
 POOLS = ("mean", "none")
 _VERSION = 1
@@ -84,13 +93,12 @@ class EmbedConfig:
             raise ValueError("files_per_task and batch_size must be at least 1")
         if not self.chunk_seconds > 0:
             raise ValueError(f"chunk_seconds must be positive, not {self.chunk_seconds}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        check_device(self.device)
 
     def resolve(self) -> EmbedConfig:
         """Load the model once here, on the CPU (errors surface before workers start), hash its weights
         and check `layers` against it. On a CPU run the loaded model is kept for this process's worker."""
-        from mert_pipeline.embed import load_embedder, model_identity, parse_layers, resolve_device
+        from mert_pipeline.embed import load_embedder, model_identity, parse_layers
 
         path, sha = model_identity(self.checkpoint)
         embedder = load_embedder(path, "cpu")
@@ -120,12 +128,6 @@ class EmbedConfig:
         return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 
-def _uses_cuda(device: str) -> bool:
-    from mert_pipeline.embed import resolve_device
-
-    return resolve_device(device).type == "cuda"
-
-
 @dataclass
 class EmbedStage:
     """The embed stage over one `EmbedConfig`; picklable, so it travels to pool workers and Ray actors."""
@@ -137,8 +139,7 @@ class EmbedStage:
     def __post_init__(self) -> None:
         if not self.config.checkpoint_sha256:
             self.config = self.config.resolve()
-        if _uses_cuda(self.config.device):  # as tokenize: a Ray actor then reserves a GPU
-            self.resources = dataclasses.replace(self.resources, gpus=1.0)
+        self.resources = with_gpu(self.resources, self.config.device)  # as tokenize: a GPU per Ray actor
 
     @property
     def workdir(self) -> Path:
@@ -188,15 +189,14 @@ class EmbedStage:
     def embedder(self) -> Embedder:
         """This process's model, loaded on first use (on the GPU this worker claimed, if any)."""
         from mert_pipeline.embed import load_embedder, model_identity
-        from mert_pipeline.teachers import claim_gpu, set_torch_threads
 
         cfg = self.config
         key = (str(cfg.checkpoint), cfg.checkpoint_sha256, cfg.device)
-        set_torch_threads(cfg.threads)  # every time: the driver's cached model came without it
+        set_threads(cfg.threads)  # every time: the driver's cached model came without it
         if key not in _EMBEDDERS:
             if model_identity(cfg.checkpoint)[1] != cfg.checkpoint_sha256:
                 raise RuntimeError(f"{cfg.checkpoint} changed during the run (sha256 differs); rerun")
-            device = claim_gpu(cfg.out / ".work" / "gpu-locks") if _uses_cuda(cfg.device) else "cpu"
+            device = worker_device(cfg.device, Workdir(cfg.out).gpu_locks)
             _EMBEDDERS.clear()
             _EMBEDDERS[key] = load_embedder(cfg.checkpoint, device)
         return _EMBEDDERS[key]
@@ -280,7 +280,7 @@ class EmbedStage:
             "pool": cfg.pool,
             "chunk_seconds": cfg.chunk_seconds,
             "batch_size": cfg.batch_size,
-            "device": ",".join(devices) or ("cuda" if _uses_cuda(cfg.device) else "cpu"),
+            "device": ",".join(devices) or ("cuda" if uses_cuda(cfg.device) else "cpu"),
             "shape": ["layers", "D"] if cfg.pool == "mean" else ["layers", "T", "D"],
             "throughput": {  # summed over tasks, so per worker; the run's wall time is in stats/embed.json
                 "compute_seconds": round(compute, 3),

@@ -18,12 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
-from manifests.io import RejectsWriter, iter_batches
-from manifests.records import Reject
 from mert_pipeline.fs import atomic_path, atomic_write_json
-from mert_pipeline.shards import SPLITS
-from stages.resample import audio_dir_name
-from stages.shard import load_aligned, load_labels, teacher_facts
+from mert_pipeline.grid import SAMPLE_RATE
+from mert_pipeline.labels import load_aligned, load_labels, teacher_facts
+from mert_pipeline.layout import Workdir
+from mert_pipeline.manifests.io import RejectsWriter, iter_batches
+from mert_pipeline.manifests.records import Reject
+from mert_pipeline.shards import REJECTS, SPLITS
 
 
 def label_names(facts: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
@@ -53,17 +54,18 @@ def export_fairseq(
     workdir: Path,
     out: Path,
     teachers: list[str],
-    sample_rate: int = 24000,
+    sample_rate: int = SAMPLE_RATE,
     on_row: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Write the fairseq files for `teachers` into `out`; return the summary (counts and outputs)."""
-    audio_dir = workdir / audio_dir_name(sample_rate)
-    manifest = audio_dir / "manifest.parquet"
+    layout = Workdir(workdir)
+    audio_dir = layout.audio(sample_rate).path
+    manifest = layout.audio(sample_rate).manifest
     if not manifest.exists():
         raise FileNotFoundError(f"{manifest} not found: run `mert-pipe resample {workdir}` first")
     facts = teacher_facts(workdir, teachers)
     names = label_names(facts)
-    tables = {name: load_labels(workdir / "labels" / name) for name in facts}
+    tables = {name: load_labels(layout.labels(name)) for name in facts}
     hop = next(iter(facts.values()))["hop"]
     words = {name: [str(i) for i in range(fact["num_classes"])] for name, fact in facts.items()}
     counts: Counter = Counter()
@@ -76,7 +78,7 @@ def export_fairseq(
             handles[name] = stack.enter_context(open(tmp, "w", encoding="utf-8"))
         for split in SPLITS:
             handles[f"{split}.tsv"].write(str(audio_dir.resolve()) + "\n")
-        rejects = stack.enter_context(RejectsWriter(out / "rejects.jsonl"))
+        rejects = stack.enter_context(RejectsWriter(out / REJECTS))
         for batch in iter_batches(manifest, columns=["id", "path", "relpath", "num_samples", "split"]):
             for row in batch.to_pylist():
                 counts["files_seen"] += 1
@@ -88,7 +90,7 @@ def export_fairseq(
                 split = row["split"]
                 handles[f"{split}.tsv"].write(f"{row['relpath']}\t{row['num_samples']}\n")
                 for teacher, fact in facts.items():
-                    path = workdir / "labels" / teacher / tables[teacher][row["id"]][0]
+                    path = layout.labels(teacher).npy(tables[teacher][row["id"]][0])
                     labels = load_aligned(path, fact["n_q"], row["num_samples"], hop)
                     table = words[teacher]
                     for codebook, label in enumerate(names[teacher]):
@@ -124,7 +126,7 @@ def _missing(
         if found is None:
             return Reject(row["path"], "no_labels", f"teacher {name!r} has no labels for this file")
         if found[1] != fact["config_hash"] or found[2] != row["num_samples"]:
-            npy = workdir / "labels" / name / found[0]
+            npy = Workdir(workdir).labels(name).npy(found[0])
             return Reject(
                 row["path"], "label_mismatch", f"{npy} was made for {found[2]} samples with config {found[1]}"
             )

@@ -25,7 +25,7 @@ their files' features are then read back from the stored `.npy` files instead of
 `store=False` computes statistics (and the sample) only: the BEST-RQ teacher's mean/std pass over the
 train files is this stage with log-mel features and nothing stored.
 
-`kind="model"` stores layer `layer` of a trainer checkpoint (`mert_pipeline.model_features`: layer
+`kind="model"` stores layer `layer` of a trainer checkpoint (`mert_pipeline.teachers.model_features`: layer
 convention, padding to ceil(n / 320) frames, per-window context) under `features/model_l{layer}`; the
 checkpoint's sha256 and the layer are part of the extractor config, hence of its hash and the fingerprints.
 """
@@ -45,22 +45,19 @@ from typing import Any
 
 import numpy as np
 
-from manifests.io import ManifestWriter, RejectsWriter, iter_batches
-from manifests.records import SPLITS, FeatureRecord, Reject
+from mert_pipeline.devices import set_threads, with_gpu
 from mert_pipeline.executor import Resources, Task, rank_path, stage_dir
-from mert_pipeline.features import FRAME_RATE, HOP, MFCC, LogMel, RunningStats, num_frames
 from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
-from mert_pipeline.kmeans import ReservoirSampler
+from mert_pipeline.grid import FRAME_RATE, HOP, SAMPLE_RATE, num_frames
+from mert_pipeline.layout import FeatureSet, Workdir, check_name
 from mert_pipeline.listing import merge_task_parts, prune_unlisted, read_listing, write_listings
-from mert_pipeline.model_features import ModelFeatures
-from mert_pipeline.teachers import FileToLabel, set_torch_threads, stream_features
-from stages.resample import audio_dir_name
+from mert_pipeline.manifests.io import ManifestWriter, RejectsWriter, iter_batches
+from mert_pipeline.manifests.records import SPLITS, FeatureRecord, Reject
+from mert_pipeline.teachers import FileToLabel, stream_features
+from mert_pipeline.teachers.features import MFCC, LogMel, RunningStats
+from mert_pipeline.teachers.kmeans import ReservoirSampler
+from mert_pipeline.teachers.model_features import ModelFeatures
 
-FEATURES = "features.parquet"
-REJECTS = "rejects.jsonl"
-DESCRIPTION = "features.json"
-STATS = "stats.npz"
-SAMPLE = "sample.npy"
 KINDS = ("mfcc", "log_mel", "model")
 SUBDIRS = ("listing", "parts", "rejects", "samples", "completions", "stats", "errors")
 LISTING_COLUMNS = ["id", "path", "num_samples", "sampling_rate", "split"]
@@ -109,7 +106,7 @@ class FeaturesConfig:
     seed: int = 0
     files_per_task: int = 16
     threads: int = 1  # torch intra-op threads of each worker
-    sample_rate: int = 24000
+    sample_rate: int = SAMPLE_RATE
     checkpoint: str | None = None  # kind "model": a trainer checkpoint (or run folder)
     layer: int | None = None  # kind "model": 0 = transformer input, 1..N = layer outputs
     model: ModelFeatures | None = None  # kind "model": resolved from checkpoint/layer on construction
@@ -124,14 +121,12 @@ class FeaturesConfig:
             raise ValueError("--checkpoint and --layer go with --kind model only")
         else:
             make_extractor(self.kind)
-        name = self.feature_name
-        if not all(c.isalnum() or c in "-_" for c in name):
-            raise ValueError(f"--name must be letters, digits, '-' and '_' only, not {name!r}")
+        check_name(self.feature_name)
         if not self.splits or any(s not in SPLITS for s in self.splits):
             raise ValueError(f"splits must be a non-empty subset of {SPLITS}, not {self.splits}")
         if self.sample_frames < 0 or self.files_per_task < 1:
             raise ValueError("sample_frames must be >= 0 and files_per_task >= 1")
-        if self.sample_rate != 24000:
+        if self.sample_rate != SAMPLE_RATE:
             raise ValueError("features are defined at 24 kHz (hop 320, 75 Hz)")
 
     @property
@@ -145,12 +140,16 @@ class FeaturesConfig:
         return self.model if self.model is not None else make_extractor(self.kind)
 
     @property
+    def features(self) -> FeatureSet:
+        return Workdir(self.workdir).features(self.feature_name)
+
+    @property
     def features_dir(self) -> Path:
-        return self.workdir / "features" / self.feature_name
+        return self.features.path
 
     @property
     def audio_manifest(self) -> Path:
-        return self.workdir / audio_dir_name(self.sample_rate) / "manifest.parquet"
+        return Workdir(self.workdir).audio(self.sample_rate).manifest
 
     def facts(self) -> dict[str, Any]:
         """What decides the outputs' bytes (not the workdir, the task size's effect on the sample aside)."""
@@ -183,7 +182,9 @@ class FeaturesStage:
     def __post_init__(self) -> None:
         self.name = f"features_{self.config.feature_name}"
         if self.config.model is not None:  # a network's features: on Ray, actors that load it once
-            self.resources = dataclasses.replace(self.resources, model=True)
+            self.resources = with_gpu(
+                dataclasses.replace(self.resources, model=True), self.config.model.device
+            )
 
     @property
     def workdir(self) -> Path:
@@ -193,7 +194,7 @@ class FeaturesStage:
         """Features of another extractor configuration are derived data: clear them rather than mix."""
         directory = self.config.features_dir
         try:
-            existing = json.loads((directory / DESCRIPTION).read_text())
+            existing = json.loads(self.config.features.description.read_text())
         except FileNotFoundError:
             return
         if existing.get("config_hash") != extractor_hash(self.config.extractor()):
@@ -201,7 +202,9 @@ class FeaturesStage:
 
     def plan(self) -> list[Task]:
         if not self.config.audio_manifest.exists():
-            raise FileNotFoundError(f"{self.config.audio_manifest} not found: run `mert-pipe resample` first")
+            raise FileNotFoundError(
+                f"{self.config.audio_manifest} not found: run `mert-pipe resample {self.workdir}` first"
+            )
         self._claim()
         remove_stale_tmp(self.config.features_dir)
         facts = self.config.facts()
@@ -233,7 +236,7 @@ class FeaturesStage:
     def run(self, task: Task, stats: Counter) -> None:
         rows = read_listing(self, task.rank)
         quota = json.loads((stage_dir(self) / "quotas.json").read_text())[task.rank]
-        set_torch_threads(self.config.threads)
+        set_threads(self.config.threads)
         extractor = self.config.extractor()
         facts = self.config.facts()
         running = RunningStats(extractor.dim)
@@ -280,7 +283,7 @@ class FeaturesStage:
         """A file's features: read back if this configuration stored them already, else computed (and
         stored, atomically)."""
         expected = (num_frames(row["num_samples"]), extractor.dim)
-        path = self.config.features_dir / f"{row['id'][:2]}/{row['id']}.npy"
+        path = self.config.features.npy(row["id"])
         if self.config.store:
             try:
                 stored = np.load(path, allow_pickle=False)
@@ -308,7 +311,7 @@ class FeaturesStage:
             id=row["id"],
             kind=facts["kind"],
             config_hash=facts["config_hash"],
-            relpath=f"{row['id'][:2]}/{row['id']}.npy",
+            relpath=FeatureSet.relpath(row["id"]),
             frames=num_frames(row["num_samples"]),
             dim=facts["dim"],
             dtype=facts["dtype"],
@@ -320,12 +323,13 @@ class FeaturesStage:
 
     def finalize(self, tasks: list[Task], stats: dict[str, float]) -> dict[str, Any]:
         directory = self.config.features_dir
+        layout = self.config.features
         facts = self.config.facts()
         summary: Counter = Counter()
         kept: set[str] = set()
         with (
-            ManifestWriter(directory / FEATURES, str(directory), record_type=FeatureRecord) as manifest,
-            RejectsWriter(directory / REJECTS) as rejects,
+            ManifestWriter(layout.manifest, str(directory), record_type=FeatureRecord) as manifest,
+            RejectsWriter(layout.rejects) as rejects,
         ):
             for record in merge_task_parts(self, tasks, manifest, rejects, FeatureRecord, summary):
                 kept.add(record.relpath)
@@ -340,9 +344,9 @@ class FeaturesStage:
             with np.load(path) as part:
                 sizes.append(len(part["frames"]))
                 seen += int(part["seen"])
-        with atomic_path(directory / STATS) as tmp:
+        with atomic_path(layout.stats) as tmp:
             running.save(tmp)
-        with atomic_path(directory / SAMPLE) as tmp:
+        with atomic_path(layout.sample) as tmp:
             sample = np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=np.float32, shape=(sum(sizes), facts["dim"])
             )
@@ -367,15 +371,15 @@ class FeaturesStage:
                 "std": running.std.tolist() if running.count else None,
             },
         }
-        atomic_write_json(directory / DESCRIPTION, description)
+        atomic_write_json(layout.description, description)
         return {
             "counts": {key: summary[key] for key in sorted(summary)},
             "features": {k: description[k] for k in ("kind", "config_hash", "dim", "dtype", "sample")},
             "outputs": {
                 "features_dir": str(directory),
-                "features_manifest": str(directory / FEATURES),
-                "features_stats": str(directory / STATS),
-                "features_sample": str(directory / SAMPLE),
+                "features_manifest": str(layout.manifest),
+                "features_stats": str(layout.stats),
+                "features_sample": str(layout.sample),
             },
         }
 

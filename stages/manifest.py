@@ -27,11 +27,12 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_rejects
-from manifests.records import SCHEMA_VERSION, AudioRecord, Reject, assign_split
 from mert_pipeline.audio import ProbeFailure, hash_file, os_failure, probe_audio
 from mert_pipeline.executor import Resources, Task, rank_path
+from mert_pipeline.layout import Workdir
 from mert_pipeline.listing import read_listing, write_listings
+from mert_pipeline.manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_rejects
+from mert_pipeline.manifests.records import SCHEMA_VERSION, AudioRecord, Reject, assign_split
 from mert_pipeline.storage import is_url, local_copy, relative, walk_files
 
 DEFAULT_EXTENSIONS = (
@@ -51,8 +52,6 @@ DEFAULT_EXTENSIONS = (
     "w64",
     "rf64",
 )
-MANIFEST = "manifest.parquet"
-REJECTS = "rejects.jsonl"
 SUBDIRS = ("listing", "parts", "rejects", "completions", "stats", "errors")
 
 
@@ -75,6 +74,8 @@ class ManifestConfig:
             raise ValueError(f"valid_percent is a fraction in [0, 1], got {self.valid_percent}")
         if self.files_per_task < 1:
             raise ValueError("files_per_task must be at least 1")
+        if inside_roots(os.path.realpath(os.path.abspath(self.workdir)), self.roots):
+            raise ValueError(f"--out {self.workdir} is inside a root; its own files would be scanned")
 
     def fingerprint(self) -> str:
         """Everything that changes a task's output; the workdir and task size do not."""
@@ -282,16 +283,16 @@ class ManifestStage:
         parts = [rank_path(self, "parts", t.rank, ".parquet") for t in tasks]
         duplicates = _duplicate_first_index(parts)
         kept_path: dict[str, str] = {}
-        workdir = self.config.workdir
+        layout = Workdir(self.config.workdir)
         summary: Counter = Counter()
         for key, value in stats.items():
             if key.startswith("rejected."):
                 summary[key] += value
         with (
-            ManifestWriter(workdir / MANIFEST, self.tsv_root) as manifest,
-            RejectsWriter(workdir / REJECTS) as rejects,
-            FairseqTsvWriter(workdir / "train.tsv", self.tsv_root) as train,
-            FairseqTsvWriter(workdir / "valid.tsv", self.tsv_root) as valid,
+            ManifestWriter(layout.manifest, self.tsv_root) as manifest,
+            RejectsWriter(layout.rejects) as rejects,
+            FairseqTsvWriter(layout.train_tsv, self.tsv_root) as train,
+            FairseqTsvWriter(layout.valid_tsv, self.tsv_root) as valid,
         ):
             for task in tasks:
                 for reject in iter_rejects(rank_path(self, "rejects", task.rank, ".jsonl")):
@@ -325,10 +326,10 @@ class ManifestStage:
         return {
             "counts": {key: summary[key] for key in sorted(summary)},
             "outputs": {
-                "manifest": str(workdir / MANIFEST),
-                "rejects": str(workdir / REJECTS),
-                "train_tsv": str(workdir / "train.tsv"),
-                "valid_tsv": str(workdir / "valid.tsv"),
+                "manifest": str(layout.manifest),
+                "rejects": str(layout.rejects),
+                "train_tsv": str(layout.train_tsv),
+                "valid_tsv": str(layout.valid_tsv),
             },
             "root": self.tsv_root,
         }

@@ -30,13 +30,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_batches
-from manifests.records import SCHEMA_VERSION, Reject, ResampledRecord
 from mert_pipeline import storage
 from mert_pipeline.audio import ProbeFailure, hash_file
 from mert_pipeline.executor import Resources, Task, rank_path
 from mert_pipeline.flac_frames import add_seektable
 from mert_pipeline.fs import atomic_path, remove_stale_tmp
+from mert_pipeline.layout import AudioDir, Workdir, id_relpath
 from mert_pipeline.listing import (
     Journal,
     drop_journals,
@@ -45,19 +44,14 @@ from mert_pipeline.listing import (
     read_listing,
     write_listings,
 )
+from mert_pipeline.manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_batches
+from mert_pipeline.manifests.records import SCHEMA_VERSION, Reject, ResampledRecord
 from mert_pipeline.resample import SILENCE_PEAK, OutputSpec, resample_file
 
-MANIFEST = "manifest.parquet"
-REJECTS = "rejects.jsonl"
 POLICIES = ("keep", "reject")
 SUBDIRS = ("listing", "parts", "rejects", "journal", "completions", "stats", "errors")
 LISTING_COLUMNS = ["id", "path", "size_bytes", "content_hash", "split", "sampling_rate", "channels"]
 _AUDIO_NAME = re.compile(r"^[0-9a-f]{16}\.(flac|wav)$")
-
-
-def audio_dir_name(sample_rate: int) -> str:
-    """`audio_24k` for 24000 Hz, `audio_22050hz` where the rate is not a whole number of kHz."""
-    return f"audio_{sample_rate // 1000}k" if sample_rate % 1000 == 0 else f"audio_{sample_rate}hz"
 
 
 @dataclass(frozen=True)
@@ -80,7 +74,7 @@ class ResampleConfig:
 
     @property
     def audio_dir(self) -> Path:
-        return self.workdir / audio_dir_name(self.output.sample_rate)
+        return Workdir(self.workdir).audio(self.output.sample_rate).path
 
     def fingerprint(self) -> str:
         """Everything that changes a file's output or its verdict; the workdir and task size do not."""
@@ -90,7 +84,7 @@ class ResampleConfig:
 
 
 def output_relpath(record_id: str, spec: OutputSpec) -> str:
-    return f"{record_id[:2]}/{record_id}{spec.suffix}"
+    return id_relpath(record_id, spec.suffix)
 
 
 def resample_one(row: dict[str, Any], config: ResampleConfig) -> ResampledRecord | Reject:
@@ -195,7 +189,7 @@ class ResampleStage:
 
     @property
     def source_manifest(self) -> Path:
-        return self.config.workdir / MANIFEST
+        return Workdir(self.config.workdir).manifest
 
     def plan(self) -> list[Task]:
         """Cut the manifest into task-sized listings on disk, streaming (one batch of rows in memory)."""
@@ -244,14 +238,15 @@ class ResampleStage:
     def finalize(self, tasks: list[Task], stats: dict[str, float]) -> dict[str, Any]:
         """Merge the parts in rank order into AUDIO_DIR's manifest, rejects and tsv files; prune strays."""
         audio_dir = self.config.audio_dir
+        layout = AudioDir(audio_dir)
         root = str(audio_dir)
         summary: Counter = Counter()
         kept: set[str] = set()
         with (
-            ManifestWriter(audio_dir / MANIFEST, root, record_type=ResampledRecord) as manifest,
-            RejectsWriter(audio_dir / REJECTS) as rejects,
-            FairseqTsvWriter(audio_dir / "train.tsv", root) as train,
-            FairseqTsvWriter(audio_dir / "valid.tsv", root) as valid,
+            ManifestWriter(layout.manifest, root, record_type=ResampledRecord) as manifest,
+            RejectsWriter(layout.rejects) as rejects,
+            FairseqTsvWriter(layout.train_tsv, root) as train,
+            FairseqTsvWriter(layout.valid_tsv, root) as valid,
         ):
             for record in merge_task_parts(self, tasks, manifest, rejects, ResampledRecord, summary):
                 (train if record.split == "train" else valid).write(record.relpath, record.num_samples)
@@ -272,10 +267,10 @@ class ResampleStage:
             "counts": {key: summary[key] for key in sorted(summary)},
             "outputs": {
                 "audio_dir": root,
-                "audio_manifest": str(audio_dir / MANIFEST),
-                "audio_rejects": str(audio_dir / REJECTS),
-                "audio_train_tsv": str(audio_dir / "train.tsv"),
-                "audio_valid_tsv": str(audio_dir / "valid.tsv"),
+                "audio_manifest": str(layout.manifest),
+                "audio_rejects": str(layout.rejects),
+                "audio_train_tsv": str(layout.train_tsv),
+                "audio_valid_tsv": str(layout.valid_tsv),
             },
             "root": root,
         }

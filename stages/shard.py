@@ -29,11 +29,8 @@ made from one WORKDIR.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
-import os
-import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
@@ -41,38 +38,42 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import xxhash
 
-from manifests.io import RejectsWriter, iter_batches, iter_rejects
-from manifests.records import Reject
 from mert_pipeline import storage
 from mert_pipeline.executor import Resources, Task, marker_path, rank_path, stage_dir
 from mert_pipeline.flac_frames import FLAC_BLOCK, NotCopyable, cut_segment
-from mert_pipeline.fs import atomic_write_json, remove_stale_tmp, to_json
+from mert_pipeline.fs import atomic_write_json, remove_stale_tmp
+from mert_pipeline.grid import SAMPLE_RATE, frame_span, num_frames
+from mert_pipeline.labels import label_columns, load_labels, teacher_facts
+from mert_pipeline.layout import AudioDir, Workdir
 from mert_pipeline.listing import read_listing, write_listings
+from mert_pipeline.manifests.io import RejectsWriter, iter_batches, iter_rejects
+from mert_pipeline.manifests.records import Reject
 from mert_pipeline.shards import (
     FLAC_SUBTYPES,
     FORMAT,
     INDEX,
+    REJECTS,
     SHARD_NAME,
     SIDECAR_NAME,
     SPLITS,
     DeterministicTar,
+    SegmentMeta,
     ShardError,
     encode_flac,
-    frames_for,
     iter_samples,
-    json_bytes,
     npy_bytes,
     read_index,
     read_segment,
     segment_bounds,
     segment_key,
+    shard_name,
+    sidecar_name,
+    write_index,
+    write_sample,
 )
 from mert_pipeline.storage import Location, is_url, join
-from stages.resample import audio_dir_name
-from stages.tokenize import LABELS, TEACHER
 
 SUBDIRS = ("listing", "parts", "completions", "stats", "errors")
 AUDIO_COLUMNS = ["id", "path", "relpath", "subtype", "sampling_rate", "num_samples", "size_bytes"]
@@ -80,87 +81,6 @@ AUDIO_COLUMNS += ["content_hash", "split", "format"]
 LABEL_COLUMNS = ["id", "relpath", "config_hash", "num_samples", "n_q", "frames"]
 TAR_OVERHEAD = 1024  # bytes per member: its 512-byte header and, on average, half a block of padding
 _BITS = {"PCM_16": 16, "PCM_24": 24}
-
-
-def discover_teachers(workdir: Path) -> dict[str, dict[str, Any]]:
-    """Every label set under WORKDIR/labels (its teacher.json), by name."""
-    found = {}
-    for path in sorted((workdir / "labels").glob(f"*/{TEACHER}")):
-        found[path.parent.name] = json.loads(path.read_text())
-    return found
-
-
-def teacher_facts(workdir: Path, names: list[str] | None) -> dict[str, dict[str, Any]]:
-    """The selected teachers (all found when `names` is None), checked to be complete and aligned."""
-    found = discover_teachers(workdir)
-    if names is None:
-        names = sorted(found)
-    if not names:
-        raise ValueError(f"no labels under {workdir / 'labels'}: run `mert-pipe tokenize {workdir}` first")
-    facts = {}
-    for name in names:
-        if name not in found:
-            known = ", ".join(sorted(found)) or "none"
-            raise ValueError(f"no teacher {name!r} under {workdir / 'labels'} (found: {known})")
-        if not (workdir / "labels" / name / LABELS).exists():
-            raise ValueError(f"{workdir / 'labels' / name / LABELS} not found: let `tokenize` finish first")
-        facts[name] = found[name]
-    rates = {(f["sampling_rate"], f["hop"]) for f in facts.values()}
-    if len(rates) != 1:
-        raise ValueError(f"the teachers disagree on sample rate and hop: {sorted(rates)}")
-    return facts
-
-
-def load_labels(labels_dir: Path) -> dict[str, tuple[str, str, int]]:
-    """id -> (relpath, config_hash, num_samples) of one label set."""
-    table = pq.read_table(labels_dir / LABELS, columns=["id", "relpath", "config_hash", "num_samples"])
-    columns = [table.column(name).to_pylist() for name in ("id", "relpath", "config_hash", "num_samples")]
-    return {row[0]: (row[1], row[2], row[3]) for row in zip(*columns, strict=True)}
-
-
-def load_aligned(path: Path, n_q: int, num_samples: int, hop: int) -> np.ndarray:
-    """A file's labels, memory-mapped, after checking they cover exactly its audio; else a ShardError."""
-    try:
-        labels = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ShardError(f"{path}: unreadable labels ({exc})") from exc
-    expected = (n_q, frames_for(num_samples, hop))
-    if labels.dtype != np.int16 or labels.shape != expected:
-        raise ShardError(
-            f"{path}: labels are {labels.dtype}{labels.shape} but the audio has {num_samples} samples, "
-            f"so int16{expected} (frames = ceil(num_samples / {hop})); rerun tokenize for this label set"
-        )
-    return labels
-
-
-_NPY_INT16 = re.compile(rb"\{'descr': '<i2', 'fortran_order': False, 'shape': \((\d+), (\d+)\), \} *\n")
-
-
-def label_columns(path: Path, n_q: int, num_samples: int, hop: int, first: int, frames: int) -> np.ndarray:
-    """`load_aligned(...)[:, first : first + frames]`, read with one pread per codebook: np.load's header
-    parsing and np.memmap cost ten times the slice. Any file whose header or size is not exactly what
-    np.save writes for int16 (n_q, ceil(num_samples / hop)) goes through load_aligned (its checks and
-    messages)."""
-    total = frames_for(num_samples, hop)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        fd = -1
-    if fd >= 0:
-        try:
-            head = os.pread(fd, 256, 0)
-            start = 10 + int.from_bytes(head[8:10], "little")
-            found = _NPY_INT16.fullmatch(head, 10, start) if head[:8] == b"\x93NUMPY\x01\x00" else None
-            if found and (int(found[1]), int(found[2])) == (n_q, total) and first + frames <= total:
-                if os.fstat(fd).st_size == start + 2 * n_q * total:
-                    out = np.empty((n_q, frames), dtype=np.int16)
-                    for row in range(n_q):
-                        at = start + 2 * (row * total + first)
-                        out[row] = np.frombuffer(os.pread(fd, 2 * frames, at), dtype="<i2")
-                    return out
-        finally:
-            os.close(fd)
-    return np.asarray(load_aligned(path, n_q, num_samples, hop)[:, first : first + frames])
 
 
 @dataclass(frozen=True)
@@ -172,7 +92,7 @@ class ShardConfig:
     shard_bytes: int = 256 * 10**6
     shard_samples: int | None = None  # also close a shard at this many samples
     seed: int = 0
-    sample_rate: int = 24000
+    sample_rate: int = SAMPLE_RATE
 
     def __post_init__(self) -> None:
         if self.segment_seconds <= 0:
@@ -183,8 +103,8 @@ class ShardConfig:
             raise ValueError("--out must be a folder of its own, not WORKDIR")
 
     @property
-    def audio_dir(self) -> Path:
-        return self.workdir / audio_dir_name(self.sample_rate)
+    def audio(self) -> AudioDir:
+        return Workdir(self.workdir).audio(self.sample_rate)
 
 
 class _WritesShards:
@@ -202,8 +122,7 @@ class _WritesShards:
         return rank_path(self, "parts", rank, ".json")  # type: ignore[arg-type]
 
     def _write_index(self, index: dict[str, Any]) -> None:
-        """SHARDS/index.json, whole or not at all (renamed locally, one PUT remotely); written last."""
-        storage.write_bytes(join(self.config.out, INDEX), to_json(index).encode())
+        write_index(self.config.out, index)
 
     def _output(self, name: str) -> Any:
         """A local temporary file that becomes SHARDS/NAME when complete (renamed, or uploaded whole)."""
@@ -221,9 +140,9 @@ class ShardStage(_WritesShards):
 
     def plan(self) -> list[Task]:
         config = self.config
-        manifest = config.audio_dir / "manifest.parquet"
+        manifest = config.audio.manifest
         if not manifest.exists():
-            raise FileNotFoundError(f"{manifest} not found: run `mert-pipe resample` first")
+            raise FileNotFoundError(f"{manifest} not found: run `mert-pipe resample {config.workdir}` first")
         self.facts = teacher_facts(config.workdir, list(config.teachers) if config.teachers else None)
         hop = next(iter(self.facts.values()))["hop"]
         rate = next(iter(self.facts.values()))["sampling_rate"]
@@ -233,13 +152,14 @@ class ShardStage(_WritesShards):
         max_units = int(config.segment_seconds * rate) // unit
         if max_units < 1:
             raise ValueError(f"--segment-seconds {config.segment_seconds} is shorter than one frame")
-        labels = {name: load_labels(config.workdir / "labels" / name) for name in self.facts}
+        layout = Workdir(config.workdir)
+        labels = {name: load_labels(layout.labels(name)) for name in self.facts}
         for split in SPLITS:
             _remove_stale_tmp(config.out, split)
         files: list[dict[str, Any]] = []
         segments: dict[str, list[tuple[str, int, int, int, int]]] = {split: [] for split in SPLITS}
         counts: Counter = Counter()
-        with RejectsWriter(stage_dir(self) / "rejects.jsonl") as rejects:
+        with RejectsWriter(stage_dir(self) / REJECTS) as rejects:
             for batch in iter_batches(manifest, columns=AUDIO_COLUMNS):
                 for row in batch.to_pylist():
                     counts["files_seen"] += 1
@@ -267,12 +187,12 @@ class ShardStage(_WritesShards):
                 segment = ordered[position]
                 full = config.shard_samples is not None and len(current) >= config.shard_samples
                 if current and (full or size + segment[4] > config.shard_bytes):
-                    shards[f"{split}/shard-{made:06d}.tar"], made = current, made + 1
+                    shards[shard_name(split, made)], made = current, made + 1
                     current, size = [], 0
                 current.append(segment)
                 size += segment[4]
             if current:
-                shards[f"{split}/shard-{made:06d}.tar"] = current
+                shards[shard_name(split, made)] = current
         counts["segments"] = sum(len(v) for v in shards.values())
         atomic_write_json(stage_dir(self) / "plan.json", {"counts": dict(counts), "shards": sorted(shards)})
 
@@ -306,7 +226,7 @@ class ShardStage(_WritesShards):
         return tasks
 
     def _label_bytes(self, num_samples: int, hop: int) -> int:
-        frames = frames_for(num_samples, hop)
+        frames = num_frames(num_samples, hop)
         per_teacher = sum(128 + 2 * facts["n_q"] * frames for facts in self.facts.values())
         return per_teacher + 300 + TAR_OVERHEAD * (2 + len(self.facts))
 
@@ -324,7 +244,7 @@ class ShardStage(_WritesShards):
             if found is None:
                 return Reject(row["path"], "no_labels", f"teacher {name!r} has no labels for this file")
             relpath, config_hash, num_samples = found
-            npy = self.config.workdir / "labels" / name / relpath
+            npy = Workdir(self.config.workdir).labels(name).npy(relpath)
             if config_hash != facts["config_hash"] or num_samples != row["num_samples"]:
                 return Reject(
                     row["path"],
@@ -342,38 +262,36 @@ class ShardStage(_WritesShards):
         rate = self.config.sample_rate
         shard = rows[0]["shard"]
         hashes = {name: facts["config_hash"] for name, facts in self.facts.items()}
+        layout = Workdir(self.config.workdir)
         seconds = 0.0
         with self._output(shard) as tmp, open(tmp, "wb") as handle:
             tar = DeterministicTar(handle)
             for row in rows:
                 n, offset = row["num_samples"], row["offset"]
-                first, frames = offset // hop, frames_for(n, hop)
+                first, frames = frame_span(offset, n, hop)
                 slices = {}
                 for name, facts in self.facts.items():  # check every teacher before writing the sample
-                    path = self.config.workdir / "labels" / name / row["labels"][name]
+                    path = layout.labels(name).npy(row["labels"][name])
                     slices[name] = label_columns(
                         path, facts["n_q"], row["source_num_samples"], hop, first, frames
                     )
                 flac = segment_flac(row, rate, stats)
-                meta = {
-                    "key": row["key"],
-                    "id": row["id"],
-                    "relpath": row["relpath"],
-                    "split": row["split"],
-                    "segment": row["segment"],
-                    "offset": offset,
-                    "num_samples": n,
-                    "source_num_samples": row["source_num_samples"],
-                    "sample_rate": rate,
-                    "label_rate": rate / hop,
-                    "hop": hop,
-                    "frames": frames,
-                    "teachers": hashes,
-                }
-                tar.add(f"{row['key']}.flac", flac)
-                tar.add(f"{row['key']}.json", json_bytes(meta))
-                for name in sorted(slices):
-                    tar.add(f"{row['key']}.{name}.npy", npy_bytes(slices[name]))
+                meta = SegmentMeta(
+                    key=row["key"],
+                    id=row["id"],
+                    relpath=row["relpath"],
+                    split=row["split"],
+                    segment=row["segment"],
+                    offset=offset,
+                    num_samples=n,
+                    source_num_samples=row["source_num_samples"],
+                    sample_rate=rate,
+                    label_rate=rate / hop,
+                    hop=hop,
+                    frames=frames,
+                    teachers=hashes,
+                )
+                write_sample(tar, meta, flac, slices)
                 seconds += n / rate
                 stats["samples"] += 1
                 stats["frames"] += frames
@@ -393,8 +311,8 @@ class ShardStage(_WritesShards):
             part = json.loads(self._part(task.rank).read_text())
             shard = part.pop("shard")
             entries[shard] = part
-        with self._output("rejects.jsonl") as tmp, RejectsWriter(tmp) as rejects:
-            for reject in iter_rejects(stage_dir(self) / "rejects.jsonl"):
+        with self._output(REJECTS) as tmp, RejectsWriter(tmp) as rejects:
+            for reject in iter_rejects(stage_dir(self) / REJECTS):
                 rejects.write(reject)
         old = _old_index(config.out)
         sidecars = {}
@@ -418,7 +336,6 @@ class ShardStage(_WritesShards):
             "sidecars": sidecar_facts,
             "shards": {**entries, **sidecars},
         }
-        _add_totals(index)
         self._write_index(index)
         counts = dict(plan["counts"])
         counts["rejected"] = sum(v for k, v in counts.items() if k.startswith("rejected."))
@@ -503,7 +420,7 @@ def bookkeeping_dir(workdir: Path, out: Location) -> Path:
     it is a folder; for a URL, a folder under WORKDIR named by the URL, so two shard sets never mix."""
     if not is_url(out):
         return Path(out)
-    return workdir / "remote_shards" / hashlib.sha256(str(out).encode()).hexdigest()[:16]
+    return Workdir(workdir).remote_shards(str(out))
 
 
 def _remove_stale_tmp(out: Location, split: str) -> None:
@@ -521,23 +438,6 @@ def _redo_missing(stage: Any, tasks: list[Task], names: list[str]) -> None:
         if name not in present:
             with contextlib.suppress(FileNotFoundError):
                 marker_path(stage, task.rank).unlink()
-
-
-def _add_totals(index: dict[str, Any]) -> None:
-    """Per split and overall: audio shards' samples, seconds and bytes (sidecar bytes apart)."""
-    totals: dict[str, Any] = {}
-    for split in SPLITS:
-        audio = {k: v for k, v in index["shards"].items() if v["split"] == split and "teacher" not in v}
-        side = [v for v in index["shards"].values() if v["split"] == split and "teacher" in v]
-        totals[split] = {
-            "shards": len(audio),
-            "samples": sum(v["samples"] for v in audio.values()),
-            "seconds": sum(v["seconds"] for v in audio.values()),
-            "bytes": sum(v["bytes"] for v in audio.values()),
-            "sidecar_bytes": sum(v["bytes"] for v in side),
-        }
-    totals["all"] = {key: sum(totals[s][key] for s in SPLITS) for key in totals["train"]}
-    index["totals"] = totals
 
 
 @dataclass(frozen=True)
@@ -586,11 +486,11 @@ class SidecarStage(_WritesShards):
 
     def _labels(self) -> dict[str, tuple[str, str, int]]:
         """The teacher's label table, read once per worker process."""
-        path = self.config.workdir / "labels" / self.config.teacher / LABELS
-        key = (str(path), path.stat().st_mtime)
+        label_set = Workdir(self.config.workdir).labels(self.config.teacher)
+        key = (str(label_set.manifest), label_set.manifest.stat().st_mtime)
         if key not in _LABEL_CACHE:
             _LABEL_CACHE.clear()
-            _LABEL_CACHE[key] = load_labels(path.parent)
+            _LABEL_CACHE[key] = load_labels(label_set)
         return _LABEL_CACHE[key]
 
     def run(self, task: Task, stats: Counter) -> None:
@@ -599,11 +499,11 @@ class SidecarStage(_WritesShards):
         facts = self.facts or teacher_facts(self.config.workdir, [teacher])[teacher]
         hop = facts["hop"]
         table = self._labels()
-        labels_dir = self.config.workdir / "labels" / teacher
+        label_set = Workdir(self.config.workdir).labels(teacher)
         seconds, samples = 0.0, 0
         with storage.open_read(join(self.config.out, base)) as source:
-            metas = [json.loads(sample["json"]) for _, sample in iter_samples(source)]
-        missing = [m["id"] for m in metas if m["id"] not in table]
+            metas = [SegmentMeta.from_bytes(sample.get("json", b"")) for _, sample in iter_samples(source)]
+        missing = [m.id for m in metas if m.id not in table]
         if missing:
             raise ShardError(
                 f"teacher {teacher!r} has no labels for {len(missing)} tracks of {base} (e.g. {missing[0]}); "
@@ -612,20 +512,20 @@ class SidecarStage(_WritesShards):
         with self._output(sidecar_name(base, teacher)) as tmp, open(tmp, "wb") as handle:
             tar = DeterministicTar(handle)
             for meta in metas:
-                relpath, config_hash, num_samples = table[meta["id"]]
-                path = labels_dir / relpath
-                if config_hash != facts["config_hash"] or num_samples != meta["source_num_samples"]:
+                relpath, config_hash, num_samples = table[meta.id]
+                path = label_set.npy(relpath)
+                if config_hash != facts["config_hash"] or num_samples != meta.source_num_samples:
                     raise ShardError(
                         f"{path}: made for {num_samples} samples with config {config_hash}; the shard's "
-                        f"audio has {meta['source_num_samples']} and the teacher is {facts['config_hash']}"
+                        f"audio has {meta.source_num_samples} and the teacher is {facts['config_hash']}"
                     )
-                first, frames = meta["offset"] // hop, frames_for(meta["num_samples"], hop)
+                first, frames = frame_span(meta.offset, meta.num_samples, hop)
                 labels = label_columns(path, facts["n_q"], num_samples, hop, first, frames)
-                tar.add(f"{meta['key']}.{teacher}.npy", npy_bytes(labels))
-                seconds += meta["num_samples"] / meta["sample_rate"]
+                tar.add(f"{meta.key}.{teacher}.npy", npy_bytes(labels))
+                seconds += meta.num_samples / meta.sample_rate
                 samples += 1
                 stats["samples"] += 1
-                stats["audio_seconds"] += meta["num_samples"] / meta["sample_rate"]
+                stats["audio_seconds"] += meta.num_samples / meta.sample_rate
             size, sha256 = tar.close()
         stats["bytes"] += size
         stats["shards"] += 1
@@ -648,7 +548,6 @@ class SidecarStage(_WritesShards):
         index.setdefault("sidecars", {})[teacher] = (
             self.facts or teacher_facts(self.config.workdir, [teacher])[teacher]
         )
-        _add_totals(index)
         removed = _prune(self.config.out, set(shards))
         self._write_index(index)
         counts = {key: stats.get(key, 0) for key in ("samples", "bytes", "shards", "audio_seconds")}
@@ -658,8 +557,3 @@ class SidecarStage(_WritesShards):
             "totals": index["totals"],
             "outputs": {"shards": str(self.config.out), "index": str(join(self.config.out, INDEX))},
         }
-
-
-def sidecar_name(base: str, teacher: str) -> str:
-    """`train/shard-000000.tar` -> `train/shard-000000.TEACHER.tar`."""
-    return re.sub(r"\.tar$", f".{teacher}.tar", base)

@@ -4,7 +4,7 @@ Plan (driver): check the teacher (load it once, so a missing checkpoint fails be
 starts, and take its config hash), stream `AUDIO_DIR/manifest.parquet` into task listings of
 `files_per_task` files. Run (worker): the teacher, loaded once per worker process and cached, labels
 the task's files; with the RVQ teacher, chunks of many files share each batch (exact streaming, see
-`mert_pipeline.codec`). Each file's labels go to `LABELS/ab/<id>.npy` (temporary name, then rename)
+`mert_pipeline.teachers.rvq`). Each file's labels go to `LABELS/ab/<id>.npy` (temporary name, then rename)
 and a line in the task's journal, so a killed task resumes at file granularity. Finalize (driver):
 merge the task parts into `LABELS/labels.parquet` and `LABELS/rejects.jsonl`.
 
@@ -25,14 +25,15 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from manifests.io import ManifestWriter, RejectsWriter, iter_batches
-from manifests.records import LabelRecord, Reject
+from mert_pipeline.devices import with_gpu
 from mert_pipeline.executor import Resources, Task, rank_path
 from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
+from mert_pipeline.grid import SAMPLE_RATE, num_frames
+from mert_pipeline.layout import AudioDir, LabelSet, Workdir, check_name
 from mert_pipeline.listing import (
     Journal,
     drop_journals,
@@ -41,63 +42,17 @@ from mert_pipeline.listing import (
     read_listing,
     write_listings,
 )
-from mert_pipeline.teachers import FileToLabel
-from stages.resample import audio_dir_name
+from mert_pipeline.manifests.io import ManifestWriter, RejectsWriter, iter_batches
+from mert_pipeline.manifests.records import LabelRecord, Reject
+from mert_pipeline.teachers import FileToLabel, config_hash
 
-LABELS = "labels.parquet"
-REJECTS = "rejects.jsonl"
-TEACHER = "teacher.json"
 SUBDIRS = ("listing", "parts", "rejects", "journal", "completions", "stats", "errors")
 LISTING_COLUMNS = ["id", "path", "num_samples", "sampling_rate", "split"]
 _NPY_NAME = re.compile(r"^[0-9a-f]{16}\.npy$")
 
 
-def config_hash(teacher: Teacher) -> str:
-    text = json.dumps({"kind": teacher.kind, **teacher.describe()}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def default_files_per_task(device: str) -> int:
-    """On CPU a worker encodes one file at a time, so small tasks keep every worker busy; on a GPU a task
-    must hold enough files to fill the batch's rows side by side (64 by default) several times over."""
-    from mert_pipeline.codec import resolve_device
-
-    return 256 if resolve_device(device).type == "cuda" else 4
-
-
-def default_workers(device: str) -> int:
-    """One worker per GPU; on CPU one worker whose torch threads use every core. EnCodec's intra-op
-    threads scale almost linearly here (2 threads ran 1.9x one), and a single worker cannot be left
-    with the one long task while the others idle, which is what several 1-thread workers did on a
-    small corpus (benchmarks/RESULTS.md)."""
-    import torch
-
-    from mert_pipeline.codec import resolve_device
-
-    return max(1, torch.cuda.device_count()) if resolve_device(device).type == "cuda" else 1
-
-
-class TeacherMismatch(RuntimeError):
+class TeacherMismatch(ValueError):
     """The labels directory holds another teacher configuration's labels."""
-
-
-class Teacher(Protocol):
-    """What the stage needs of a teacher. Implementations are plain picklable configs that load their
-    model lazily, once per process."""
-
-    kind: str
-    sampling_rate: int
-    hop: int
-    num_classes: int
-    n_q: int
-
-    def describe(self) -> dict[str, Any]:
-        """The facts that identify the labels (config, weights hash): hashed into `config_hash`."""
-        ...
-
-    def label(self, files: list[FileToLabel], stats: Counter) -> Iterator[tuple[str, np.ndarray | Reject]]:
-        """Labels (int16, shape (n_q, ceil(num_samples / hop))) or a reject for every file, any order."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -105,12 +60,12 @@ class TokenizeConfig:
     workdir: Path
     teacher: Any  # a Teacher; Any because dataclass fields cannot hold a Protocol check
     name: str = "rvq"  # the label set's name: LABELS = WORKDIR/labels/NAME
-    sample_rate: int = 24000  # which resampled directory to read: WORKDIR/audio_24k
+    sample_rate: int = SAMPLE_RATE  # which resampled directory to read: WORKDIR/audio_24k
     files_per_task: int = 64
+    replace: bool = False  # labels of another teacher configuration in LABELS: replace them (else refuse)
 
     def __post_init__(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "-_" for c in self.name):
-            raise ValueError(f"--name must be letters, digits, '-' and '_' only, not {self.name!r}")
+        check_name(self.name)
         if self.files_per_task < 1:
             raise ValueError("files_per_task must be at least 1")
         if self.teacher.sampling_rate != self.sample_rate:
@@ -120,12 +75,16 @@ class TokenizeConfig:
             )
 
     @property
-    def audio_dir(self) -> Path:
-        return self.workdir / audio_dir_name(self.sample_rate)
+    def audio(self) -> AudioDir:
+        return Workdir(self.workdir).audio(self.sample_rate)
+
+    @property
+    def labels(self) -> LabelSet:
+        return Workdir(self.workdir).labels(self.name)
 
     @property
     def labels_dir(self) -> Path:
-        return self.workdir / "labels" / self.name
+        return self.labels.path
 
 
 @dataclass
@@ -138,6 +97,11 @@ class TokenizeStage:
 
     def __post_init__(self) -> None:
         self.name = f"tokenize_{self.config.name}"  # one bookkeeping directory per label set
+        device = getattr(self.config.teacher, "device", None)
+        model = getattr(self.config.teacher, "model", None)  # k-means on model features
+        device = device or getattr(model, "device", None)
+        if device is not None:  # a GPU per task on Ray; the local pool spreads workers over GPUs
+            self.resources = with_gpu(self.resources, device)
 
     @property
     def workdir(self) -> Path:
@@ -145,7 +109,7 @@ class TokenizeStage:
 
     @property
     def audio_manifest(self) -> Path:
-        return self.config.audio_dir / "manifest.parquet"
+        return self.config.audio.manifest
 
     def teacher_facts(self) -> dict[str, Any]:
         teacher = self.config.teacher
@@ -161,28 +125,32 @@ class TokenizeStage:
             "sampling_rate": teacher.sampling_rate,
         }
 
-    def claim_labels_dir(self, force: bool) -> None:
-        """Refuse (or, with force, clear) a labels directory that another teacher config wrote."""
-        labels = self.config.labels_dir
+    def claim_labels_dir(self) -> None:
+        """Refuse (or, with `replace`, clear) a labels directory that another teacher config wrote, so
+        labels of two configurations never mix; then record this teacher in its teacher.json."""
+        labels = self.config.labels
         facts = self.teacher_facts()
         try:
-            existing = json.loads((labels / TEACHER).read_text())
+            existing = json.loads(labels.teacher.read_text())
         except FileNotFoundError:
             existing = None
         if existing is not None and existing.get("config_hash") != facts["config_hash"]:
-            if not force:
+            if not self.config.replace:
                 raise TeacherMismatch(
-                    f"{labels} holds labels of another teacher configuration ({existing.get('kind')}, "
+                    f"{labels.path} holds labels of another teacher configuration ({existing.get('kind')}, "
                     f"config {existing.get('config_hash')}, not {facts['config_hash']}); pass another "
                     f"--name to keep both, or --force to replace them"
                 )
-            shutil.rmtree(labels)
+            shutil.rmtree(labels.path)
         if existing is None or existing.get("config_hash") != facts["config_hash"]:
-            atomic_write_json(labels / TEACHER, facts)
+            atomic_write_json(labels.teacher, facts)
 
     def plan(self) -> list[Task]:
         if not self.audio_manifest.exists():
-            raise FileNotFoundError(f"{self.audio_manifest} not found: run `mert-pipe resample` first")
+            raise FileNotFoundError(
+                f"{self.audio_manifest} not found: run `mert-pipe resample {self.workdir}` first"
+            )
+        self.claim_labels_dir()
         remove_stale_tmp(self.config.labels_dir)
         config_fp = hashlib.sha256(
             json.dumps({"teacher": self.teacher_facts(), "version": 1}, sort_keys=True).encode()
@@ -245,7 +213,7 @@ class TokenizeStage:
         """Check a file's labels against the frame rule and write them; a mismatch is a reject, loudly."""
         if isinstance(labels, Reject):
             return {"id": row["id"], "reject": asdict(labels)}
-        frames = -(-row["num_samples"] // facts["hop"])
+        frames = num_frames(row["num_samples"], facts["hop"])
         expected = (facts["n_q"], frames)
         if labels.shape != expected or labels.dtype != np.int16:
             reject = Reject(
@@ -254,7 +222,7 @@ class TokenizeStage:
                 f"labels {labels.dtype}{labels.shape}, expected int16{expected}",
             )
             return {"id": row["id"], "reject": asdict(reject)}
-        relpath = f"{row['id'][:2]}/{row['id']}.npy"
+        relpath = LabelSet.relpath(row["id"])
         with atomic_path(self.config.labels_dir / relpath) as tmp:
             with open(tmp, "wb") as handle:
                 np.save(handle, np.ascontiguousarray(labels), allow_pickle=False)
@@ -280,8 +248,8 @@ class TokenizeStage:
         summary: Counter = Counter()
         kept: set[str] = set()
         with (
-            ManifestWriter(labels_dir / LABELS, str(labels_dir), record_type=LabelRecord) as manifest,
-            RejectsWriter(labels_dir / REJECTS) as rejects,
+            ManifestWriter(self.config.labels.manifest, str(labels_dir), record_type=LabelRecord) as manifest,
+            RejectsWriter(self.config.labels.rejects) as rejects,
         ):
             for record in merge_task_parts(self, tasks, manifest, rejects, LabelRecord, summary):
                 kept.add(record.relpath)
@@ -300,8 +268,8 @@ class TokenizeStage:
             "teacher": facts,
             "outputs": {
                 "labels_dir": str(labels_dir),
-                "labels_manifest": str(labels_dir / LABELS),
-                "labels_rejects": str(labels_dir / REJECTS),
+                "labels_manifest": str(self.config.labels.manifest),
+                "labels_rejects": str(self.config.labels.rejects),
             },
         }
 

@@ -35,7 +35,7 @@ def ray_cluster(_repo_on_pythonpath: None):
 def test_codec_file(tmp_path_factory: pytest.TempPathFactory):
     """The test codec (real EnCodec architecture, seeded weights, k-means codebooks), built once per session:
     building it takes tens of seconds on a small machine."""
-    from mert_pipeline.codec import make_test_codec
+    from mert_pipeline.demo.test_codec import make_test_codec
 
     return make_test_codec(tmp_path_factory.mktemp("codec") / "test-codec.pt", seed=0)
 

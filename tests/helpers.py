@@ -119,14 +119,13 @@ ODD_LENGTHS = (1, 319, 320, 321, 599, 2047, 72017)  # samples at 24 kHz: shorter
 
 
 def resampled_workdir(root: Path, n_tracks: int = 3, seed: int = 21) -> Path:
-    """A WORKDIR after `manifest` and `resample`: a few synthesized tracks plus one file of each of
-    `ODD_LENGTHS` samples (min_seconds 0 keeps them), with a train/valid split."""
+    """A WORKDIR after `manifest` and `resample` (through the Python API): a few synthesized tracks plus one
+    file of each of `ODD_LENGTHS` samples (min_seconds 0 keeps them), with a train/valid split."""
     import soundfile as sf
 
-    from mert_pipeline.executor import ExecutorConfig, execute
-    from mert_pipeline.synth import render_track, synthesize_demo_corpus
-    from stages.manifest import ManifestConfig, ManifestStage, resolve_roots
-    from stages.resample import ResampleConfig, ResampleStage
+    from mert_pipeline import pipeline
+    from mert_pipeline.demo.synth import render_track, synthesize_demo_corpus
+    from mert_pipeline.executor import ExecutorConfig
 
     corpus, workdir = root / "corpus", root / "work"
     synthesize_demo_corpus(corpus, n_tracks=n_tracks, seed=seed, with_bad_files=False)
@@ -134,9 +133,38 @@ def resampled_workdir(root: Path, n_tracks: int = 3, seed: int = 21) -> Path:
         wav = render_track(n, n / 24000 + 0.01, 24000, 1)[:n]
         sf.write(corpus / f"len_{n}.wav", wav, 24000, subtype="PCM_16")
     local = ExecutorConfig(kind="local", workers=1)
-    config = ManifestConfig(
-        roots=resolve_roots([corpus]), workdir=workdir, valid_percent=0.3, min_seconds=0.0
-    )
-    assert execute(ManifestStage(config), local).ok
-    assert execute(ResampleStage(ResampleConfig(workdir=workdir)), local).ok
+    pipeline.manifest([str(corpus)], workdir, valid_percent=0.3, min_seconds=0.0, executor=local)
+    pipeline.resample(workdir, executor=local)
     return workdir
+
+
+def add_label_set(workdir: Path, name: str, source: str = "rvq", skip: int = 0) -> None:
+    import numpy as np
+
+    from mert_pipeline.fs import atomic_write_json
+    from mert_pipeline.manifests import LabelRecord, iter_records
+    from mert_pipeline.manifests.io import ManifestWriter
+
+    """A single-codebook label set in the tokenize layout (what the k-means teacher writes): codebook 0 of
+    `source` mod 500, leaving out the first `skip` files so that `no_labels` shows up."""
+    records = list(iter_records(workdir / f"labels/{source}/labels.parquet", record_type=LabelRecord))
+    root = workdir / "labels" / name
+    facts = {
+        "name": name,
+        "kind": "kmeans",
+        "config_hash": f"km-{name}",
+        "config": {"k": 500},
+        "n_q": 1,
+        "num_classes": 500,
+        "label_rate": 75.0,
+        "hop": 320,
+        "sampling_rate": 24000,
+    }
+    with ManifestWriter(root / "labels.parquet", str(root), record_type=LabelRecord) as writer:
+        for record in records[skip:]:
+            codes = np.load(workdir / f"labels/{source}" / record.relpath)[:1] % 500
+            (root / record.relpath).parent.mkdir(parents=True, exist_ok=True)
+            np.save(root / record.relpath, codes.astype(np.int16))
+            fields = {**record.__dict__, "teacher": name, "kind": "kmeans", "config_hash": f"km-{name}"}
+            writer.write(LabelRecord(**{**fields, "n_q": 1, "num_classes": 500}))
+    atomic_write_json(root / "teacher.json", facts)

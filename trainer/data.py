@@ -2,7 +2,8 @@
 
 Each sample of a shard is one segment: `KEY.flac` (24 kHz mono), `KEY.json` (num_samples, ...) and one
 `KEY.<teacher>.npy` per teacher (int16 (n_q, ceil(num_samples / 320))), or the labels in a label-only
-sidecar `shard-NNNNNN.<teacher>.tar` read in step with its audio shard.
+sidecar `shard-NNNNNN.<teacher>.tar` read in step with its audio shard. The shard format's own reader
+(`mert_pipeline.shards.load_index`, `read_samples`) does the reading; this module crops and batches.
 
 Reading: the train shards are dealt to the world's `ranks x workers` slots every epoch (a fresh seeded
 permutation); a slot cycles its own shards, or, when there are fewer shards than slots, all of them in
@@ -21,57 +22,20 @@ the physical worker w plays slot (w + batch) % workers so batch `batch` comes ne
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from mert_pipeline import storage
+from mert_pipeline.grid import num_frames
+from mert_pipeline.shards import SegmentMeta, ShardIndex, load_index, read_samples
 
-
-@dataclass
-class ShardIndex:
-    root: storage.Location  # a folder or a URL (s3://bucket/shards)
-    sample_rate: int
-    hop: int
-    shards: dict[str, list[tuple[str, int]]]  # split -> [(path relative to root, samples)]
-    teachers: dict[str, tuple[int, int]]  # name -> (n_q, num_classes), in shards or sidecars
-    sidecars: dict[str, dict[str, str]]  # audio shard -> {teacher: sidecar shard}
-
-    def samples(self, split: str) -> int:
-        return sum(count for _, count in self.shards.get(split, []))
-
-
-def load_shard_index(root: Path | str) -> ShardIndex:
-    """Read `root/index.json`: the one place that knows its layout. Accepts `shards` as a dict keyed by
-    relative path (entries with `split`, `samples`, and `teacher` + `base` for sidecars) or as a list
-    of entries with `name`; teachers from `teachers` and `sidecars` ({name: {n_q, num_classes, ...}})."""
-    root = storage.as_location(root)
-    index = json.loads(storage.read_bytes(storage.join(root, "index.json")))
-    entries = index["shards"]
-    if isinstance(entries, list):
-        entries = {entry["name"]: entry for entry in entries}
-    shards: dict[str, list[tuple[str, int]]] = {}
-    sidecars: dict[str, dict[str, str]] = {}
-    for name, entry in sorted(entries.items()):
-        split = entry.get("split") or name.split("/", 1)[0]
-        if "teacher" in entry:
-            sidecars.setdefault(entry["base"], {})[entry["teacher"]] = name
-        else:
-            shards.setdefault(split, []).append((name, int(entry["samples"])))
-    teachers = {
-        name: (int(facts["n_q"]), int(facts["num_classes"]))
-        for group in ("teachers", "sidecars")
-        for name, facts in index.get(group, {}).items()
-    }
-    return ShardIndex(root, int(index["sample_rate"]), int(index["hop"]), shards, teachers, sidecars)
+__all__ = ["CropBatches", "CropSpec", "Loader", "ShardIndex", "load_shard_index", "valid_batches"]
+load_shard_index = load_index  # the trainer's name for the shard format's index reader
 
 
 @dataclass
@@ -85,27 +49,6 @@ class CropSpec:
     min_samples: int
     shuffle_buffer: int = 1000
     seed: int = 0
-
-
-def _tar_samples(location: storage.Location) -> Iterator[dict[str, Any]]:
-    """WebDataset samples of one tar, local or remote (streamed through fsspec)."""
-    with storage.open_read(location) as stream:
-        yield from group_by_keys(tar_file_expander([{"url": str(location), "stream": stream}]))
-
-
-def _read_samples(index: ShardIndex, shard: str, teachers: tuple[str, ...]) -> Iterator[dict[str, Any]]:
-    """Raw samples (bytes by extension) of one audio shard, with its sidecars' labels merged in."""
-    streams = [_tar_samples(storage.join(index.root, shard))]
-    sides = index.sidecars.get(shard, {})
-    names = [t for t in teachers if t in sides]
-    streams += [_tar_samples(storage.join(index.root, sides[t])) for t in names]
-    for parts in zip(*streams, strict=True):
-        sample = dict(parts[0])
-        for part in parts[1:]:
-            if part["__key__"] != sample["__key__"]:
-                raise ValueError(f"{shard}: sidecar key {part['__key__']} != {sample['__key__']}")
-            sample.update({k: v for k, v in part.items() if k.endswith(".npy")})
-        yield sample
 
 
 class CropBatches(IterableDataset):
@@ -152,14 +95,14 @@ class CropBatches(IterableDataset):
             barren += 1
             if barren > limit:  # cycling shards that hold no usable clip would never yield a batch
                 raise ValueError(f"no {self.split} clip of at least {self.spec.min_samples} samples")
-            for number, sample in enumerate(_read_samples(self.index, shard, self.spec.teachers)):
+            for number, sample in enumerate(read_samples(self.index, shard, self.spec.teachers)):
                 if not self.train and shared and number % slots != slot:
                     continue  # validation on fewer shards than ranks: split the samples instead
-                meta = json.loads(sample["json"])
-                if int(meta["num_samples"]) < self.spec.min_samples:
+                meta = SegmentMeta.from_bytes(sample["json"])
+                if meta.num_samples < self.spec.min_samples:
                     continue  # clips under min_samples (3 s) are dropped
                 barren = 0
-                sample["num_samples"] = int(meta["num_samples"])
+                sample["num_samples"] = meta.num_samples
                 buffer.append(sample)
                 if len(buffer) >= size:
                     yield buffer.pop(int(rng.integers(len(buffer))) if self.train else 0)
@@ -192,7 +135,7 @@ class CropBatches(IterableDataset):
             if rate != self.index.sample_rate or data.shape != (length, 1):
                 raise ValueError(f"{sample['__key__']}: flac {rate} Hz {data.shape}, expected ({length}, 1)")
             audio[row] = data[:, 0]
-            frames = -(-sample["num_samples"] // hop)
+            frames = num_frames(sample["num_samples"], hop)
             for teacher in self.spec.teachers:
                 codes = np.load(io.BytesIO(sample[f"{teacher}.npy"]), allow_pickle=False)
                 if codes.shape[1] != frames:

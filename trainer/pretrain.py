@@ -1,6 +1,7 @@
 """Pretrain MERT on a shard set with DDP: one file, run by torchrun.
 
-From the repository root (after `pip install -e .`):
+From the repository root (after `pip install -e .`), or from anywhere with the installed package as
+`torchrun ... -m mert_pipeline.trainer.pretrain ...` (the `mert-pretrain` command runs one process):
 
     # one GPU (or CPU: gloo, fp32)
     torchrun --standalone --nproc_per_node 1 trainer/pretrain.py --config trainer/configs/mert_95m.yaml \\
@@ -43,13 +44,14 @@ import torch.distributed as dist
 import yaml
 from torch.nn.parallel import DistributedDataParallel
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run by path: make `trainer` and `mert_pipeline` importable
-    sys.path.insert(0, str(REPO))
-
-from mert_pipeline.fs import atomic_path, atomic_write_json  # noqa: E402
-from trainer.data import CropSpec, Loader, ShardIndex, load_shard_index, valid_batches  # noqa: E402
-from trainer.model import MERT, ModelConfig, flops_per_clip  # noqa: E402
+try:  # run by path (torchrun trainer/pretrain.py): the installed package provides the rest
+    from mert_pipeline.fs import atomic_path, atomic_write_json
+    from mert_pipeline.trainer.data import CropSpec, Loader, ShardIndex, load_shard_index, valid_batches
+    from mert_pipeline.trainer.model import MERT, ModelConfig, flops_per_clip
+except ModuleNotFoundError as exc:  # pragma: no cover - a checkout without `pip install -e .`
+    if not exc.name or not exc.name.startswith("mert_pipeline"):
+        raise
+    sys.exit("error: the mert_pipeline package is not installed here: run `pip install -e .` in the checkout")
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12}
 

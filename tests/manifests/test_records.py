@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from manifests import (
+from mert_pipeline.manifests import (
     AudioRecord,
     FairseqTsvWriter,
     ManifestWriter,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from manifests import LabelRecord, ResampledRecord, iter_records, iter_rejects
+from mert_pipeline.manifests import LabelRecord, ResampledRecord, iter_records, iter_rejects
 from tests.helpers import REPO
 
 

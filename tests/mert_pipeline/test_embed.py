@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 from mert_pipeline.cli import app
 from mert_pipeline.embed import chunks, load_embedder
 from mert_pipeline.hf_export import export_hf
+from mert_pipeline.trainer.model import ModelConfig, conv_frames
 from tests.helpers import visible_files
 from tests.mert_pipeline.test_hf_export import write_tiny_checkpoint
-from trainer.model import ModelConfig, conv_frames
 
 
 @pytest.fixture(scope="module")

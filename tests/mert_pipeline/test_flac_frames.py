@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from mert_pipeline.demo.synth import render_track
 from mert_pipeline.flac_frames import (
     FLAC_BLOCK,
     NotCopyable,
@@ -22,8 +23,7 @@ from mert_pipeline.flac_frames import (
     parse_header,
 )
 from mert_pipeline.shards import ShardError, segment_bounds
-from mert_pipeline.synth import render_track
-from stages.shard import segment_flac, segment_unit
+from mert_pipeline.stages.shard import segment_flac, segment_unit
 
 RATE = 24000
 UNIT = 20480  # lcm(320, 4096)

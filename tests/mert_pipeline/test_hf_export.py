@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 
 from mert_pipeline.cli import app
 from mert_pipeline.hf_export import build_encoder, load_checkpoint, mert_hidden_states
-from trainer.model import MERT
-from trainer.pretrain import load_config, save_checkpoint
+from mert_pipeline.trainer.model import MERT
+from mert_pipeline.trainer.pretrain import load_config, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 

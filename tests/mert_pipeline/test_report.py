@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from manifests.io import ManifestWriter, RejectsWriter
-from manifests.records import AudioRecord, LabelRecord, Reject
 from mert_pipeline.cli import app
+from mert_pipeline.manifests.io import ManifestWriter, RejectsWriter
+from mert_pipeline.manifests.records import AudioRecord, LabelRecord, Reject
 from mert_pipeline.report import collect_stats, write_report
 
 DURATIONS = [2.0, 4.0, 12.0]  # seconds at 24 kHz: histogram bins [1, 3), [3, 5), [10, 30)

@@ -125,11 +125,12 @@ def test_run_reads_the_corpus_from_a_bucket_and_writes_shards_to_a_bucket(tmp_pa
         remote_stats.pop(key), local_stats.pop(key, None)
     assert remote_stats == local_stats
 
-    from trainer.data import CropSpec, Loader, _read_samples, load_shard_index
+    from mert_pipeline.shards import read_samples
+    from mert_pipeline.trainer.data import CropSpec, Loader, load_shard_index
 
     loaded = load_shard_index(shards)
     name, count = loaded.shards["train"][0]
-    assert len(list(_read_samples(loaded, name, ("kmeans8",)))) == count
+    assert len(list(read_samples(loaded, name, ("kmeans8",)))) == count
     spec = CropSpec(teachers=("kmeans8",), batch_size=2, crop_samples=24000, min_samples=24000)
     batches = []  # the trainer's loader, with forked DataLoader workers streaming from the bucket
     for index_of in (loaded, load_shard_index(tmp_path / "w2/shards")):

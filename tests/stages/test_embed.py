@@ -13,9 +13,9 @@ import torch
 
 from mert_pipeline.embed import embed_files, list_inputs, load_embedder
 from mert_pipeline.executor import ExecutorConfig, execute
-from stages.embed import EmbedConfig, EmbedStage
+from mert_pipeline.stages.embed import EmbedConfig, EmbedStage
+from mert_pipeline.trainer.model import ModelConfig, conv_frames
 from tests.mert_pipeline.test_hf_export import write_tiny_checkpoint
-from trainer.model import ModelConfig, conv_frames
 
 
 @pytest.fixture(scope="module")

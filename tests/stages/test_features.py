@@ -10,11 +10,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from manifests import ResampledRecord, iter_records, iter_rejects
-from manifests.records import FeatureRecord
 from mert_pipeline.executor import ExecutorConfig, execute
-from mert_pipeline.features import MFCC, RunningStats
-from stages.features import FeaturesConfig, FeaturesStage, split_quota
+from mert_pipeline.manifests import ResampledRecord, iter_records, iter_rejects
+from mert_pipeline.manifests.records import FeatureRecord
+from mert_pipeline.stages.features import FeaturesConfig, FeaturesStage, split_quota
+from mert_pipeline.teachers.features import MFCC, RunningStats
 from tests.helpers import KillOnce, hidden_tmp_files, resampled_workdir, visible_files
 
 LOCAL = ExecutorConfig(kind="local", workers=1)
@@ -116,7 +116,7 @@ def test_ray_executor_gives_identical_bytes(workdir: Path, extracted: Path, ray_
 def test_rerun_skips_and_a_grown_corpus_reuses_stored_features(workdir: Path, tmp_path: Path) -> None:
     copy = tmp_path / "w"
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("features", ".work", "labels"))
-    from manifests.io import write_records
+    from mert_pipeline.manifests.io import write_records
 
     records = list(audio_records(workdir).values())
     moved = [ResampledRecord(**{**r.__dict__, "path": str(copy / "audio_24k" / r.relpath)}) for r in records]
@@ -139,7 +139,7 @@ def test_rerun_skips_and_a_grown_corpus_reuses_stored_features(workdir: Path, tm
 def test_broken_and_missing_files_are_rejected(workdir: Path, tmp_path: Path) -> None:
     copy = tmp_path / "w"
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("features", ".work", "labels"))
-    from manifests.io import write_records
+    from mert_pipeline.manifests.io import write_records
 
     records = sorted(audio_records(workdir).values(), key=lambda r: -r.num_samples)
     moved = [ResampledRecord(**{**r.__dict__, "path": str(copy / "audio_24k" / r.relpath)}) for r in records]
@@ -155,7 +155,7 @@ def test_broken_and_missing_files_are_rejected(workdir: Path, tmp_path: Path) ->
 
 
 def test_missing_resample_output_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="run `mert-pipe resample` first"):
+    with pytest.raises(FileNotFoundError, match="not found: run `mert-pipe resample"):
         FeaturesStage(FeaturesConfig(workdir=tmp_path)).plan()
     with pytest.raises(ValueError, match="feature kind"):
         FeaturesConfig(workdir=tmp_path, kind="wav2vec")

@@ -17,9 +17,9 @@ import pytest
 import soundfile as sf
 import xxhash
 
-from manifests import iter_records, iter_rejects, manifest_root, read_fairseq_tsv
 from mert_pipeline.executor import ExecutorConfig, execute
-from stages.manifest import ManifestConfig, ManifestStage, resolve_roots, walk_roots
+from mert_pipeline.manifests import iter_records, iter_rejects, manifest_root, read_fairseq_tsv
+from mert_pipeline.stages.manifest import ManifestConfig, ManifestStage, resolve_roots, walk_roots
 from tests.helpers import REPO
 
 FINAL = ("manifest.parquet", "rejects.jsonl", "train.tsv", "valid.tsv")
@@ -225,7 +225,7 @@ KILL_SCRIPT = textwrap.dedent(
     import sys
     from pathlib import Path
     from mert_pipeline.executor import ExecutorConfig, execute
-    from stages.manifest import ManifestConfig, ManifestStage, resolve_roots
+    from mert_pipeline.stages.manifest import ManifestConfig, ManifestStage, resolve_roots
     from tests.helpers import KillOnce
     config = ManifestConfig(roots=resolve_roots([sys.argv[1]]), workdir=Path(sys.argv[2]), files_per_task=3,
                             valid_percent=0.3)

@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from manifests import iter_records, iter_rejects, read_fairseq_tsv
-from manifests.records import ResampledRecord
+from mert_pipeline.demo.synth import synthesize_demo_corpus
 from mert_pipeline.executor import ExecutorConfig, execute
+from mert_pipeline.manifests import iter_records, iter_rejects, read_fairseq_tsv
+from mert_pipeline.manifests.records import ResampledRecord
 from mert_pipeline.resample import OutputSpec, output_length
-from mert_pipeline.synth import synthesize_demo_corpus
-from stages.manifest import ManifestConfig, ManifestStage, resolve_roots
-from stages.resample import ResampleConfig, ResampleStage, resample_one
+from mert_pipeline.stages.manifest import ManifestConfig, ManifestStage, resolve_roots
+from mert_pipeline.stages.resample import ResampleConfig, ResampleStage, resample_one
 from tests.helpers import REPO, hidden_tmp_files
 
 LOCAL = ExecutorConfig(kind="local", workers=1)
@@ -213,9 +213,9 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     from pathlib import Path
-    import stages.resample as stage_module
+    import mert_pipeline.stages.resample as stage_module
     from mert_pipeline.executor import ExecutorConfig, execute
-    from stages.resample import ResampleConfig, ResampleStage
+    from mert_pipeline.stages.resample import ResampleConfig, ResampleStage
 
     real = stage_module.resample_one
     calls = []

@@ -3,13 +3,11 @@ resample, tokenize with the test codec) and read back with the real `webdataset`
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
 import subprocess
 import sys
-import tarfile
 import textwrap
 from pathlib import Path
 
@@ -19,75 +17,27 @@ import soundfile as sf
 import webdataset as wds
 from typer.testing import CliRunner
 
-from manifests import LabelRecord, ResampledRecord, iter_records, iter_rejects
-from manifests.io import ManifestWriter
 from mert_pipeline.cli import app
+from mert_pipeline.demo.synth import render_track
 from mert_pipeline.executor import ExecutorConfig, execute
 from mert_pipeline.fs import atomic_write_json
+from mert_pipeline.manifests import LabelRecord, ResampledRecord, iter_records, iter_rejects
+from mert_pipeline.manifests.io import ManifestWriter
 from mert_pipeline.shards import (
-    DeterministicTar,
-    encode_flac,
-    parse_size,
-    read_segment,
-    segment_bounds,
     verify_all,
 )
-from mert_pipeline.synth import render_track, synthesize_demo_corpus
-from mert_pipeline.teachers import RvqTeacher
-from stages.export import export_fairseq
-from stages.manifest import ManifestConfig, ManifestStage, resolve_roots
-from stages.resample import ResampleConfig, ResampleStage
-from stages.shard import ShardConfig, ShardStage, SidecarConfig, SidecarStage
-from stages.tokenize import TokenizeConfig, TokenizeStage
-from tests.helpers import REPO, hidden_tmp_files, visible_files
+from mert_pipeline.stages.manifest import ManifestConfig, ManifestStage, resolve_roots
+from mert_pipeline.stages.resample import ResampleConfig, ResampleStage
+from mert_pipeline.stages.shard import ShardConfig, ShardStage, SidecarConfig, SidecarStage
+from tests.helpers import REPO, add_label_set, hidden_tmp_files, visible_files
 
 LOCAL = ExecutorConfig(kind="local", workers=1)
 OPTIONS = {"segment_seconds": 4.0, "shard_samples": 3, "seed": 7}
 
 
-def add_label_set(workdir: Path, name: str, source: str = "rvq", skip: int = 0) -> None:
-    """A single-codebook label set in the tokenize layout (what the k-means teacher writes): codebook 0 of
-    `source` mod 500, leaving out the first `skip` files so that `no_labels` shows up."""
-    records = list(iter_records(workdir / f"labels/{source}/labels.parquet", record_type=LabelRecord))
-    root = workdir / "labels" / name
-    facts = {
-        "name": name,
-        "kind": "kmeans",
-        "config_hash": f"km-{name}",
-        "config": {"k": 500},
-        "n_q": 1,
-        "num_classes": 500,
-        "label_rate": 75.0,
-        "hop": 320,
-        "sampling_rate": 24000,
-    }
-    with ManifestWriter(root / "labels.parquet", str(root), record_type=LabelRecord) as writer:
-        for record in records[skip:]:
-            codes = np.load(workdir / f"labels/{source}" / record.relpath)[:1] % 500
-            (root / record.relpath).parent.mkdir(parents=True, exist_ok=True)
-            np.save(root / record.relpath, codes.astype(np.int16))
-            fields = {**record.__dict__, "teacher": name, "kind": "kmeans", "config_hash": f"km-{name}"}
-            writer.write(LabelRecord(**{**fields, "n_q": 1, "num_classes": 500}))
-    atomic_write_json(root / "teacher.json", facts)
-
-
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory, test_codec_file: Path) -> Path:
-    """Resampled audio (three tracks, one of 72017 samples, not a multiple of 320) labelled by the RVQ
-    teacher (2 codebooks) and a single-codebook set `km` that lacks the first file."""
-    root = tmp_path_factory.mktemp("corpus")
-    synthesize_demo_corpus(root, n_tracks=2, seed=5, with_bad_files=False)
-    sf.write(root / "odd.flac", render_track(72017, 72017 / 24000, 24000, 1), 24000, subtype="PCM_16")
-    work = tmp_path_factory.mktemp("work")
-    config = ManifestConfig(roots=resolve_roots([root]), workdir=work, valid_percent=0.4)
-    assert execute(ManifestStage(config), LOCAL).ok
-    assert execute(ResampleStage(ResampleConfig(workdir=work)), LOCAL).ok
-    rvq = RvqTeacher(checkpoint=str(test_codec_file), device="cpu", bandwidth=1.5).resolve()
-    stage = TokenizeStage(TokenizeConfig(workdir=work, teacher=rvq))
-    stage.claim_labels_dir(force=False)
-    assert execute(stage, LOCAL).ok
-    add_label_set(work, "km", skip=1)
-    return work
+def workdir(labelled_workdir: Path) -> Path:
+    return labelled_workdir
 
 
 def shard(workdir: Path, out: Path, executor: ExecutorConfig = LOCAL, **kw) -> dict:
@@ -169,48 +119,6 @@ def test_segments_are_shuffled_across_shards_deterministically(
     assert tars(tmp_path / "other") != tars(shards)
 
 
-def test_segment_bounds_fall_on_label_frames_and_balance() -> None:
-    for n in (320, 321, 72000, 72017, 720000, 720001, 1_500_000):
-        bounds = segment_bounds(n, 2250, 320)
-        assert bounds[0][0] == 0 and sum(m for _, m in bounds) == n
-        assert all(offset % 320 == 0 and 0 < m <= 720000 for offset, m in bounds)
-        assert max(m for _, m in bounds) - min(m for _, m in bounds) <= 320 + n % 320
-    assert [m for _, m in segment_bounds(1_500_000, 2250, 320)] == [499840, 500160, 500000]
-    assert parse_size("256MB") == 256 * 10**6 and parse_size("1GiB") == 2**30 and parse_size("4096") == 4096
-    with pytest.raises(ValueError, match="cannot read the size"):
-        parse_size("lots")
-
-
-def test_deterministic_tar_writes_the_bytes_tarfile_writes() -> None:
-    """Members are written whole with patched header templates: the archive must stay tarfile's."""
-    members = [("0123456789abcdef_0001.flac", bytes(range(256)) * 40), ("0123456789abcdef_0001.json", b"{}")]
-    members += [("k.npy", b""), ("x" * 100, b"a" * 512), ("y" * 101, b"b"), ("ü.npy", b"c" * 513)]
-    expected = io.BytesIO()
-    with tarfile.open(fileobj=expected, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uname, info.gname = len(data), 0, 0o444, "", ""
-            tar.addfile(info, io.BytesIO(data))
-    written = io.BytesIO()
-    ours = DeterministicTar(written)
-    for name, data in members:
-        ours.add(name, data)
-    size, sha256 = ours.close()
-    assert written.getvalue() == expected.getvalue() and size == len(expected.getvalue())
-    assert sha256 == hashlib.sha256(expected.getvalue()).hexdigest()
-
-
-@pytest.mark.parametrize(("fmt", "subtype"), [("FLAC", "PCM_24"), ("WAV", "PCM_16"), ("WAV", "PCM_24")])
-def test_segment_audio_is_sample_exact_at_every_bit_depth(tmp_path: Path, fmt: str, subtype: str) -> None:
-    path = tmp_path / f"x.{fmt.lower()}"
-    sf.write(path, render_track(48000, 2.0, 24000, 1), 24000, format=fmt, subtype=subtype)
-    source, _ = sf.read(path, dtype="float64")
-    samples = read_segment(str(path), subtype, 6400, 20000, 48000)
-    decoded, _ = sf.read(io.BytesIO(encode_flac(samples, 24000, subtype)), dtype="float64")
-    assert sf.info(io.BytesIO(encode_flac(samples, 24000, subtype))).subtype == subtype
-    np.testing.assert_array_equal(decoded, source[6400:26400])
-
-
 def test_files_a_teacher_lacks_are_rejected_and_both_teachers_are_written(
     workdir: Path, tmp_path: Path
 ) -> None:
@@ -252,7 +160,7 @@ KILL_SCRIPT = textwrap.dedent(
     from pathlib import Path
     from mert_pipeline import shards
     from mert_pipeline.executor import ExecutorConfig, execute
-    from stages.shard import ShardConfig, ShardStage
+    from mert_pipeline.stages.shard import ShardConfig, ShardStage
 
     real = shards.DeterministicTar.add
     added = []
@@ -362,42 +270,6 @@ def test_sidecar_shards_add_a_teacher_with_the_same_keys(workdir: Path, shards: 
     data[700] ^= 0x10
     side.write_bytes(bytes(data))
     assert any(p.startswith("train/shard-000000.km2.tar") for p in verify_all(out).problems)
-
-
-def test_fairseq_export_has_exact_line_counts_and_formats(workdir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "fs"
-    summary = export_fairseq(workdir, out, ["rvq", "km"])
-    assert summary["counts"]["rejected.no_labels"] == 1
-    audio = {
-        r.relpath: r
-        for r in iter_records(workdir / "audio_24k/manifest.parquet", record_type=ResampledRecord)
-    }
-    labels = {r.id: r for r in iter_records(workdir / "labels/rvq/labels.parquet", record_type=LabelRecord)}
-    rows = 0
-    for split in ("train", "valid"):
-        lines = (out / f"{split}.tsv").read_text().splitlines()
-        assert lines[0] == str((workdir / "audio_24k").resolve())
-        tsv = [line.split("\t") for line in lines[1:]]
-        rows += len(tsv)
-        files = {f"encodec_{i}": (out / f"{split}.encodec_{i}").read_text().splitlines() for i in range(2)}
-        files["km"] = (out / f"{split}.km").read_text().splitlines()
-        for label, text in files.items():
-            assert len(text) == len(tsv), label
-        for number, (relpath, num_samples) in enumerate(tsv):
-            record = audio[relpath]
-            assert int(num_samples) == record.num_samples and record.split == split
-            codes = np.load(workdir / "labels/rvq" / labels[record.id].relpath)
-            for i in range(2):
-                assert files[f"encodec_{i}"][number] == " ".join(str(v) for v in codes[i])
-            km = [int(v) for v in files["km"][number].split(" ")]
-            assert km == list(codes[0] % 500) and len(km) == -(-record.num_samples // 320)
-    assert rows == len(audio) - 1
-    for i in range(2):
-        assert (out / f"dict.encodec_{i}.txt").read_text() == "".join(f"{k} 1\n" for k in range(1024))
-    assert (out / "dict.km.txt").read_text().splitlines()[-1] == "499 1"
-    result = CliRunner().invoke(app, ["export", "fairseq", str(workdir), "--out", str(tmp_path / "cli")])
-    assert result.exit_code == 0, result.output
-    assert (tmp_path / "cli/train.encodec_1").exists() and not (tmp_path / "cli/train.km").exists()
 
 
 def test_cli_shard_and_its_misuse(workdir: Path, tmp_path: Path) -> None:

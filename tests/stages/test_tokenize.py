@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from manifests import LabelRecord, ResampledRecord, iter_records, iter_rejects
-from mert_pipeline.codec import encode_whole, load_codec
+from mert_pipeline.demo.synth import render_track, synthesize_demo_corpus
 from mert_pipeline.executor import ExecutorConfig, execute
-from mert_pipeline.synth import render_track, synthesize_demo_corpus
-from mert_pipeline.teachers import RvqTeacher
-from stages.manifest import ManifestConfig, ManifestStage, resolve_roots
-from stages.resample import ResampleConfig, ResampleStage
-from stages.tokenize import TeacherMismatch, TokenizeConfig, TokenizeStage
+from mert_pipeline.manifests import LabelRecord, ResampledRecord, iter_records, iter_rejects
+from mert_pipeline.stages.manifest import ManifestConfig, ManifestStage, resolve_roots
+from mert_pipeline.stages.resample import ResampleConfig, ResampleStage
+from mert_pipeline.stages.tokenize import TeacherMismatch, TokenizeConfig, TokenizeStage
+from mert_pipeline.teachers.rvq import RvqTeacher, encode_whole, load_codec
 from tests.helpers import REPO, hidden_tmp_files
 
 LOCAL = ExecutorConfig(kind="local", workers=1)
@@ -51,8 +50,7 @@ def teacher(codec: Path, **kw) -> RvqTeacher:
 
 
 def tokenize(workdir: Path, rvq: RvqTeacher, executor: ExecutorConfig = LOCAL, **kw) -> dict:
-    stage = TokenizeStage(TokenizeConfig(workdir=workdir, teacher=rvq, **kw))
-    stage.claim_labels_dir(force=executor.force)
+    stage = TokenizeStage(TokenizeConfig(workdir=workdir, teacher=rvq, replace=executor.force, **kw))
     report = execute(stage, executor)
     assert report.ok, report.failed
     return report.summary
@@ -131,13 +129,12 @@ def test_ray_executor_gives_identical_labels(labelled: Path, codec: Path, ray_cl
 def test_rerun_skips_and_another_teacher_is_never_mixed_in(labelled: Path, codec: Path) -> None:
     reference = labels_of(labelled)
     stage = TokenizeStage(TokenizeConfig(workdir=labelled, teacher=teacher(codec), files_per_task=2))
-    stage.claim_labels_dir(force=False)
     report = execute(stage, LOCAL)
     assert report.done == 0 and report.skipped == report.tasks
     assert labels_of(labelled) == reference
     other = TokenizeStage(TokenizeConfig(workdir=labelled, teacher=teacher(codec, bandwidth=3.0)))
     with pytest.raises(TeacherMismatch, match="another teacher configuration"):
-        other.claim_labels_dir(force=False)
+        execute(other, LOCAL)
     assert labels_of(labelled) == reference
 
 
@@ -155,7 +152,7 @@ def test_a_broken_file_is_rejected_and_the_others_go_on(audio: Path, codec: Path
     workdir = tmp_path / "w"
     (workdir / "audio_24k").mkdir(parents=True)
     records = list(iter_records(audio / "audio_24k/manifest.parquet", record_type=ResampledRecord))
-    from manifests.io import write_records
+    from mert_pipeline.manifests.io import write_records
 
     moved = []
     for record in records:
@@ -181,8 +178,8 @@ KILL_SCRIPT = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
     from mert_pipeline.executor import ExecutorConfig, execute
-    from mert_pipeline.teachers import RvqTeacher
-    from stages.tokenize import TokenizeConfig, TokenizeStage
+    from mert_pipeline.teachers.rvq import RvqTeacher
+    from mert_pipeline.stages.tokenize import TokenizeConfig, TokenizeStage
 
     real = TokenizeStage._store
     stored = []
@@ -196,7 +193,6 @@ KILL_SCRIPT = textwrap.dedent(
     TokenizeStage._store = dies_after_two_files
     teacher = RvqTeacher(checkpoint=sys.argv[2], device="cpu").resolve()
     stage = TokenizeStage(TokenizeConfig(workdir=Path(sys.argv[1]), teacher=teacher, name="killed"))
-    stage.claim_labels_dir(force=False)
     execute(stage, ExecutorConfig(kind="local", workers=1))
     """
 )
@@ -215,5 +211,5 @@ def test_a_killed_task_resumes_without_redoing_finished_files(labelled: Path, co
 
 def test_missing_resample_output_is_a_clear_error(tmp_path: Path, codec: Path) -> None:
     stage = TokenizeStage(TokenizeConfig(workdir=tmp_path, teacher=teacher(codec)))
-    with pytest.raises(FileNotFoundError, match="run `mert-pipe resample` first"):
+    with pytest.raises(FileNotFoundError, match="not found: run `mert-pipe resample"):
         stage.plan()

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from mert_pipeline.trainer.data import CropSpec, Loader, load_shard_index, valid_batches
 from tests.trainer.shardgen import HOP, PITCHES, write_shards
-from trainer.data import CropSpec, Loader, load_shard_index, valid_batches
 
 SPEC = CropSpec(
     ("rvq", "kmeans"), batch_size=3, crop_samples=16000, min_samples=16000, shuffle_buffer=8, seed=5

@@ -8,8 +8,16 @@ import math
 import pytest
 import torch
 
-from trainer.model import CQT, MERT, ModelConfig, conv_frames, flops_per_clip, mix_noise, span_mask
-from trainer.pretrain import load_config
+from mert_pipeline.trainer.model import (
+    CQT,
+    MERT,
+    ModelConfig,
+    conv_frames,
+    flops_per_clip,
+    mix_noise,
+    span_mask,
+)
+from mert_pipeline.trainer.pretrain import load_config
 
 TINY = "trainer/configs/tiny.yaml"
 

@@ -11,13 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mert_pipeline.executor import ExecutorConfig, execute
-from mert_pipeline.synth import synthesize_demo_corpus
-from mert_pipeline.teachers import RvqTeacher
-from stages.manifest import ManifestConfig, ManifestStage, resolve_roots
-from stages.resample import ResampleConfig, ResampleStage
-from stages.shard import ShardConfig, ShardStage
-from stages.tokenize import TokenizeConfig, TokenizeStage
+from mert_pipeline import pipeline
+from mert_pipeline.demo.synth import synthesize_demo_corpus
+from mert_pipeline.executor import ExecutorConfig
 from tests.trainer.test_pretrain import records, run
 
 LOCAL = ExecutorConfig(kind="local", workers=1)
@@ -27,16 +23,13 @@ LOCAL = ExecutorConfig(kind="local", workers=1)
 def pipeline_shards(tmp_path_factory: pytest.TempPathFactory, test_codec_file: Path) -> Path:
     corpus, work = tmp_path_factory.mktemp("corpus"), tmp_path_factory.mktemp("work")
     synthesize_demo_corpus(corpus, n_tracks=4, seed=11, with_bad_files=False)
-    config = ManifestConfig(roots=resolve_roots([corpus]), workdir=work, valid_percent=0.5)
-    assert execute(ManifestStage(config), LOCAL).ok
-    assert execute(ResampleStage(ResampleConfig(workdir=work)), LOCAL).ok
-    teacher = RvqTeacher(checkpoint=str(test_codec_file), device="cpu", threads=1).resolve()
-    tokenize = TokenizeStage(TokenizeConfig(workdir=work, teacher=teacher))
-    tokenize.claim_labels_dir(force=False)  # writes teacher.json, as the CLI does
-    assert execute(tokenize, LOCAL).ok
+    pipeline.manifest([str(corpus)], work, valid_percent=0.5, executor=LOCAL)
+    pipeline.resample(work, executor=LOCAL)
+    pipeline.tokenize(
+        work, pipeline.rvq_teacher(work, checkpoint=test_codec_file, device="cpu"), executor=LOCAL
+    )
     shards = tmp_path_factory.mktemp("shards")
-    shard = ShardStage(ShardConfig(workdir=work, out=shards, segment_seconds=4.0, shard_samples=8))
-    assert execute(shard, LOCAL).ok
+    pipeline.shard(work, shards, segment_seconds=4.0, shard_samples=8, executor=LOCAL)
     return shards
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mert_pipeline.trainer.pretrain import main
 from tests.helpers import REPO
 from tests.trainer.shardgen import write_shards
-from trainer.pretrain import main
 
 STEPS = 100
 COMMON = [

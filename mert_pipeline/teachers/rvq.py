@@ -46,12 +46,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import json
 import socket
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -65,37 +65,12 @@ from encodec.modules.seanet import SEANetResnetBlock
 from encodec.utils import _get_checkpoint_url
 from torch import nn
 
-from mert_pipeline.fs import atomic_write_bytes, sha256_file
+from mert_pipeline.devices import check_device, resolve_device, set_threads, worker_device
+from mert_pipeline.fs import sha256_file
+from mert_pipeline.grid import HOP, SAMPLE_RATE, num_frames
+from mert_pipeline.manifests.records import Reject
+from mert_pipeline.teachers import FileToLabel, read_blocks
 
-__all__ = [
-    "BANDWIDTHS",
-    "CHECKPOINT_NAME",
-    "CODEBOOK_SIZE",
-    "FRAME_RATE",
-    "HOP",
-    "SAMPLE_RATE",
-    "TEACHER_NAME",
-    "CodecCheckpointError",
-    "CodecError",
-    "CodecUnavailable",
-    "StreamingEncoder",
-    "TeacherInfo",
-    "checkpoint_url",
-    "chunk_samples_for",
-    "configure_threads",
-    "default_batch_rows",
-    "encode_stream",
-    "encode_whole",
-    "hub_checkpoint_path",
-    "load_codec",
-    "make_test_codec",
-    "num_frames",
-    "resolve_device",
-]
-
-SAMPLE_RATE = 24000
-HOP = 320
-FRAME_RATE = 75
 CODEBOOK_SIZE = 1024
 TEACHER_NAME = "encodec_24khz"
 # The file name `EncodecModel.encodec_model_24khz` downloads (a local variable there, so repeated here);
@@ -103,13 +78,6 @@ TEACHER_NAME = "encodec_24khz"
 CHECKPOINT_NAME = "encodec_24khz-d7cc33bc.th"
 BANDWIDTHS: dict[float, int] = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}  # kbps -> codebooks used
 _DOWNLOAD_TIMEOUT_S = 20.0  # socket timeout while torch.hub tries to download, so a dead network fails fast
-_TEST_CODEC_TRACKS = 6  # test codec: 6 x 5 s of synthesized music = 2250 frames for 1024-entry k-means
-_TEST_CODEC_TRACK_S = 5.0
-_TEST_CODEC_KMEANS_ITERS = 6
-_TEST_CODEC_DIMS = 32  # principal directions the test codec's embedding keeps
-# Noise added to the residuals a codebook is fitted on, relative to their spread: (first codebook, others).
-# Small for the first keeps it sharp; ~1 for the rest keeps new audio's residuals at the scale of theirs.
-_TEST_CODEC_JITTER = (0.1, 1.0)
 
 K = TypeVar("K")
 
@@ -129,30 +97,6 @@ class CodecCheckpointError(CodecError):
 # --------------------------------------------------------------------------------------------------
 # Small helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def num_frames(num_samples: int) -> int:
-    """Frames EnCodec emits for a file: one per started hop, ceil(num_samples / 320)."""
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    return -(-num_samples // HOP)
-
-
-def configure_threads(n: int) -> None:
-    """Give this worker process n intra-op threads, so parallel workers do not oversubscribe the cores."""
-    if n < 1:
-        raise ValueError(f"thread count must be >= 1, got {n}")
-    torch.set_num_threads(int(n))
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """'auto' (or None) means CUDA when available, else CPU; anything else is passed to torch.device."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
 
 
 def _resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
@@ -368,121 +312,6 @@ def load_codec(
         checkpoint_sha256=sha,
     )
     return model, info
-
-
-# --------------------------------------------------------------------------------------------------
-# Test codec: real architecture, random weights, k-means codebooks
-# --------------------------------------------------------------------------------------------------
-
-
-def _kmeans(
-    data: torch.Tensor, k: int, iters: int, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means started from k distinct data vectors; empty clusters keep their previous centre.
-
-    Returns the centres and the final cluster sizes.
-    """
-    distinct = torch.unique(data, dim=0)
-    if distinct.shape[0] < k:
-        raise ValueError(f"k-means needs {k} distinct vectors, got {distinct.shape[0]}")
-    centres = distinct[torch.randperm(distinct.shape[0], generator=generator)[:k]].clone()
-    counts = torch.zeros(k, dtype=data.dtype)
-    for _ in range(iters):
-        assign = (centres.pow(2).sum(1) - 2 * data @ centres.T).argmin(1)
-        counts = torch.bincount(assign, minlength=k).to(data.dtype)
-        sums = torch.zeros_like(centres).index_add_(0, assign, data)
-        centres = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centres)
-    return centres, counts
-
-
-def _normalised_embeddings(encoder: nn.Module, audio: torch.Tensor) -> torch.Tensor:
-    """Data-dependent init (Salimans & Kingma's, for weight norm) of every conv, in one forward pass.
-
-    With the default random init, activations shrink layer after layer until the embedding is a nearly
-    constant vector whose variations are comparable to float rounding, and chunked vs whole-file rounding
-    then flips many codes. Rescaling each conv's g and bias so its outputs have zero mean and unit variance
-    on real music keeps the embedding's spread ~1, like a trained encoder's. Returns the embeddings.
-    """
-
-    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-        conv = module.conv
-        std, mean = torch.std_mean(output, dim=(0, 2))
-        std = std.clamp_min(1e-4)
-        conv.weight_g.div_(std[:, None, None])
-        conv.bias.sub_(mean).div_(std)
-        return (output - mean[None, :, None]) / std[None, :, None]
-
-    handles = [m.conv.register_forward_hook(hook) for m in encoder.modules() if isinstance(m, SConv1d)]
-    try:
-        return encoder(audio)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _project_output(layer: SConv1d, proj: torch.Tensor, mean: torch.Tensor) -> None:
-    """Make a weight-normed conv output proj @ (y - mean) instead of y (new v = the mixed weight)."""
-    conv = layer.conv.conv
-    weight = conv.weight_g * conv.weight_v / conv.weight_v.norm(dim=(1, 2), keepdim=True)
-    mixed = torch.einsum("oc,cik->oik", proj, weight)
-    conv.weight_v.copy_(mixed)
-    conv.weight_g.copy_(mixed.norm(dim=(1, 2), keepdim=True))
-    conv.bias.copy_(proj @ (conv.bias - mean))
-
-
-def make_test_codec(path: str | Path, seed: int = 0) -> Path:
-    """Write a deterministic stand-in teacher: the real 24 kHz architecture with seeded random weights.
-
-    Tests and demos need a teacher without the 90 MB download, and its codes must behave like real ones:
-    diverse, well separated, deterministic. So, on the embeddings of a few seconds of synthesized music:
-
-    * every encoder conv gets a data-dependent rescaling (see ``_normalised_embeddings``);
-    * the last conv is restricted to the embedding's leading principal directions: a random encoder
-      spreads music over ~90 near-equal directions, where 1024 k-means centres fitted on a few thousand
-      frames become "hubs" that swallow most frames of new audio (only ~70 codes used on 4 s); in 32
-      dimensions new audio uses ~180 of them;
-    * a fresh model's RVQ codebooks are all zero (the package k-means-initialises them on the first
-      training forward), so each of the 32 codebooks is fitted in turn by seeded Lloyd iterations on the
-      residual left by the previous ones, plus seeded noise so that no centre sits exactly on a training
-      vector (whose residual would then be zero, collapsing the deeper codebooks onto a few frames); the
-      ``inited`` flag is set and ``embed_avg``/``cluster_size`` are filled the way the package's own
-      k-means initialisation leaves them.
-
-    Saved as a plain state dict whose bytes depend only on the seed, loaded through ``load_codec(path)``.
-    """
-    from mert_pipeline.synth import render_track
-
-    path = Path(path)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = _build_model(pretrained=False)
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    tracks = [
-        render_track(seed * 1000 + i, _TEST_CODEC_TRACK_S, SAMPLE_RATE, 1) for i in range(_TEST_CODEC_TRACKS)
-    ]
-    with torch.no_grad():
-        emb = _normalised_embeddings(model.encoder, torch.from_numpy(np.stack(tracks))[:, None])
-        frames = emb.transpose(1, 2).reshape(-1, emb.shape[1])  # (frames, 128)
-        mean = frames.mean(0)
-        basis = torch.linalg.svd(frames - mean, full_matrices=False).Vh[:_TEST_CODEC_DIMS]
-        proj = basis.T @ basis
-        _project_output(model.encoder.model[-1], proj, mean)
-        residual = (frames - mean) @ proj
-        for index, layer in enumerate(model.quantizer.vq.layers):
-            jitter = _TEST_CODEC_JITTER[0] if index == 0 else _TEST_CODEC_JITTER[1]
-            noise = (torch.randn(residual.shape, generator=generator) * (jitter * residual.std(0))) @ proj
-            centres, counts = _kmeans(residual + noise, CODEBOOK_SIZE, _TEST_CODEC_KMEANS_ITERS, generator)
-            book = layer._codebook
-            book.embed.copy_(centres)
-            book.embed_avg.copy_(centres)
-            book.cluster_size.copy_(counts)
-            book.inited.fill_(1.0)
-            residual = residual - book.dequantize(book.quantize(residual))
-    buffer = io.BytesIO()  # saving to a file would put its name into the archive, and so into its hash
-    torch.save(model.state_dict(), buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -892,3 +721,114 @@ def encode_stream(
             if ends[row]:
                 slots[row] = None
                 yield slot.key, np.concatenate(slot.codes, axis=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The teacher the tokenize stage runs
+# --------------------------------------------------------------------------------------------------
+
+DTYPES = ("float32", "bfloat16", "float16")
+_MODELS: dict[tuple, Any] = {}  # per process: (checkpoint, bandwidth, device) -> (model, device)
+
+
+def default_files_per_task(device: str) -> int:
+    """On CPU a worker encodes one file at a time, so small tasks keep every worker busy; on a GPU a task
+    must hold enough files to fill the batch's rows side by side (64 by default) several times over."""
+    return 256 if resolve_device(device).type == "cuda" else 4
+
+
+@dataclass(frozen=True)
+class RvqTeacher:
+    """EnCodec 24 kHz residual-VQ codes (MERT's acoustic teacher), exact under chunking (module docstring).
+
+    `resolve()` (driver side) loads the weights once to fail early and records their sha256, which is
+    part of the teacher's identity; workers load the same file again, once per process.
+    """
+
+    bandwidth: float = 6.0
+    checkpoint: str | None = None  # None: the encodec package's own pretrained loader
+    checkpoint_sha256: str = ""
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (CUDA)
+    chunk_seconds: float | None = None  # streamed chunk (a multiple of 320 samples); None: see chunk_for
+    batch_seconds: float | None = None  # audio per batch; None: see batch_rows
+    threads: int = 1  # torch intra-op threads of each worker
+    gpu_lock_dir: str = ""
+
+    kind: str = TEACHER_NAME
+    sampling_rate: int = SAMPLE_RATE
+    hop: int = HOP
+    num_classes: int = CODEBOOK_SIZE
+
+    def __post_init__(self) -> None:
+        if float(self.bandwidth) not in BANDWIDTHS:
+            raise ValueError(
+                f"--bandwidth must be one of {', '.join(f'{b:g}' for b in BANDWIDTHS)} kbps, "
+                f"not {self.bandwidth:g}"
+            )
+        check_device(self.device)
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype must be float32, bfloat16 or float16, not {self.dtype!r}")
+
+    @property
+    def n_q(self) -> int:
+        return BANDWIDTHS[float(self.bandwidth)]
+
+    def resolve(self) -> RvqTeacher:
+        """Load once here (errors surface before workers start) and fill in the checkpoint hash."""
+        _, info = load_codec(self.checkpoint, self.bandwidth, "cpu")
+        return replace(self, checkpoint_sha256=info.checkpoint_sha256)
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies the codes: weights, codebook count, precision (bf16 flips some codes)."""
+        return {
+            "teacher": self.kind,
+            "bandwidth": float(self.bandwidth),
+            "n_q": self.n_q,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "dtype": self.dtype,
+        }
+
+    def chunk_for(self, device: str) -> float:
+        """Streamed chunk: 2.56 s on CPU (short chunks run fastest there), 10.24 s on GPU (fewer steps)."""
+        if self.chunk_seconds is not None:
+            return self.chunk_seconds
+        return 10.24 if device.startswith("cuda") else 2.56
+
+    def batch_rows(self, device: str) -> int:
+        """Rows per batch: one on CPU, where batching does not help; 64 files side by side on GPU."""
+        chunk = self.chunk_for(device)
+        seconds = self.batch_seconds
+        if seconds is None:
+            seconds = 64 * chunk if device.startswith("cuda") else chunk
+        return max(1, round(seconds / chunk))
+
+    def model(self) -> tuple[Any, str]:
+        """This process's model (loaded on first use, then cached) and its device."""
+        key = (self.checkpoint, float(self.bandwidth), self.device)
+        if key not in _MODELS:
+            set_threads(self.threads)
+            device = worker_device(self.device, self.gpu_lock_dir)
+            model, info = load_codec(self.checkpoint, self.bandwidth, device)
+            if self.checkpoint_sha256 and info.checkpoint_sha256 != self.checkpoint_sha256:
+                raise RuntimeError(
+                    f"EnCodec weights changed during the run (sha256 {info.checkpoint_sha256[:12]}, "
+                    f"planned with {self.checkpoint_sha256[:12]}); rerun"
+                )
+            _MODELS[key] = (model, device)
+        return _MODELS[key]
+
+    def label(self, files: list[FileToLabel], stats: Counter) -> Iterator[tuple[str, np.ndarray | Reject]]:
+        if not files:
+            return
+        model, device = self.model()
+        failures: dict[str, Reject] = {}
+        by_id = {f.id: f for f in files}
+        items = ((f.id, read_blocks(f, failures)) for f in files)
+        rows = self.batch_rows(device)
+        chunk_seconds = self.chunk_for(device)
+        chunk = round(chunk_seconds * self.sampling_rate)
+        for file_id, codes in encode_stream(model, items, chunk_seconds, rows, device, self.dtype):
+            stats["chunks"] += -(-by_id[file_id].num_samples // chunk)
+            failure = failures.pop(file_id, None)
+            yield file_id, (failure if failure is not None else codes)

@@ -1,4 +1,4 @@
-"""Frame-level features at 75 Hz for the pseudo-label teachers: MFCC (HuBERT iteration 1), log-mel, BEST-RQ.
+"""Frame-level features at 75 Hz for the pseudo-label teachers: MFCC (k-means) and log-mel (BEST-RQ).
 
 Every teacher must emit exactly ``ceil(num_samples / 320)`` frames for 24 kHz mono audio, the frame count of
 the EnCodec RVQ teacher, so that labels from different teachers line up frame for frame.
@@ -34,12 +34,9 @@ frames of delta context.
 from __future__ import annotations
 
 import functools
-import hashlib
-import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,36 +44,23 @@ import numpy as np
 import torch
 import torchaudio
 
+from mert_pipeline.grid import HOP, SAMPLE_RATE, num_frames
+
 __all__ = [
-    "FRAME_RATE",
-    "HOP",
-    "SAMPLE_RATE",
     "STREAM_MIN_SAMPLES",
     "MFCC",
-    "BestRQ",
     "LogMel",
     "RunningStats",
     "frame_signal",
     "log_mel",
     "mfcc",
-    "num_frames",
 ]
 
-SAMPLE_RATE = 24000
-HOP = 320
-FRAME_RATE = SAMPLE_RATE / HOP  # 75.0 Hz
 _KALDI_EPS = float(torch.finfo(torch.float32).eps)  # Kaldi's floor on mel energies before the log
 # Frames per vectorised step: temporaries of a few MB stay in cache and in malloc's free lists (4096-frame
 # steps measured several times slower on the 2-core VM, from page faults on freshly mapped buffers).
 _CHUNK_FRAMES = 512
 STREAM_MIN_SAMPLES = _CHUNK_FRAMES * HOP  # `stream` processes input in pieces of at least this many samples
-
-
-def num_frames(num_samples: int, hop: int = HOP) -> int:
-    """Frames every teacher emits for a file: ceil(num_samples / hop), the EnCodec frame count."""
-    if num_samples < 0:
-        raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    return -(-num_samples // hop)
 
 
 def _mirror_index(index: torch.Tensor, n: int) -> torch.Tensor:
@@ -546,130 +530,3 @@ class RunningStats:
             stats._mean = data["mean"].astype(np.float64)
             stats._m2 = data["m2"].astype(np.float64)
         return stats
-
-
-@dataclass
-class BestRQ:
-    """BEST-RQ random-projection quantizer: frozen projection and codebooks regenerated from (seed, stats).
-
-    Frames are normalised with the dataset mean/std, projected by a Xavier-normal matrix to `proj_dim`, and
-    labelled with the nearest l2-normalised codebook entry to the l2-normalised projection. For unit vectors
-    ``|p - c|^2 = 2 - 2 p.c``, and scaling p by a positive number does not change which entry has the largest
-    dot product, so the label is ``argmax(p @ c.T)`` without normalising p. With several codebooks each one
-    has its own projection and codebook (independent targets); labels are then (num_codebooks, frames).
-
-    The random matrices come from ``numpy.random.default_rng(SeedSequence([seed, codebook]))``. `save` stores
-    a digest of them and `load` refuses a file whose matrices this numpy would regenerate differently.
-    """
-
-    stats: RunningStats
-    seed: int = 0
-    proj_dim: int = 16
-    codebook_size: int = 4096
-    num_codebooks: int = 1
-    std_floor: float = 1e-5
-    projections: np.ndarray = field(init=False, repr=False)  # (num_codebooks, input_dim, proj_dim)
-    codebooks: np.ndarray = field(init=False, repr=False)  # (num_codebooks, codebook_size, proj_dim)
-
-    _VERSION = 1
-    _CHUNK = 4096
-
-    def __post_init__(self) -> None:
-        if not 2 <= self.codebook_size <= 32768:
-            raise ValueError(
-                f"codebook_size must be in [2, 32768] for int16 labels, got {self.codebook_size}"
-            )
-        if self.num_codebooks < 1 or self.proj_dim < 1:
-            raise ValueError("num_codebooks and proj_dim must be >= 1")
-        d, p = self.input_dim, self.proj_dim
-        projections, codebooks = [], []
-        for book in range(self.num_codebooks):
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, book]))
-            projections.append(rng.standard_normal((d, p)) * math.sqrt(2.0 / (d + p)))  # Xavier normal
-            entries = rng.standard_normal((self.codebook_size, p))
-            codebooks.append(entries / np.linalg.norm(entries, axis=1, keepdims=True))
-        self.projections = np.stack(projections).astype(np.float32)
-        self.codebooks = np.stack(codebooks).astype(np.float32)
-        self._mean = self.stats.mean.astype(np.float32)
-        self._inv_std = (1.0 / np.maximum(self.stats.std, self.std_floor)).astype(np.float32)
-
-    @property
-    def input_dim(self) -> int:
-        return self.stats.dim
-
-    def config(self) -> dict[str, Any]:
-        return {
-            "kind": "best-rq",
-            "version": self._VERSION,
-            "seed": self.seed,
-            "input_dim": self.input_dim,
-            "proj_dim": self.proj_dim,
-            "codebook_size": self.codebook_size,
-            "num_codebooks": self.num_codebooks,
-            "std_floor": self.std_floor,
-        }
-
-    @property
-    def config_hash(self) -> str:
-        """16 hex digits naming the labelling function: settings plus the exact mean and std used."""
-        digest = hashlib.sha256(json.dumps(self.config(), sort_keys=True).encode())
-        digest.update(self.stats.mean.tobytes())
-        digest.update(self.stats.std.tobytes())
-        return digest.hexdigest()[:16]
-
-    def _matrices_digest(self) -> str:
-        return hashlib.sha256(self.projections.tobytes() + self.codebooks.tobytes()).hexdigest()[:16]
-
-    def labels(self, features: np.ndarray) -> np.ndarray:
-        """int16 labels: (frames,) with one codebook, (num_codebooks, frames) with several."""
-        features = np.asarray(features, dtype=np.float32)
-        if features.ndim != 2 or features.shape[1] != self.input_dim:
-            raise ValueError(f"expected features shaped (T, {self.input_dim}), got {features.shape}")
-        out = np.empty((self.num_codebooks, len(features)), dtype=np.int16)
-        for start in range(0, len(features), self._CHUNK):
-            x = (features[start : start + self._CHUNK] - self._mean) * self._inv_std
-            for book in range(self.num_codebooks):
-                scores = (x @ self.projections[book]) @ self.codebooks[book].T
-                out[book, start : start + len(x)] = scores.argmax(axis=1)
-        return out[0] if self.num_codebooks == 1 else out
-
-    def save(self, path: Path | str) -> None:
-        config = self.config()
-        with open(path, "wb") as handle:
-            np.savez(
-                handle,
-                config=np.array(json.dumps(config, sort_keys=True)),
-                count=np.int64(self.stats.count),
-                mean=self.stats._mean,
-                m2=self.stats._m2,
-                config_hash=np.array(self.config_hash),
-                matrices_digest=np.array(self._matrices_digest()),
-            )
-
-    @classmethod
-    def load(cls, path: Path | str) -> BestRQ:
-        with np.load(path) as data:
-            config = json.loads(str(data["config"]))
-            stats = RunningStats(int(data["mean"].shape[0]))
-            stats.count = int(data["count"])
-            stats._mean = data["mean"].astype(np.float64)
-            stats._m2 = data["m2"].astype(np.float64)
-            saved_hash, saved_digest = str(data["config_hash"]), str(data["matrices_digest"])
-        if config.get("kind") != "best-rq" or config.get("version") != cls._VERSION:
-            raise ValueError(f"{path}: not a version-{cls._VERSION} BEST-RQ file: {config}")
-        quantizer = cls(
-            stats=stats,
-            seed=config["seed"],
-            proj_dim=config["proj_dim"],
-            codebook_size=config["codebook_size"],
-            num_codebooks=config["num_codebooks"],
-            std_floor=config["std_floor"],
-        )
-        if quantizer.config_hash != saved_hash:
-            raise ValueError(f"{path}: config hash {quantizer.config_hash} != saved {saved_hash}")
-        if quantizer._matrices_digest() != saved_digest:
-            raise ValueError(
-                f"{path}: this numpy regenerates different random matrices from seed {config['seed']} "
-                "(labels would not match the saved quantizer's)"
-            )
-        return quantizer

@@ -10,8 +10,10 @@ from scipy.stats import chisquare
 from sklearn.metrics import mutual_info_score, normalized_mutual_info_score
 from threadpoolctl import threadpool_limits
 
-from mert_pipeline.features import MFCC, SAMPLE_RATE
-from mert_pipeline.kmeans import (
+from mert_pipeline.demo.synth import render_track
+from mert_pipeline.grid import SAMPLE_RATE
+from mert_pipeline.teachers.features import MFCC
+from mert_pipeline.teachers.kmeans import (
     JointCounts,
     KMeansResult,
     ReservoirSampler,
@@ -21,7 +23,6 @@ from mert_pipeline.kmeans import (
     fit_kmeans,
     teacher_agreement,
 )
-from mert_pipeline.synth import render_track
 
 # --------------------------------------------------------------------------------------------------
 # Reservoir sampling

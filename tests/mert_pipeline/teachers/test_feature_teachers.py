@@ -11,17 +11,27 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
-from manifests import LabelRecord, ResampledRecord, iter_records
-from manifests.records import FeatureRecord
 from mert_pipeline.cli import app
 from mert_pipeline.executor import ExecutorConfig, execute
-from mert_pipeline.features import BestRQ, LogMel, RunningStats
 from mert_pipeline.fs import sha256_file
-from mert_pipeline.kmeans import JointCounts, assign, cluster_usage
-from mert_pipeline.teachers import BestRQTeacher, FileToLabel, KMeansTeacher, RvqTeacher, stream_features
-from stages.features import STATS, FeaturesConfig, FeaturesStage, log_mel_stats_config
-from stages.kmeans import KMeansInputError, fit_from_features, label_report, last_centroids
-from stages.tokenize import TeacherMismatch, TokenizeConfig, TokenizeStage
+from mert_pipeline.labels import label_report
+from mert_pipeline.manifests import LabelRecord, ResampledRecord, iter_records
+from mert_pipeline.manifests.records import FeatureRecord
+from mert_pipeline.stages.features import FeaturesConfig, FeaturesStage, log_mel_stats_config
+from mert_pipeline.stages.tokenize import TeacherMismatch, TokenizeConfig, TokenizeStage
+from mert_pipeline.teachers import FileToLabel, stream_features
+from mert_pipeline.teachers.bestrq import BestRQ, BestRQTeacher
+from mert_pipeline.teachers.features import LogMel, RunningStats
+from mert_pipeline.teachers.kmeans import (
+    JointCounts,
+    KMeansInputError,
+    KMeansTeacher,
+    assign,
+    cluster_usage,
+    fit_from_features,
+    last_centroids,
+)
+from mert_pipeline.teachers.rvq import RvqTeacher
 from tests.helpers import resampled_workdir
 
 LOCAL = ExecutorConfig(kind="local", workers=1)
@@ -37,8 +47,10 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tokenize(workdir: Path, teacher, name: str, executor: ExecutorConfig = LOCAL) -> dict:
-    stage = TokenizeStage(TokenizeConfig(workdir=workdir, teacher=teacher, name=name, files_per_task=3))
-    stage.claim_labels_dir(force=executor.force)
+    config = TokenizeConfig(
+        workdir=workdir, teacher=teacher, name=name, files_per_task=3, replace=executor.force
+    )
+    stage = TokenizeStage(config)
     report = execute(stage, executor)
     assert report.ok, report.failed
     return report.summary
@@ -53,7 +65,7 @@ def labels(workdir: Path, name: str) -> dict[str, np.ndarray]:
 def bestrq_teacher(workdir: Path, **kw) -> BestRQTeacher:
     stats_stage = FeaturesStage(log_mel_stats_config(workdir))
     assert execute(stats_stage, LOCAL).ok
-    quantizer = BestRQ(RunningStats.load(stats_stage.config.features_dir / STATS), **kw)
+    quantizer = BestRQ(RunningStats.load(stats_stage.config.features.stats), **kw)
     return BestRQTeacher.save_quantizer(quantizer, workdir / "bestrq")
 
 
@@ -122,7 +134,7 @@ def test_other_centroids_are_another_teacher_configuration(kmeans_labelled: Path
     other = KMeansTeacher(str(kmeans_labelled / "kmeans/seed1/centroids.npy")).resolve()
     stage = TokenizeStage(TokenizeConfig(workdir=kmeans_labelled, teacher=other, name="km"))
     with pytest.raises(TeacherMismatch, match="another teacher configuration"):
-        stage.claim_labels_dir(force=False)
+        stage.claim_labels_dir()
 
 
 def test_kmeans_teacher_refuses_bad_centroids(tmp_path: Path) -> None:

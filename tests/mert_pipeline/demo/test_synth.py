@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mert_pipeline.synth import (
+from mert_pipeline.demo.synth import (
     TrackSpec,
     plan_corpus,
     render_track,

@@ -12,19 +12,17 @@ import torchaudio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mert_pipeline.features import (
-    HOP,
+from mert_pipeline.demo.synth import render_track
+from mert_pipeline.grid import HOP, SAMPLE_RATE, num_frames
+from mert_pipeline.teachers.bestrq import BestRQ
+from mert_pipeline.teachers.features import (
     MFCC,
-    SAMPLE_RATE,
     STREAM_MIN_SAMPLES,
-    BestRQ,
     LogMel,
     RunningStats,
     log_mel,
     mfcc,
-    num_frames,
 )
-from mert_pipeline.synth import render_track
 
 # Around one hop, the 600-sample MFCC window, the 2048-sample log-mel window, one second, and a long odd file.
 LENGTHS = [1, 2, 139, 140, 141, 319, 320, 321, 599, 600, 601, 640, 1000]

@@ -13,15 +13,15 @@ import torch
 from click.testing import Result
 from typer.testing import CliRunner
 
-from manifests import LabelRecord, ResampledRecord, iter_records
-from manifests.records import FeatureRecord
 from mert_pipeline.cli import app
 from mert_pipeline.executor import ExecutorConfig, execute
 from mert_pipeline.fs import sha256_file
 from mert_pipeline.hf_export import build_encoder, load_checkpoint, mert_hidden_states
-from mert_pipeline.kmeans import assign
-from mert_pipeline.model_features import PAD, ModelFeatures, padded_length
-from stages.features import FeaturesConfig, FeaturesStage
+from mert_pipeline.manifests import LabelRecord, ResampledRecord, iter_records
+from mert_pipeline.manifests.records import FeatureRecord
+from mert_pipeline.stages.features import FeaturesConfig, FeaturesStage
+from mert_pipeline.teachers.kmeans import assign
+from mert_pipeline.teachers.model_features import PAD, ModelFeatures, padded_length
 from tests.helpers import ODD_LENGTHS, resampled_workdir
 from tests.mert_pipeline.test_hf_export import write_tiny_checkpoint
 

@@ -16,25 +16,21 @@ import numpy as np
 import pytest
 import torch
 
-from mert_pipeline.codec import (
+from mert_pipeline.demo.synth import render_track
+from mert_pipeline.demo.test_codec import make_test_codec
+from mert_pipeline.grid import HOP, SAMPLE_RATE, num_frames
+from mert_pipeline.teachers.rvq import (
     BANDWIDTHS,
     CHECKPOINT_NAME,
-    HOP,
-    SAMPLE_RATE,
     CodecCheckpointError,
     CodecUnavailable,
     StreamingEncoder,
     checkpoint_url,
     chunk_samples_for,
-    configure_threads,
     encode_stream,
     encode_whole,
     load_codec,
-    make_test_codec,
-    num_frames,
-    resolve_device,
 )
-from mert_pipeline.synth import render_track
 
 
 @pytest.fixture(scope="module")
@@ -306,16 +302,3 @@ def test_bfloat16_autocast_runs(codec) -> None:
     audio = render_track(23, 0.5, SAMPLE_RATE)
     codes = stream(model, {"x": audio}, chunk_seconds=0.5, batch_rows=1, dtype="bfloat16")["x"]
     assert codes.shape == (8, 38) and codes.dtype == np.int16
-
-
-def test_configure_threads_and_device() -> None:
-    before = torch.get_num_threads()
-    try:
-        configure_threads(1)
-        assert torch.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
-    with pytest.raises(ValueError):
-        configure_threads(0)
-    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_device("cpu") == torch.device("cpu")

@@ -1,5 +1,6 @@
-"""k-means teachers: sample frames, fit centroids (faiss, or fairseq's sklearn recipe), assign labels, and
-measure label quality.
+"""The k-means teacher: sample frames, fit centroids (faiss, or fairseq's sklearn recipe), assign labels, and
+measure label quality; `KMeansTeacher` is what `tokenize --teacher kmeans` runs, `fit_from_features` is
+`mert-pipe kmeans fit`.
 
 The HuBERT recipe (fairseq ``simple_kmeans``) fits ``MiniBatchKMeans`` on a sample of MFCC frames; that is
 the reference for quality. faiss's Lloyd iterations from k-means++ seeds reach the same inertia 20-30 times
@@ -8,24 +9,38 @@ faster, which is what makes refitting per iteration cheap (see `fit_kmeans` and 
 
 from __future__ import annotations
 
+import json
 import math
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+
+from mert_pipeline.devices import set_threads
+from mert_pipeline.fs import atomic_path, atomic_write_json, sha256_file
+from mert_pipeline.grid import HOP, SAMPLE_RATE
+from mert_pipeline.layout import KMeansFit, Workdir
+from mert_pipeline.manifests.records import Reject
+from mert_pipeline.teachers import FileToLabel, label_frames
 
 __all__ = [
     "FAISS_DEFAULTS",
     "SKLEARN_RECIPE",
     "JointCounts",
+    "KMeansInputError",
     "KMeansResult",
+    "KMeansTeacher",
     "ReservoirSampler",
     "assign",
     "assign_with_distances",
     "cluster_usage",
+    "fit_from_features",
     "fit_kmeans",
+    "last_centroids",
     "teacher_agreement",
     "usage_from_counts",
 ]
@@ -401,3 +416,193 @@ def teacher_agreement(labels_a: np.ndarray, labels_b: np.ndarray, ka: int, kb: i
     """Agreement of two frame-aligned labellings (see `JointCounts.metrics`); for many files, feed a
     `JointCounts` one file at a time instead."""
     return JointCounts(ka, kb).update(labels_a, labels_b).metrics()
+
+
+# --------------------------------------------------------------------------------------------------
+# The fit: centroids from the features stage's sample (`mert-pipe kmeans fit`)
+# --------------------------------------------------------------------------------------------------
+
+
+class KMeansInputError(ValueError):
+    """A fit or report cannot start: a missing or too small input, named in one line."""
+
+
+def fit_from_features(
+    workdir: Path,
+    features: str = "mfcc",
+    k: int = 500,
+    sample_frames: int | None = None,
+    seed: int = 0,
+    backend: Literal["faiss", "sklearn"] = "faiss",
+    name: str | None = None,
+) -> dict[str, Any]:
+    """Fit k centroids to the features stage's sample and record them as the last fit; return fit.json."""
+    layout = Workdir(workdir)
+    try:
+        source = layout.features(features)
+        described = json.loads(source.description.read_text())
+        sample = np.load(source.sample, mmap_mode="r")
+    except FileNotFoundError as exc:
+        raise KMeansInputError(
+            f"{source.sample} not found: run `mert-pipe features {workdir} --kind {features}` first"
+        ) from exc
+    except ValueError as exc:  # a name that is no folder name
+        raise KMeansInputError(str(exc)) from exc
+    available = len(sample)
+    rng = np.random.default_rng(seed)
+    if sample_frames is not None and sample_frames < available:
+        rows = np.sort(rng.choice(available, size=sample_frames, replace=False))
+        x = np.ascontiguousarray(sample[rows], dtype=np.float32)
+    else:
+        x = np.ascontiguousarray(sample, dtype=np.float32)
+    if len(x) < k:
+        raise KMeansInputError(
+            f"the sample holds {len(x)} frames, fewer than k={k}: lower --k or rerun `mert-pipe features` "
+            "with a larger --sample-frames (or on more audio)"
+        )
+    result = fit_kmeans(x, k, seed=seed, backend=backend)
+    out = layout.kmeans(name or f"{features}_k{k}")
+    with atomic_path(out.centroids) as tmp:
+        with open(tmp, "wb") as handle:
+            np.save(handle, result.centroids, allow_pickle=False)
+    fit = {
+        "name": out.name,
+        "centroids": str(out.centroids),
+        "centroids_sha256": sha256_file(out.centroids),
+        "k": k,
+        "dim": int(x.shape[1]),
+        "seed": seed,
+        "backend": backend,
+        "features": features,
+        "features_config_hash": described["config_hash"],
+        "features_extractor": described["config"],  # what `tokenize --teacher kmeans` must recompute
+        "features_checkpoint": described.get("checkpoint"),  # model features: the checkpoint's path
+        "sample_frames": len(x),
+        "sample_available": available,
+        "sample_requested": sample_frames,
+        "inertia": result.inertia,
+        "inertia_per_frame": result.inertia / len(x),
+        "fit_seconds": result.seconds,
+        "fit_config": result.config,
+    }
+    atomic_write_json(out.fit, fit)
+    atomic_write_json(layout.kmeans_last, {"name": out.name, "centroids": fit["centroids"]})
+    return fit
+
+
+def last_centroids(workdir: Path) -> Path:
+    """The centroids `kmeans fit` wrote last in WORKDIR."""
+    try:
+        last = json.loads(Workdir(workdir).kmeans_last.read_text())
+    except FileNotFoundError as exc:
+        raise KMeansInputError(
+            f"no centroids fitted in {workdir}: run `mert-pipe kmeans fit {workdir}` or pass --centroids"
+        ) from exc
+    return Path(last["centroids"])
+
+
+# --------------------------------------------------------------------------------------------------
+# The teacher the tokenize stage runs
+# --------------------------------------------------------------------------------------------------
+
+FILES_PER_TASK = 16  # files of a tokenize task: MFCC is hundreds of times real time, a task takes seconds
+_FEATURE_TEACHERS: dict[tuple, Any] = {}  # per process: (kind, identity) -> loaded state
+
+
+@dataclass(frozen=True)
+class KMeansTeacher:
+    """Nearest of k centroids to each 39-dim MFCC frame (HuBERT iteration 1), computed from the audio.
+
+    MFCC is computed on the fly (hundreds of times real time, see benchmarks/RESULTS.md) rather than read
+    from `mert-pipe features`: tokenizing then needs no 156-bytes-per-frame feature store, and the labels
+    equal the assignment of stored features bit for bit because both stream the same blocks through
+    `stream_features`. `resolve()` loads the centroids once on the driver and records their sha256, which
+    is part of the teacher's identity; workers check it when they load them.
+
+    Centroids fitted on model features (`features --kind model`, HuBERT iteration 2) carry the checkpoint
+    and layer in their `fit.json`; `resolve()` then sets `model` and the teacher recomputes those features.
+    """
+
+    centroids: str  # path of a (k, dim) float32 .npy
+    centroids_sha256: str = ""
+    num_classes: int = 0  # k, from the centroids
+    threads: int = 1  # torch intra-op threads of each worker
+    model: Any = None  # a ModelFeatures when the centroids were fitted on model features; None: MFCC
+
+    kind: str = "kmeans"
+    sampling_rate: int = SAMPLE_RATE
+    hop: int = HOP
+    n_q: int = 1
+
+    def resolve(self) -> KMeansTeacher:
+        """Check the centroids here (errors surface before workers start) and fill in k and the hash."""
+        model = _fitted_model_features(Path(self.centroids))
+        centroids = _load_centroids(self.centroids, model.dim if model is not None else 39)
+        return replace(
+            self, centroids_sha256=sha256_file(self.centroids), num_classes=len(centroids), model=model
+        )
+
+    def _extractor(self) -> Any:
+        from mert_pipeline.teachers.features import MFCC  # torch: imported by the workers that label
+
+        return self.model if self.model is not None else MFCC()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "teacher": self.kind,
+            "features": self._extractor().config(),
+            "k": self.num_classes,
+            "centroids_sha256": self.centroids_sha256,
+            "distance": "squared_l2, exact",
+        }
+
+    def _state(self) -> tuple[Any, np.ndarray]:
+        key = (self.kind, self.centroids_sha256)
+        if key not in _FEATURE_TEACHERS:
+            set_threads(self.threads)
+            if sha256_file(self.centroids) != self.centroids_sha256:
+                raise RuntimeError(f"{self.centroids} changed during the run; rerun")
+            extractor = self._extractor()
+            _FEATURE_TEACHERS[key] = (extractor, _load_centroids(self.centroids, extractor.dim))
+        return _FEATURE_TEACHERS[key]
+
+    def label(self, files: list[FileToLabel], stats: Counter) -> Iterator[tuple[str, np.ndarray | Reject]]:
+        if not files:
+            return
+        extractor, centroids = self._state()
+        yield from label_frames(files, extractor, lambda block: assign(block, centroids)[None], 1)
+
+
+def _fitted_model_features(centroids: Path) -> Any:
+    """The model-feature extractor `kmeans fit` recorded beside these centroids (fit.json), else None."""
+    from mert_pipeline.teachers.model_features import ModelFeatures
+
+    try:
+        fit = json.loads(KMeansFit(centroids.parent).fit.read_text())
+    except (OSError, ValueError):
+        return None  # centroids from elsewhere: MFCC, as before
+    saved = fit.get("features_extractor") or {}
+    if saved.get("kind") != "model":
+        return None
+    model = ModelFeatures.from_checkpoint(
+        fit["features_checkpoint"], saved["layer"], batch_windows=saved["batch_windows"]
+    )
+    if model.config() != saved:
+        raise ValueError(
+            f"{centroids} were fitted on features of checkpoint sha256 {saved['checkpoint_sha256'][:12]}, "
+            f"but {model.checkpoint} is now {model.checkpoint_sha256[:12]}"
+        )
+    return model
+
+
+def _load_centroids(path: str, dim: int = 39) -> np.ndarray:
+    """A (k, dim) finite float32 array, k in [1, 32768]; anything else is a ValueError naming the file."""
+    try:
+        centroids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read centroids {path}: {exc}") from exc
+    if centroids.ndim != 2 or centroids.shape[1] != dim or not 1 <= len(centroids) <= 32768:
+        raise ValueError(f"centroids {path} have shape {centroids.shape}, expected (k <= 32768, {dim})")
+    if not np.issubdtype(centroids.dtype, np.floating) or not np.isfinite(centroids).all():
+        raise ValueError(f"centroids {path} must be finite floats")
+    return np.ascontiguousarray(centroids, dtype=np.float32)

@@ -21,7 +21,7 @@ the file length, and attention never sees more context than training did. Full w
 GroupNorm statistics of that last window only.
 
 The model is loaded once per worker process (cached), in eval mode (no dropout, layerdrop, masking or
-noise), fp32, on the GPU when one is present (one per local worker, see `teachers.claim_gpu`).
+noise), fp32, on the GPU when one is present (one per local worker, see `devices.claim_gpu`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from mert_pipeline.features import HOP, SAMPLE_RATE, num_frames
+from mert_pipeline.devices import worker_device
+from mert_pipeline.grid import HOP, RECEPTIVE_FIELD, SAMPLE_RATE, num_frames
 
-PAD = 80  # receptive field of a conv frame (400 samples) minus the hop
+PAD = RECEPTIVE_FIELD - HOP  # 80: what a conv frame sees past its hop
 _ENCODERS: dict[tuple, tuple[torch.nn.Module, torch.device]] = {}  # per process: (path, sha256, device)
 
 
@@ -154,11 +155,7 @@ class ModelFeatures:
         return _ENCODERS[key]
 
     def _device(self) -> torch.device:
-        if self.device == "cpu" or (self.device == "auto" and not torch.cuda.is_available()):
-            return torch.device("cpu")
-        from mert_pipeline.teachers import claim_gpu
-
-        return torch.device(claim_gpu(Path(self.gpu_lock_dir or "/tmp")))
+        return torch.device(worker_device(self.device, self.gpu_lock_dir))
 
     def windows(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
         """The padded input of each window (module docstring), streamed from one file's blocks."""

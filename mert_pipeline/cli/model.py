@@ -1,0 +1,207 @@
+"""Commands that use the trained model: `export hf`, `embed`, `probe`; and `stats` on the data."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mert_pipeline import pipeline
+from mert_pipeline.cli.common import console, errors, fail, note, progress, with_executor
+from mert_pipeline.executor import ExecutorConfig
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
+ModelOpt = Annotated[
+    Path, typer.Option("--checkpoint", help="Trainer checkpoint, run folder, or `export hf` directory.")
+]
+
+
+def export_hf(
+    checkpoint: Annotated[
+        Path, typer.Argument(help="Trainer checkpoint (ckpt-*.pt) or run folder (newest).")
+    ],
+    out: Annotated[
+        Path, typer.Argument(help="DIR for config.json, model.safetensors, preprocessor_config.json.")
+    ],
+    verify: Annotated[
+        bool,
+        typer.Option("--verify/--no-verify", help="Load DIR with transformers and compare hidden states."),
+    ] = True,
+) -> None:
+    """A directory plain `transformers` loads with no remote code: AutoModel.from_pretrained(DIR) is a
+    HubertModel whose hidden states equal the trained encoder's. Training-only parts are dropped, listed."""
+    from mert_pipeline.hf_export import CheckpointError
+    from mert_pipeline.hf_export import export_hf as export
+
+    start = time.perf_counter()
+    try:
+        with errors(), console.status("exporting"):
+            summary = export(checkpoint, pipeline.check_workdir(out), verify=verify)
+    except CheckpointError as exc:
+        raise fail(str(exc)) from exc
+    note(
+        f"export hf: step {summary['step']} of {summary['checkpoint']}: {summary['parameters'] / 1e6:.2f}M "
+        f"parameters in {summary['kept_tensors']} tensors -> {out} "
+        f"({'pre-LN' if summary['do_stable_layer_norm'] else 'post-LN'}, {summary['feat_extract_norm']} norm)"
+    )
+    for name, shape in summary["dropped"].items():
+        note(f"  dropped (training only): {name} {tuple(shape)}")
+    check = summary["max_abs_diff"]
+    verdict = "not checked (--no-verify)" if check is None else f"max |diff| {check:.2e} over all layers"
+    note(f"transformers round trip: {verdict}; {time.perf_counter() - start:.1f} s")
+
+
+def stats(
+    source: Annotated[
+        str, typer.Argument(help="WORKDIR (manifest.parquet) or SHARDS (index.json; a folder or a URL).")
+    ],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", help="Report folder (default: WORKDIR/stats/report or SHARDS/report; needed for a URL)."
+        ),
+    ] = None,
+) -> None:
+    """Hours, files, rejects by reason, durations, per-teacher codebook usage and perplexity, label entropy
+    and mutual information between teachers: OUT/report.md with PNG plots, OUT/stats.json."""
+    from mert_pipeline.report import default_report_dir, write_report
+    from mert_pipeline.storage import as_location
+
+    location = as_location(source)
+    start = time.perf_counter()
+    try:
+        target = pipeline.check_workdir(out if out is not None else default_report_dir(location))
+        with errors(), console.status("reading labels"):
+            result = write_report(location, target)
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise fail(str(exc)) from exc
+    rejects = sum(n for group in result["rejects"].values() for n in group.values())
+    count = result.get("segments", result["files"])
+    unit = "segments" if result["kind"] == "shards" else "files"
+    note(
+        f"stats: {result['hours']:.3f} h in {count} {unit}, "
+        f"{rejects} rejects, {len(result['teachers'])} teachers, in {time.perf_counter() - start:.1f} s"
+    )
+    for name, facts in result["teachers"].items():
+        used = [row for row in facts["codebooks"] if row is not None]
+        if used:
+            note(
+                f"  {name}: codebook 0 uses {used[0]['used']}/{facts['num_classes']} codes, perplexity "
+                f"{used[0]['perplexity']:.1f}, entropy {used[0]['entropy_bits']:.2f} bits"
+            )
+    for pair, metrics in result["agreement"].items():
+        note(
+            f"  {pair.replace('~', ' vs ')}: MI {metrics['mutual_information']:.3f} bits, "
+            f"NMI {metrics['nmi']:.3f}"
+        )
+    note(f"report: {result['outputs']['report']} (plots beside it)")
+
+
+def probe(
+    checkpoint: ModelOpt,
+    data: Annotated[
+        str,
+        typer.Option(
+            "--data", help="builtin:pitch, builtin:timbre, a CSV (path,label) or a folder per class."
+        ),
+    ] = "builtin:pitch",
+    out: Annotated[Path, typer.Option("--out", help="Folder for probe.json and probe.png.")] = Path("probe"),
+    baseline: Annotated[
+        bool, typer.Option("--baseline/--no-baseline", help="Also probe a random init of the same model.")
+    ] = True,
+    per_class: Annotated[int, typer.Option("--per-class", min=2, help="builtin: clips per class.")] = 16,
+    test_fraction: Annotated[float, typer.Option("--test-fraction", min=0.05, max=0.9)] = 0.25,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the split, the builtin data, the baseline.")
+    ] = 0,
+    device: DeviceOpt = "auto",
+) -> None:
+    """MARBLE-style linear probe: mean-pooled embeddings of every layer, a logistic regression per layer on
+    a stratified held-out split; accuracy per layer, best layer, OUT/probe.png and OUT/probe.json."""
+    from mert_pipeline.probe import run_probe
+
+    try:
+        with errors():
+            summary = run_probe(
+                checkpoint,
+                data,
+                pipeline.check_workdir(out),
+                baseline=baseline,
+                per_class=per_class,
+                test_fraction=test_fraction,
+                seed=seed,
+                device=device,
+                on_status=console.status,
+            )
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    for reject in summary["rejects"][:10]:
+        console.print(f"[yellow]reject:[/] {reject['path']}: {reject['detail']}", highlight=False)
+    for name, result in summary["results"].items():
+        layers = " ".join(f"{a:.2f}" for a in result["accuracy"])
+        note(
+            f"probe {summary['data']} ({name}): best layer {result['best_layer']} accuracy "
+            f"{result['best_accuracy']:.3f} (chance {result['chance']:.3f}); by layer: {layers}"
+        )
+    note(
+        f"probe: {summary['clips']} clips, {len(summary['rejects'])} rejects, {summary['seconds']:.1f} s -> "
+        f"{out / 'probe.json'}, {out / 'probe.png'}"
+    )
+
+
+@with_executor()
+def embed(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Audio file, folder, manifest.parquet, fairseq train.tsv, a .txt list of paths, or a URL "
+            "(s3://bucket/prefix)."
+        ),
+    ],
+    checkpoint: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", help="Folder for <id>.npy, rejects.jsonl, embed.json.")],
+    layers: Annotated[
+        str, typer.Option("--layers", help="all (0..L, 0 = input to layer 1), L, or L1,L2,...")
+    ] = "all",
+    pool: Annotated[
+        str, typer.Option("--pool", help="mean: (layers, D) per file; none: (layers, T, D).")
+    ] = "mean",
+    chunk_seconds: Annotated[
+        float, typer.Option("--chunk-seconds", min=0.02, help="Long files are cut into chunks this long.")
+    ] = 30.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Chunks per forward pass.")] = 8,
+    device: DeviceOpt = "auto",
+    files_per_task: Annotated[
+        int | None,
+        typer.Option("--files-per-task", min=1, help="Files per task (default: 8 on CPU, 64 on GPU)."),
+    ] = None,
+    *,
+    executor: ExecutorConfig,
+) -> None:
+    """Per-file embeddings (float32 .npy) of any audio (any rate: resampled to 24 kHz with soxr), batched,
+    on the GPU when present, on a local process pool or Ray (each worker loads the model once). Finished
+    tasks are skipped (--force redoes them); unreadable files go to OUT/rejects.jsonl with a reason.
+
+    Writes: OUT/<id>.npy, OUT/rejects.jsonl, OUT/embed.json, OUT/stats/embed.json."""
+    with errors(), progress() as shown:
+        report = pipeline.embed(
+            source,
+            checkpoint,
+            out,
+            layers=layers,
+            pool=pool,
+            chunk_seconds=chunk_seconds,
+            batch_size=batch_size,
+            device=device,
+            files_per_task=files_per_task,
+            executor=executor,
+            progress=shown,
+        )
+    counts, speed = report.summary["counts"], report.summary["throughput"]
+    note(
+        f"embed: {counts['accepted']} files, {counts['rejected']} rejected, {counts['audio_seconds']:.1f} s "
+        f"of audio, {speed['x_real_time']:g}x real time per worker on {report.summary['device']} -> "
+        f"{out}/<id>.npy"
+    )

@@ -1,0 +1,165 @@
+"""The whole pipeline in one command (`run`), and the demo on a corpus it synthesizes (`demo`)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mert_pipeline import pipeline
+from mert_pipeline.cli.common import console, errors, note, progress, with_executor
+from mert_pipeline.executor import ExecutorConfig
+
+
+@with_executor(force=False)
+def run(
+    roots: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="ROOT...", help="Folders (or files) of audio to scan, recursively; or URLs (s3://...)."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="WORKDIR of every stage.")],
+    teachers: Annotated[
+        str, typer.Option("--teachers", help="Label sets to make: rvq, kmeansK (e.g. kmeans500), bestrq.")
+    ] = "rvq",
+    shards: Annotated[
+        str | None,
+        typer.Option("--shards", help="Where the shards go, a folder or a URL (default: WORKDIR/shards)."),
+    ] = None,
+    valid_percent: Annotated[
+        float, typer.Option("--valid-percent", min=0.0, max=1.0, help="manifest: fraction in valid.")
+    ] = 0.01,
+    min_seconds: Annotated[
+        float, typer.Option("--min-seconds", min=0.0, help="manifest: reject shorter.")
+    ] = 3.0,
+    deep: Annotated[bool, typer.Option("--deep", help="manifest: decode every sample when probing.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="resample: flac or wav.")] = "flac",
+    bits: Annotated[int, typer.Option("--bits", help="resample: 16 or 24 bits.")] = 16,
+    codec_checkpoint: Annotated[
+        Path | None, typer.Option("--codec-checkpoint", help="rvq: EnCodec 24 kHz state dict (offline).")
+    ] = None,
+    bandwidth: Annotated[
+        float, typer.Option("--bandwidth", help="rvq: EnCodec kbps (6 -> 8 codebooks).")
+    ] = 6.0,
+    device: Annotated[str, typer.Option("--device", help="rvq: auto, cpu or cuda.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="rvq: float32, bfloat16 or float16.")] = "float32",
+    sample_frames: Annotated[
+        int, typer.Option("--sample-frames", min=1, help="kmeans: frames sampled for the fit.")
+    ] = 1_000_000,
+    segment_seconds: Annotated[
+        float, typer.Option("--segment-seconds", min=0.02, help="shard: longest segment.")
+    ] = 30.0,
+    shard_size: Annotated[
+        str, typer.Option("--shard-size", help="shard: close a shard at this size.")
+    ] = "256MB",
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the split, the k-means sample and the shuffle.")
+    ] = 0,
+    *,
+    executor: ExecutorConfig,
+) -> None:
+    """The whole pipeline in one command: manifest -> resample -> every teacher -> shard -> verify.
+
+    Each stage is resumable: rerunning the same command skips finished work (a changed option or input
+    redoes only what it affects). Reads: the audio under ROOT.... Writes: WORKDIR/ as the single stages
+    do, shards to --shards, and WORKDIR/stats/run.json (time, tasks and throughput per stage, rejects by
+    reason).
+    """
+    with errors():
+        config = pipeline.PipelineConfig(
+            roots=tuple(roots),
+            workdir=out,
+            teachers=pipeline.parse_teachers(teachers),
+            shards=shards,
+            valid_percent=valid_percent,
+            min_seconds=min_seconds,
+            deep=deep,
+            format=fmt,
+            bits=bits,
+            codec_checkpoint=str(codec_checkpoint) if codec_checkpoint else None,
+            bandwidth=bandwidth,
+            device=device,
+            dtype=dtype,
+            sample_frames=sample_frames,
+            segment_seconds=segment_seconds,
+            shard_size=shard_size,
+            seed=seed,
+        )
+        with progress() as shown:
+            report = pipeline.run_pipeline(config, executor, shown)
+    print_run(report)
+    if not report.ok:
+        raise typer.Exit(code=1)
+
+
+def print_run(report: pipeline.PipelineReport) -> None:
+    """One table for the whole run (time, tasks, throughput per stage), the rejects by reason, the verdict."""
+    for problem in report.verify.problems if report.verify else []:
+        console.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
+    if report.verify is not None:
+        verdict = "no problems" if report.verify.ok else f"{len(report.verify.problems)} problems"
+        note(f"verify: {len(report.verify.checks)} shards re-read, {verdict}")
+    table = Table(title="run summary", title_justify="left")
+    for column in ("stage", "tasks run / done before", "files", "audio h", "seconds", "h audio / s"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for stage in report.stages:
+        counts = stage.summary.get("counts", {})
+        hours = counts.get("audio_seconds", 0) / 3600
+        table.add_row(
+            stage.stage,
+            f"{stage.done} / {stage.skipped}",
+            str(counts.get("files_seen", stage.stats.get("files_seen", 0))),
+            f"{hours:.3f}",
+            f"{stage.seconds:.1f}",
+            f"{hours / max(stage.seconds, 1e-9):.3f}",
+        )
+    console.print(table)
+    for reason, count in report.rejects.items():
+        note(f"  rejected {count:6d}  {reason}")
+    totals = report.totals
+    console.print(
+        f"[bold green]run finished[/] in {report.seconds:.1f} s: {report.files_in} files in, "
+        f"{totals.get('shards', 0)} shards out ({report.hours:.3f} h, {totals.get('bytes', 0) / 1e6:.1f} MB) "
+        f"in {report.shards}",
+        highlight=False,
+    )
+
+
+@with_executor(force=False)
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Where the synthesized corpus and WORKDIR go.")] = Path(
+        "demo_work"
+    ),
+    tracks: Annotated[int, typer.Option(min=2, help="How many music-like tracks to synthesize.")] = 24,
+    seed: Annotated[int, typer.Option(help="Seed of the synthesized corpus.")] = 0,
+    train_steps: Annotated[
+        int,
+        typer.Option("--train-steps", min=0, help="Steps of the tiny model trained at the end (0: none)."),
+    ] = 200,
+    *,
+    executor: ExecutorConfig,
+) -> None:
+    """Run every stage that exists on a small corpus this command synthesizes itself (no data, no cluster).
+
+    Writes OUT/corpus (synthesized audio, including a few broken files so rejects show up) and
+    OUT/work (the WORKDIR of every stage). Then trains the tiny model for --train-steps on the shards
+    (OUT/run), exports it (OUT/hf), probes it against a random init (OUT/probe) and writes the statistics
+    report (OUT/work/stats/report). Rerunning skips finished work.
+    """
+    from mert_pipeline.demo import run_demo
+
+    start = time.perf_counter()
+    with errors(), progress() as shown:
+        result = run_demo(
+            out, tracks=tracks, seed=seed, train_steps=train_steps, executor=executor, progress=shown
+        )
+    print_run(result.pipeline)
+    console.print(
+        f"\n[bold green]demo finished[/] in {time.perf_counter() - start:.1f} s. Outputs:", highlight=False
+    )
+    for name, path in result.outputs.items():
+        note(f"  {name:16s} {path}")

@@ -1,0 +1,281 @@
+"""Teacher commands: `tokenize` (label the audio), `features` (frame features for k-means), `kmeans fit`
+and `kmeans report`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from mert_pipeline import pipeline
+from mert_pipeline.cli.common import console, errors, fail, note, progress, with_executor
+from mert_pipeline.executor import ExecutorConfig
+
+
+@with_executor()
+def tokenize(
+    workdir: Annotated[Path, typer.Argument(help="WORKDIR holding audio_24k/ (from `resample`).")],
+    teacher: Annotated[
+        str, typer.Option("--teacher", help="Which teacher labels the audio: rvq, kmeans or bestrq.")
+    ] = "rvq",
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name", help="Label set name, WORKDIR/labels/NAME (default: rvq, kmeans<k> or bestrq)."
+        ),
+    ] = None,
+    centroids: Annotated[
+        Path | None,
+        typer.Option("--centroids", help="kmeans: (k, 39) centroids .npy (default: the last `kmeans fit`)."),
+    ] = None,
+    codebooks: Annotated[int, typer.Option("--codebooks", min=1, help="bestrq: random codebooks.")] = 1,
+    codebook_size: Annotated[
+        int, typer.Option("--codebook-size", min=2, max=32768, help="bestrq: entries per codebook.")
+    ] = 4096,
+    proj_dim: Annotated[int, typer.Option("--proj-dim", min=1, help="bestrq: projection dimension.")] = 16,
+    seed: Annotated[int, typer.Option("--seed", help="bestrq: seed of the projection and codebooks.")] = 0,
+    bandwidth: Annotated[
+        float,
+        typer.Option("--bandwidth", help="EnCodec kbps: 1.5, 3, 6, 12, 24 -> 2, 4, 8, 16, 32 codebooks."),
+    ] = 6.0,
+    codec_checkpoint: Annotated[
+        Path | None,
+        typer.Option(
+            "--codec-checkpoint",
+            help="EnCodec 24 kHz state dict to load offline (default: the encodec package's download).",
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    dtype: Annotated[
+        str,
+        typer.Option("--dtype", help="float32, or bfloat16/float16 autocast (see benchmarks/RESULTS.md)."),
+    ] = "float32",
+    batch_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--batch-seconds", min=0.01, help="Audio per batch (default: 1 chunk on CPU, 64 on GPU)."
+        ),
+    ] = None,
+    chunk_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--chunk-seconds", min=0.1, help="Streamed chunk (exact at any length; 2.56 CPU, 10.24 GPU)."
+        ),
+    ] = None,
+    files_per_task: Annotated[
+        int | None,
+        typer.Option(
+            "--files-per-task", min=1, help="Files per task (default: 4 on CPU, 256 on GPU; 16 others)."
+        ),
+    ] = None,
+    *,
+    executor: ExecutorConfig,
+) -> None:
+    """Label every resampled file with a teacher: EnCodec 24 kHz RVQ codes (`--teacher rvq`), k-means on
+    MFCC (`--teacher kmeans`) or BEST-RQ random-projection codes of log-mel (`--teacher bestrq`).
+
+    Reads: WORKDIR/audio_24k/manifest.parquet and its audio. Writes: WORKDIR/labels/NAME/ab/<id>.npy (int16,
+    shape (n_q, ceil(num_samples / 320)), 75 Hz), WORKDIR/labels/NAME/labels.parquet (id, teacher, config
+    hash, n_q, frames, rate), rejects.jsonl and teacher.json, WORKDIR/stats/tokenize_NAME.json.
+    """
+    if teacher not in pipeline.TEACHER_KINDS:
+        raise fail(f"--teacher must be one of {', '.join(pipeline.TEACHER_KINDS)}, not {teacher!r}")
+    with errors(), progress() as shown:
+        workdir = pipeline.existing_workdir(workdir)
+        with pipeline.locked(workdir):
+            if teacher == "rvq":
+                chosen = pipeline.rvq_teacher(
+                    workdir,
+                    bandwidth=bandwidth,
+                    checkpoint=codec_checkpoint,
+                    device=device,
+                    dtype=dtype,
+                    chunk_seconds=chunk_seconds,
+                    batch_seconds=batch_seconds,
+                )
+            elif teacher == "kmeans":
+                chosen = pipeline.kmeans_teacher(workdir, centroids=centroids)
+            else:
+                chosen = pipeline.bestrq_teacher(
+                    workdir,
+                    codebooks=codebooks,
+                    codebook_size=codebook_size,
+                    proj_dim=proj_dim,
+                    seed=seed,
+                    executor=executor,
+                    progress=shown,
+                )
+            report = pipeline.tokenize(
+                workdir,
+                chosen,
+                name=name,
+                files_per_task=files_per_task,
+                replace=executor.force,
+                executor=executor,
+                progress=shown,
+            )
+    facts = report.summary.get("teacher", {})
+    note(
+        f"teacher {facts.get('kind')} config {facts.get('config_hash')}: {facts.get('n_q')} codebooks x "
+        f"{facts.get('num_classes')} at {facts.get('label_rate'):g} Hz"
+    )
+
+
+@with_executor()
+def features(
+    workdir: Annotated[Path, typer.Argument(help="WORKDIR holding audio_24k/ (from `resample`).")],
+    kind: Annotated[
+        str,
+        typer.Option(
+            "--kind",
+            help="mfcc: 39-dim MFCC+deltas at 75 Hz (HuBERT iteration 1); model: layer --layer of the "
+            "trainer checkpoint --checkpoint (HuBERT iteration 2), stored as features/model_lL.",
+        ),
+    ] = "mfcc",
+    checkpoint: Annotated[
+        Path | None,
+        typer.Option("--checkpoint", help="--kind model: a trainer checkpoint or run folder (its newest)."),
+    ] = None,
+    layer: Annotated[
+        int | None,
+        typer.Option("--layer", help="--kind model: 0 = transformer input, N = transformer layer N output."),
+    ] = None,
+    sample_frames: Annotated[
+        int,
+        typer.Option(
+            "--sample-frames", min=0, help="Frames kept (uniformly, over the corpus) for `kmeans fit`."
+        ),
+    ] = 1_000_000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the frame sample.")] = 0,
+    files_per_task: Annotated[int, typer.Option("--files-per-task", min=1, help="Files per task.")] = 16,
+    *,
+    executor: ExecutorConfig,
+) -> None:
+    """Frame features of every resampled file, plus the frame sample and statistics `kmeans fit` uses.
+
+    Reads: WORKDIR/audio_24k/manifest.parquet and its audio. Writes: WORKDIR/features/NAME/ab/<id>.npy
+    (float32, shape (ceil(num_samples / 320), dim)), features.parquet, rejects.jsonl, stats.npz (mean/std),
+    sample.npy (at most --sample-frames frames), features.json, WORKDIR/stats/features_NAME.json; NAME is
+    mfcc or model_lL.
+    """
+    with errors(), progress() as shown:
+        report = pipeline.features(
+            workdir,
+            kind=kind,
+            checkpoint=checkpoint,
+            layer=layer,
+            sample_frames=sample_frames,
+            seed=seed,
+            files_per_task=files_per_task,
+            executor=executor,
+            progress=shown,
+        )
+    sample = report.summary.get("features", {}).get("sample", {})
+    note(f"sample for `kmeans fit`: {sample.get('frames', 0)} of {sample.get('from_frames', 0)} frames")
+
+
+def kmeans_fit(
+    workdir: Annotated[Path, typer.Argument(help="WORKDIR holding features/FEATURES/ (from `features`).")],
+    features: Annotated[str, typer.Option("--features", help="Which features: mfcc.")] = "mfcc",
+    k: Annotated[
+        int, typer.Option("--k", min=1, max=32768, help="Clusters (int16 labels: at most 32768).")
+    ] = 500,
+    sample_frames: Annotated[
+        int | None,
+        typer.Option("--sample-frames", min=1, help="Fit on this many frames of the sample (default: all)."),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the subsample and of the fit.")] = 0,
+    backend: Annotated[
+        str, typer.Option("--backend", help="faiss (default), or sklearn: fairseq's MiniBatchKMeans recipe.")
+    ] = "faiss",
+    name: Annotated[
+        str | None, typer.Option("--name", help="Fit name: WORKDIR/kmeans/NAME (default: FEATURES_kK).")
+    ] = None,
+) -> None:
+    """Fit k centroids on the frame sample of `mert-pipe features`; the fit becomes the default centroids of
+    `tokenize --teacher kmeans`.
+
+    Reads: WORKDIR/features/FEATURES/sample.npy. Writes: WORKDIR/kmeans/NAME/centroids.npy (float32 (k, dim)),
+    WORKDIR/kmeans/NAME/fit.json (config, inertia, seconds), WORKDIR/kmeans/last.json.
+    """
+    start = time.perf_counter()
+    with errors(), console.status(f"fitting k={k} on {features} frames ({backend})"):
+        fit = pipeline.kmeans_fit(
+            workdir,
+            features=features,
+            k=k,
+            sample_frames=sample_frames,
+            seed=seed,
+            backend=backend,
+            name=name,
+        )
+    table = Table(title="kmeans fit summary", show_header=False, title_justify="left")
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for key in ("name", "k", "backend", "seed", "sample_frames", "sample_available", "inertia_per_frame"):
+        value = fit[key]
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    table.add_row("fit time", f"{fit['fit_seconds']:.2f} s")
+    seconds = time.perf_counter() - start
+    table.add_row("wall time", f"{seconds:.2f} s ({fit['sample_frames'] / seconds:,.0f} frames/s)")
+    table.add_row("centroids", fit["centroids"])
+    console.print(table)
+
+
+def kmeans_report(
+    workdir: Annotated[Path, typer.Argument(help="WORKDIR holding labels/ (from `tokenize`).")],
+    teacher: Annotated[
+        str | None,
+        typer.Option("--teacher", help="Label set to report on (default: every k-means label set)."),
+    ] = None,
+) -> None:
+    """Cluster usage (clusters used, perplexity) of a label set and its agreement (mutual information,
+    purity) with every other label set on the files both labelled, as fairseq's measure_teacher_quality.
+
+    Reads: WORKDIR/labels/*/. Writes: WORKDIR/labels/NAME/report.json.
+    """
+    from mert_pipeline.labels import label_report
+    from mert_pipeline.layout import Workdir
+
+    workdir = workdir.resolve()
+    start = time.perf_counter()
+    try:
+        with console.status("reading labels"):
+            reports = label_report(workdir, teacher)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    frames = 0
+    for name, report in reports.items():
+        usage = Table(title=f"{name}: cluster usage ({report['files']} files)", title_justify="left")
+        for column in ("codebook", "frames", "used", "perplexity", "entropy bits"):
+            usage.add_column(column, justify="right")
+        for row in report["usage"]:
+            usage.add_row(
+                str(row["codebook"]), str(row["frames"]), f"{row['used']} / {report['num_classes']}",
+                f"{row['perplexity']:.1f}", f"{row['entropy_bits']:.3f}",
+            )  # fmt: skip
+            frames += row["frames"]
+        console.print(usage)
+        if report["agreement"]:
+            agree = Table(
+                title=f"t = {name} against each other label set o (codebook 0; MI in bits)",
+                title_justify="left",
+            )
+            for column in ("o", "frames", "MI", "MI/H(t)", "MI/H(o)", "NMI", "pur(o|t)", "pur(t|o)"):
+                agree.add_column(column, justify="right")
+            for other, m in report["agreement"].items():
+                agree.add_row(
+                    other, str(m["frames"]), f"{m['mutual_information']:.3f}",
+                    f"{m['mi_over_entropy_a']:.3f}", f"{m['mi_over_entropy_b']:.3f}", f"{m['nmi']:.3f}",
+                    f"{m['purity_b_given_a']:.3f}", f"{m['purity_a_given_b']:.3f}",
+                )  # fmt: skip
+            console.print(agree)
+        note(f"report: {Workdir(workdir).labels(name).report}")
+    seconds = time.perf_counter() - start
+    note(
+        f"{len(reports)} label sets, {frames} frames counted in {seconds:.2f} s "
+        f"({frames / max(seconds, 1e-9):,.0f} frames/s)"
+    )

@@ -1,0 +1,294 @@
+"""The WORKDIR layout: every path a stage reads or writes, named once.
+
+    WORKDIR/
+      manifest.parquet  rejects.jsonl  train.tsv  valid.tsv     `manifest`
+      audio_24k/  ab/<id>.flac  manifest.parquet  rejects.jsonl  train.tsv  valid.tsv    `resample`
+      features/NAME/  ab/<id>.npy  features.parquet  rejects.jsonl  features.json  stats.npz  sample.npy
+      kmeans/NAME/  centroids.npy  fit.json;  kmeans/last.json                       `kmeans fit`
+      bestrq/<hash>.npz                                                              BEST-RQ quantizers
+      labels/NAME/  ab/<id>.npy  labels.parquet  rejects.jsonl  teacher.json  report.json   `tokenize`
+      shards/                                          `shard`'s default SHARDS (format: `shards.py`)
+      remote_shards/<hash>/                            bookkeeping of a SHARDS that is a URL
+      stats/  STAGE.json  run.json  report/                      merged counters, `run`, `stats`
+      .work/STAGE/  listing/ parts/ rejects/ journal/ completions/ stats/ errors/    task bookkeeping
+      .work/gpu-locks/  .lock
+
+Per-file outputs live in folders named by the id's first two hex digits (`ab/<id>.npy`), so no folder
+holds more than 1/256 of the corpus. Stages take a WORKDIR path in their configs and ask this module for
+everything under it; the shard set's own layout (index.json, train/, valid/) belongs to the shard format
+(`mert_pipeline.shards`). An id from a file is checked before it becomes a path (`id_relpath`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from mert_pipeline.grid import SAMPLE_RATE
+
+MANIFEST = "manifest.parquet"
+REJECTS = "rejects.jsonl"
+TRAIN_TSV = "train.tsv"
+VALID_TSV = "valid.tsv"
+WORK = ".work"
+STATS = "stats"
+LOCK = ".lock"
+_ID = re.compile(r"^[0-9a-f]{16}$")
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def id_relpath(file_id: str, suffix: str) -> str:
+    """`ab/<id><suffix>`: where a per-file output of `file_id` lives in its folder. The id must be 16
+    lowercase hex digits (what the manifest makes), so no id read from a file can name another place."""
+    if not isinstance(file_id, str) or not _ID.match(file_id):
+        raise ValueError(f"id {file_id!r} is not 16 lowercase hex digits")
+    return f"{file_id[:2]}/{file_id}{suffix}"
+
+
+def check_name(name: str, what: str = "--name") -> str:
+    """A user-chosen folder name (label set, features, k-means fit): letters, digits, '-' and '_'."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(f"{what} must be letters, digits, '-' and '_' only, not {name!r}")
+    return name
+
+
+def audio_dir_name(sample_rate: int) -> str:
+    """`audio_24k` for 24000 Hz, `audio_22050hz` where the rate is not a whole number of kHz."""
+    return f"audio_{sample_rate // 1000}k" if sample_rate % 1000 == 0 else f"audio_{sample_rate}hz"
+
+
+def bookkeeping_dir(root: Path, stage: str) -> Path:
+    """ROOT/.work/STAGE: a stage's task bookkeeping, under whatever folder it treats as its root (WORKDIR,
+    a local SHARDS folder, embed's OUT)."""
+    return root / WORK / stage
+
+
+def stage_stats(root: Path, stage: str) -> Path:
+    """ROOT/stats/STAGE.json: a stage's merged counters and summary."""
+    return root / STATS / f"{stage}.json"
+
+
+@dataclass(frozen=True)
+class AudioDir:
+    """`resample`'s output: a self-contained dataset directory of mono audio at one rate."""
+
+    path: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
+    def rejects(self) -> Path:
+        return self.path / REJECTS
+
+    @property
+    def train_tsv(self) -> Path:
+        return self.path / TRAIN_TSV
+
+    @property
+    def valid_tsv(self) -> Path:
+        return self.path / VALID_TSV
+
+    def relpath(self, file_id: str, suffix: str) -> str:
+        return id_relpath(file_id, suffix)
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """`tokenize`'s output for one label set: labels/NAME."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / "labels.parquet"
+
+    @property
+    def rejects(self) -> Path:
+        return self.path / REJECTS
+
+    @property
+    def teacher(self) -> Path:
+        return self.path / "teacher.json"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.json"
+
+    @staticmethod
+    def relpath(file_id: str) -> str:
+        return id_relpath(file_id, ".npy")
+
+    def npy(self, relpath: str) -> Path:
+        """A label file named by a relpath read from labels.parquet, checked to stay inside the set."""
+        return _inside(self.path, relpath)
+
+
+@dataclass(frozen=True)
+class FeatureSet:
+    """`features`' output for one extractor: features/NAME."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def manifest(self) -> Path:
+        return self.path / "features.parquet"
+
+    @property
+    def rejects(self) -> Path:
+        return self.path / REJECTS
+
+    @property
+    def description(self) -> Path:
+        return self.path / "features.json"
+
+    @property
+    def stats(self) -> Path:
+        return self.path / "stats.npz"
+
+    @property
+    def sample(self) -> Path:
+        return self.path / "sample.npy"
+
+    @staticmethod
+    def relpath(file_id: str) -> str:
+        return id_relpath(file_id, ".npy")
+
+    def npy(self, file_id: str) -> Path:
+        return self.path / id_relpath(file_id, ".npy")
+
+
+@dataclass(frozen=True)
+class KMeansFit:
+    """`kmeans fit`'s output: kmeans/NAME."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def centroids(self) -> Path:
+        return self.path / "centroids.npy"
+
+    @property
+    def fit(self) -> Path:
+        return self.path / "fit.json"
+
+
+@dataclass(frozen=True)
+class Workdir:
+    """One WORKDIR: the paths of every stage's outputs (module docstring)."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / MANIFEST
+
+    @property
+    def rejects(self) -> Path:
+        return self.root / REJECTS
+
+    @property
+    def train_tsv(self) -> Path:
+        return self.root / TRAIN_TSV
+
+    @property
+    def valid_tsv(self) -> Path:
+        return self.root / VALID_TSV
+
+    def audio(self, sample_rate: int = SAMPLE_RATE) -> AudioDir:
+        return AudioDir(self.root / audio_dir_name(sample_rate))
+
+    @property
+    def labels_root(self) -> Path:
+        return self.root / "labels"
+
+    def labels(self, name: str) -> LabelSet:
+        return LabelSet(self.labels_root / check_name(name))
+
+    def label_sets(self) -> list[LabelSet]:
+        """Every folder under labels/ with a teacher.json, by name."""
+        root = self.labels_root
+        found = sorted(p.parent.name for p in root.glob("*/teacher.json")) if root.is_dir() else []
+        return [LabelSet(root / name) for name in found if _NAME.match(name)]
+
+    @property
+    def features_root(self) -> Path:
+        return self.root / "features"
+
+    def features(self, name: str) -> FeatureSet:
+        return FeatureSet(self.features_root / check_name(name))
+
+    @property
+    def kmeans_root(self) -> Path:
+        return self.root / "kmeans"
+
+    def kmeans(self, name: str) -> KMeansFit:
+        return KMeansFit(self.kmeans_root / check_name(name))
+
+    @property
+    def kmeans_last(self) -> Path:
+        """Which fit was last: the centroids `tokenize --teacher kmeans` uses by default."""
+        return self.kmeans_root / "last.json"
+
+    @property
+    def bestrq(self) -> Path:
+        return self.root / "bestrq"
+
+    @property
+    def default_shards(self) -> Path:
+        return self.root / "shards"
+
+    def remote_shards(self, url: str) -> Path:
+        """Bookkeeping (and tars while they upload) of a shard set at a URL, named by the URL so two shard
+        sets never mix."""
+        return self.root / "remote_shards" / hashlib.sha256(url.encode()).hexdigest()[:16]
+
+    @property
+    def stats_dir(self) -> Path:
+        return self.root / STATS
+
+    def stage_stats(self, stage: str) -> Path:
+        return stage_stats(self.root, stage)
+
+    @property
+    def run_stats(self) -> Path:
+        return self.stats_dir / "run.json"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.stats_dir / "report"
+
+    def bookkeeping(self, stage: str) -> Path:
+        return bookkeeping_dir(self.root, stage)
+
+    @property
+    def gpu_locks(self) -> Path:
+        """Lock files by which the workers of one run each claim their own GPU."""
+        return self.root / WORK / "gpu-locks"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK
+
+
+def _inside(folder: Path, relpath: str) -> Path:
+    """folder/relpath, refused (ValueError) when relpath is absolute or climbs out of folder."""
+    parts = Path(relpath).parts
+    if not relpath or Path(relpath).is_absolute() or ".." in parts:
+        raise ValueError(f"{relpath!r} is not a path inside {folder}")
+    return folder / relpath

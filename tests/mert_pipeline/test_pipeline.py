@@ -1,0 +1,159 @@
+"""The Python API: the README's five-line example run as written, each stage's own defaults, and errors
+that say what to do."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from mert_pipeline import PipelineConfig, PipelineError, StageFailed, run_pipeline
+from mert_pipeline.devices import cpu_count
+from mert_pipeline.executor import ExecutorConfig
+from mert_pipeline.layout import Workdir
+from mert_pipeline.pipeline import (
+    features,
+    kmeans_fit,
+    kmeans_teacher,
+    manifest,
+    resample,
+    run_stage,
+    tokenize,
+)
+from mert_pipeline.progress import Progress
+from tests.helpers import REPO, ToyStage
+
+
+def readme_example() -> str:
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- python-example -->\s*```python\n(.*?)```", text, re.S)
+    assert block, "README.md has no python example between <!-- python-example --> markers"
+    return block.group(1)
+
+
+def music(root: Path, n: int = 3) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        t = np.arange(24000 * 4) / 24000
+        tone = 0.3 * np.sin(2 * np.pi * (180 + 60 * i) * t * (1 + 0.1 * np.sin(t)))
+        sf.write(
+            root / f"song {i}.flac", (tone + 0.01 * rng.standard_normal(len(t))).astype(np.float32), 24000
+        )
+    return root
+
+
+class Recorder(Progress):
+    def __init__(self) -> None:
+        self.stages: list[str] = []
+        self.notes: list[str] = []
+
+    def stage(self, name: str, unit: str):  # type: ignore[no-untyped-def]
+        self.stages.append(name)
+        return super().stage(name, unit)
+
+    def note(self, text: str, style: str = "") -> None:
+        self.notes.append(text)
+
+
+def test_the_readme_example_runs_as_written(
+    tmp_path: Path, test_codec_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """The example names `my_music/` and the EnCodec checkpoint file; here they are synthesized music and
+    the test codec under those names."""
+    monkeypatch.chdir(tmp_path)
+    music(tmp_path / "my_music")
+    os.symlink(test_codec_file, tmp_path / "encodec_24khz-d7cc33bc.th")
+    code = readme_example()
+    assert len(ast.parse(code).body) <= 5  # statements: import, config, run, print
+    exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "3 files" in printed and "shards" in printed
+    work = Workdir(tmp_path / "work")
+    run = json.loads(work.run_stats.read_text())
+    assert run["verify"] == {"shards": run["verify"]["shards"], "problems": 0}
+    assert [s["stage"] for s in run["stages"]] == [
+        "manifest",
+        "resample",
+        "tokenize_rvq",
+        "features_mfcc",
+        "tokenize_kmeans100",
+        "shard",
+    ]
+    # each stage kept its own best workers: the RVQ teacher one worker using every core on a CPU machine
+    workers = {
+        s: json.loads(work.stage_stats(s).read_text())["workers"] for s in ("manifest", "tokenize_rvq")
+    }
+    assert workers == {"manifest": cpu_count(), "tokenize_rvq": 1}
+    assert json.loads(work.stage_stats("tokenize_kmeans100").read_text())["workers"] == cpu_count()
+    index = json.loads((tmp_path / "work/shards/index.json").read_text())
+    assert sorted(index["teachers"]) == ["kmeans100", "rvq"]
+    again = run_pipeline(PipelineConfig(**_example_config(code)))  # resumes: nothing to redo
+    assert all(report.done == 0 for report in again.stages) and again.ok
+
+
+def _example_config(code: str) -> dict:
+    """The keyword arguments of the example's PipelineConfig(...) call."""
+    call = re.search(r"PipelineConfig\((.*?)\)\n", code, re.S)
+    assert call
+    return eval(f"dict({call.group(1)})")  # noqa: S307 - the README's own literal arguments
+
+
+def test_steps_report_progress_and_keep_their_defaults(tmp_path: Path) -> None:
+    recorder = Recorder()
+    work = tmp_path / "w"
+    manifest([str(music(tmp_path / "m", 2))], work, valid_percent=0.0, progress=recorder)
+    resample(work, progress=recorder)
+    features(work, sample_frames=1000, progress=recorder)
+    fit = kmeans_fit(work, k=8)
+    report = tokenize(work, kmeans_teacher(work), progress=recorder)
+    assert recorder.stages == ["manifest", "resample", "features_mfcc", "tokenize_kmeans8"]
+    assert report.summary["teacher"]["num_classes"] == 8 and fit["k"] == 8
+    assert json.loads(Workdir(work).stage_stats("tokenize_kmeans8").read_text())["workers"] == cpu_count()
+
+
+def test_misuse_is_a_pipeline_error_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(PipelineError, match="--teachers takes rvq, kmeansK"):
+        PipelineConfig(roots=["x"], workdir=tmp_path, teachers=("mfcc",))
+    with pytest.raises(PipelineError, match="--teachers must name each teacher once"):
+        PipelineConfig(roots=["x"], workdir=tmp_path, teachers=("kmeans50", "kmeans100"))
+    with pytest.raises(PipelineError, match="--device must be auto, cpu or cuda"):
+        PipelineConfig(roots=["x"], workdir=tmp_path, device="tpu")
+    with pytest.raises(PipelineError, match=f"root {tmp_path / 'nope'} does not exist"):
+        run_pipeline(PipelineConfig(roots=[str(tmp_path / "nope")], workdir=tmp_path / "w"))
+    with pytest.raises(PipelineError, match="is inside a root"):
+        manifest([str(tmp_path)], tmp_path / "w")
+    with pytest.raises(PipelineError, match="manifest.parquet not found: run `mert-pipe manifest ROOT"):
+        resample(tmp_path / "empty")
+    assert not (tmp_path / "empty").exists()  # nothing written where nothing could run
+    with pytest.raises(PipelineError, match="audio_24k/manifest.parquet not found: run `mert-pipe resample"):
+        features(tmp_path / "empty")
+    with pytest.raises(PipelineError, match="no centroids fitted"):
+        kmeans_teacher(tmp_path)
+
+
+def test_refusing_another_teachers_labels_is_a_pipeline_error(tmp_path: Path) -> None:
+    work = tmp_path / "w"
+    manifest([str(music(tmp_path / "m", 2))], work, valid_percent=0.0)
+    resample(work)
+    features(work, sample_frames=1000)
+    kmeans_fit(work, k=8, name="a")
+    tokenize(work, kmeans_teacher(work), name="km")
+    kmeans_fit(work, k=8, seed=1, name="b")
+    with pytest.raises(PipelineError, match="holds labels of another teacher configuration"):
+        tokenize(work, kmeans_teacher(work), name="km")
+    assert tokenize(work, kmeans_teacher(work), name="km", replace=True).done > 0
+
+
+def test_failed_tasks_are_stage_failed_with_the_report(tmp_path: Path) -> None:
+    (tmp_path / "crash").touch()
+    with pytest.raises(StageFailed, match="2 of 4 toy tasks failed") as caught:
+        run_stage(ToyStage(tmp_path, n_tasks=4, crash_ranks=(1, 3)), ExecutorConfig(workers=1))
+    assert [o.rank for o in caught.value.report.failed] == [1, 3]
+    assert caught.value.errors_dir == tmp_path / ".work/toy/errors"
