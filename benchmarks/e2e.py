@@ -3,6 +3,7 @@
 Run from the repository root (after `pip install -c constraints-lock.txt -e .`):
 
     python benchmarks/e2e.py                  # 8 tracks of 1 to 10 minutes, 44.1/48 kHz stereo
+    python benchmarks/e2e.py --repeat 2       # each approach twice, in the order a b b a; means
     python benchmarks/e2e.py --tracks 2 --max-minutes 1   # a quick sanity run
 
 What is timed, on the same raw tracks (synthesized music; FLAC at 44.1 kHz and WAV at 48 kHz, stereo),
@@ -152,6 +153,7 @@ def main() -> None:
         "--codec-checkpoint", default=None, help="EnCodec 24 kHz weights (default: test codec)"
     )
     parser.add_argument("--dir", type=Path, default=None, help="Where the corpus and outputs go (kept)")
+    parser.add_argument("--repeat", type=int, default=1, help="Runs of each approach, in ABBA order")
     parser.add_argument("--run", choices=["official", "pipeline"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -171,16 +173,25 @@ def main() -> None:
         if not Path(codec).exists():
             make_test_codec(codec, seed=0)
     print(f"corpus: {args.tracks} tracks, {audio / 60:.1f} min of audio in {corpus}", flush=True)
-    results = {}
-    for name in ("official", "pipeline"):
+    order = ["official", "pipeline", "pipeline", "official"] * args.repeat  # ABBA: drift cancels out
+    results: dict[str, list[dict]] = {"official": [], "pipeline": []}
+    for name in order[: 2 * args.repeat]:
         out = base / f"out-{name}-{time.time_ns()}"
         command = [sys.executable, __file__, "--run", name, "--corpus", str(corpus), "--out", str(out)]
         result, peak = measured([*command, "--codec-checkpoint", codec])
         result["peak_rss_gib"] = peak
-        results[name] = result
+        results[name].append(result)
         print(f"{name}: {json.dumps(result)}", flush=True)
-    a, b = results["official"], results["pipeline"]
+    mean = {}
+    for name, runs in results.items():
+        seconds = sum(r["seconds"] for r in runs) / len(runs)
+        mean[name] = {**runs[-1], "seconds": seconds, "peak_rss_gib": max(r["peak_rss_gib"] for r in runs)}
+    a, b = mean["official"], mean["pipeline"]
     print(f"\nmachine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    print(
+        f"runs per approach: {args.repeat} (order {' '.join(order[: 2 * args.repeat])}); "
+        "mean seconds, max RSS"
+    )
     print("| what | seconds | x real time | vs (a) | peak RSS (process tree) |")
     print("|---|---:|---:|---:|---:|")
     for label, r in (("(a) official", a), ("(b) `run`", b)):

@@ -48,9 +48,8 @@ class StageFailed(RuntimeError):
         self.report = report
         self.errors_dir = errors_dir
         super().__init__(
-            f"{len(report.failed)} of {report.tasks} {report.stage} tasks failed; "
-            f"tracebacks in {errors_dir}; "
-            "rerun to retry them"
+            f"{len(report.failed)} of {report.tasks} {report.stage} tasks failed; tracebacks in "
+            f"{errors_dir}; rerun the same command to retry them"
         )
 
 

@@ -204,7 +204,7 @@ def run_probe(
     import time
 
     from mert_pipeline.embed import load_embedder
-    from mert_pipeline.fs import atomic_write_text
+    from mert_pipeline.fs import atomic_write_text, ensure_writable_dir
     from mert_pipeline.hf_export import CheckpointError
 
     status = on_status or (lambda text: contextlib.nullcontext())
@@ -220,6 +220,7 @@ def run_probe(
     for name, random_init in models.items():
         try:
             embedder = load_embedder(checkpoint, device, random_init=random_init, seed=seed)
+            ensure_writable_dir(out)  # before the long part, and only once the model loads
         except (CheckpointError, OSError) as exc:
             raise ValueError(str(exc).splitlines()[0]) from exc
         with status(f"probe: embedding {len(dataset.audio)} clips ({name})"):

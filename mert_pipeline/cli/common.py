@@ -188,30 +188,3 @@ def teacher_list(text: str | None) -> list[str] | None:
     """`rvq,kmeans500` -> ["rvq", "kmeans500"]; None or empty -> None."""
     names = [name.strip() for name in (text or "").split(",") if name.strip()]
     return names or None
-
-
-def handle(call: Callable[[], Any]) -> Any:
-    """Run a library call with the CLI's error handling (`errors`)."""
-    with errors():
-        return call()
-
-
-__all__ = [
-    "console",
-    "errors",
-    "executor_config",
-    "fail",
-    "handle",
-    "note",
-    "progress",
-    "teacher_list",
-    "with_executor",
-]
-
-
-def parse_or_fail(make: Callable[[], Any]) -> Any:
-    """A value built from options; ValueError -> one-line error."""
-    try:
-        return make()
-    except (ValueError, PipelineError) as exc:
-        raise fail(str(exc)) from exc

@@ -127,7 +127,7 @@ def probe(
             summary = run_probe(
                 checkpoint,
                 data,
-                pipeline.check_workdir(out),
+                out,
                 baseline=baseline,
                 per_class=per_class,
                 test_fraction=test_fraction,
