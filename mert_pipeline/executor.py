@@ -164,7 +164,6 @@ class ExecutorConfig:
     gpus_per_task: float | None = None
     max_retries: int = 3  # Ray only: retries of tasks whose worker died
     force: bool = False
-    isolate: bool = False  # local: run even a single worker in a process of its own (not the driver)
 
 
 @dataclass
@@ -277,8 +276,7 @@ def _bounded(
 
 
 def _run_local(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Iterator[TaskOutcome]:
-    """A process pool of `workers` processes; one worker runs in-process (simplest to debug) unless
-    `isolate` asks for a process of its own."""
+    """A process pool of `workers` processes; one worker runs in-process (simplest to debug)."""
     todo = []
     for task in tasks:
         if is_complete(stage, task):
@@ -287,7 +285,7 @@ def _run_local(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Itera
             todo.append(task)
     if not todo:
         return
-    if config.workers <= 1 and not config.isolate:
+    if config.workers <= 1:
         for task in todo:
             yield run_task(stage, task)
         return
