@@ -25,6 +25,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from mert_pipeline.grid import SAMPLE_RATE
 
@@ -92,15 +93,13 @@ class AudioDir:
     def valid_tsv(self) -> Path:
         return self.path / VALID_TSV
 
-    def relpath(self, file_id: str, suffix: str) -> str:
-        return id_relpath(file_id, suffix)
-
 
 @dataclass(frozen=True)
-class LabelSet:
-    """`tokenize`'s output for one label set: labels/NAME."""
+class _PerFileOutputs:
+    """A folder of one `.npy` per file (`ab/<id>.npy`) with the manifest and rejects that list them."""
 
     path: Path
+    MANIFEST_NAME: ClassVar[str] = MANIFEST
 
     @property
     def name(self) -> str:
@@ -108,11 +107,30 @@ class LabelSet:
 
     @property
     def manifest(self) -> Path:
-        return self.path / "labels.parquet"
+        return self.path / self.MANIFEST_NAME
 
     @property
     def rejects(self) -> Path:
         return self.path / REJECTS
+
+    @staticmethod
+    def relpath(file_id: str) -> str:
+        """Where a file's `.npy` goes, relative to the folder (the id checked)."""
+        return id_relpath(file_id, ".npy")
+
+    def file(self, file_id: str) -> Path:
+        return self.path / self.relpath(file_id)
+
+    def npy(self, relpath: str) -> Path:
+        """A `.npy` named by a relpath read from the manifest, checked to stay inside the folder."""
+        return _inside(self.path, relpath)
+
+
+@dataclass(frozen=True)
+class LabelSet(_PerFileOutputs):
+    """`tokenize`'s output for one label set: labels/NAME."""
+
+    MANIFEST_NAME: ClassVar[str] = "labels.parquet"
 
     @property
     def teacher(self) -> Path:
@@ -122,32 +140,12 @@ class LabelSet:
     def report(self) -> Path:
         return self.path / "report.json"
 
-    @staticmethod
-    def relpath(file_id: str) -> str:
-        return id_relpath(file_id, ".npy")
-
-    def npy(self, relpath: str) -> Path:
-        """A label file named by a relpath read from labels.parquet, checked to stay inside the set."""
-        return _inside(self.path, relpath)
-
 
 @dataclass(frozen=True)
-class FeatureSet:
+class FeatureSet(_PerFileOutputs):
     """`features`' output for one extractor: features/NAME."""
 
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def manifest(self) -> Path:
-        return self.path / "features.parquet"
-
-    @property
-    def rejects(self) -> Path:
-        return self.path / REJECTS
+    MANIFEST_NAME: ClassVar[str] = "features.parquet"
 
     @property
     def description(self) -> Path:
@@ -160,13 +158,6 @@ class FeatureSet:
     @property
     def sample(self) -> Path:
         return self.path / "sample.npy"
-
-    @staticmethod
-    def relpath(file_id: str) -> str:
-        return id_relpath(file_id, ".npy")
-
-    def npy(self, file_id: str) -> Path:
-        return self.path / id_relpath(file_id, ".npy")
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,7 @@ class FeaturesStage:
         """A file's features: read back if this configuration stored them already, else computed (and
         stored, atomically)."""
         expected = (num_frames(row["num_samples"]), extractor.dim)
-        path = self.config.features.npy(row["id"])
+        path = self.config.features.file(row["id"])
         if self.config.store:
             try:
                 stored = np.load(path, allow_pickle=False)
