@@ -322,23 +322,17 @@ def bestrq_teacher(
 
 
 def teacher_workers(teacher: Any) -> int:
-    """A teacher's own best worker count: one per GPU (or one using every core) for a model on the CPU,
+    """A teacher's own best worker count: for a network, one per GPU (on a CPU one, using every core);
     one per core for signal features."""
-    device = getattr(teacher, "device", None) or getattr(getattr(teacher, "model", None), "device", None)
+    device = teacher.model_device()
     return model_workers(device) if device is not None else cpu_count()
 
 
-def teacher_files_per_task(teacher: Any) -> int:
-    from mert_pipeline.teachers.rvq import RvqTeacher, default_files_per_task
-
-    return default_files_per_task(teacher.device) if isinstance(teacher, RvqTeacher) else 16
-
-
 def label_set_name(teacher: Any) -> str:
-    """The default label set of a teacher: rvq, kmeans<k> or bestrq."""
+    """The default label set of a teacher: rvq (EnCodec), kmeans<k>, or its kind (bestrq)."""
     if teacher.kind == "kmeans":
         return f"kmeans{teacher.num_classes}"
-    return "bestrq" if teacher.kind == "bestrq" else "rvq"
+    return {"encodec_24khz": "rvq"}.get(teacher.kind, teacher.kind)
 
 
 def tokenize(
@@ -364,7 +358,7 @@ def tokenize(
             workdir=existing_workdir(workdir),
             teacher=teacher,
             name=name or label_set_name(teacher),
-            files_per_task=files_per_task or teacher_files_per_task(teacher),
+            files_per_task=files_per_task or teacher.files_per_task(),
             replace=replace,
         )
     )
@@ -541,17 +535,12 @@ def embed(
     from mert_pipeline.hf_export import CheckpointError
     from mert_pipeline.stages.embed import EmbedConfig, EmbedStage
 
-    located = as_location(str(source))
-    try:
-        if not storage.exists(located):
-            raise PipelineError(f"root {located} does not exist")
-    except OSError as exc:
-        raise PipelineError(_line(exc)) from exc
+    located = as_location(check_roots([str(source)])[0])
     out = check_workdir(out)
     try:
         executor = scheduled(executor, model_workers(device))
         config = EmbedConfig(
-            inputs=located.resolve() if isinstance(located, Path) else located,
+            inputs=located,
             out=out,
             checkpoint=Path(checkpoint),
             layers=layers,

@@ -214,19 +214,21 @@ def run_probe(
         raise ValueError(str(exc)) from exc
     if len(set(dataset.labels)) < 2:
         raise ValueError(f"{data}: fewer than two classes with readable audio")
-    models = {"trained": False, "random init": True} if baseline else {"trained": False}
+    inits = {"trained": False, "random init": True} if baseline else {"trained": False}
+    try:
+        models = {
+            name: load_embedder(checkpoint, device, random_init=random_init, seed=seed)
+            for name, random_init in inits.items()
+        }
+        ensure_writable_dir(out)  # once the models load, before the long part
+    except (CheckpointError, OSError) as exc:
+        raise ValueError(str(exc).splitlines()[0]) from exc
     start = time.perf_counter()
     results = {}
-    for name, random_init in models.items():
-        try:
-            embedder = load_embedder(checkpoint, device, random_init=random_init, seed=seed)
-            ensure_writable_dir(out)  # before the long part, and only once the model loads
-        except (CheckpointError, OSError) as exc:
-            raise ValueError(str(exc).splitlines()[0]) from exc
+    for name, embedder in models.items():
         with status(f"probe: embedding {len(dataset.audio)} clips ({name})"):
             features = pooled_features(embedder, dataset.audio)
         results[name] = linear_probe(features, dataset.labels, test_fraction=test_fraction, seed=seed)
-    out.mkdir(parents=True, exist_ok=True)
     plot_accuracy(results, out / "probe.png", f"linear probe: {dataset.name}")
     summary = {
         "checkpoint": str(checkpoint),

@@ -161,10 +161,12 @@ class SegmentMeta:
             raise ShardError(f"json segment ends past its track ({self.source_num_samples} samples)")
         if self.frames != num_frames(self.num_samples, self.hop):
             raise ShardError(f"json frames {self.frames} != ceil({self.num_samples} / {self.hop})")
-        if abs(self.label_rate * self.hop - self.sample_rate) > 1e-6 or not isinstance(self.teachers, dict):
+        if abs(self.label_rate * self.hop - self.sample_rate) > 1e-6:
             raise ShardError(
                 f"json label_rate {self.label_rate} does not match {self.sample_rate} / {self.hop}"
             )
+        if not isinstance(self.teachers, dict):
+            raise ShardError(f"json teachers {self.teachers!r} is not a table of config hashes")
 
 
 def read_segment(path: str, subtype: str, offset: int, num_samples: int, source_samples: int) -> np.ndarray:

@@ -97,9 +97,7 @@ class TokenizeStage:
 
     def __post_init__(self) -> None:
         self.name = f"tokenize_{self.config.name}"  # one bookkeeping directory per label set
-        device = getattr(self.config.teacher, "device", None)
-        model = getattr(self.config.teacher, "model", None)  # k-means on model features
-        device = device or getattr(model, "device", None)
+        device = self.config.teacher.model_device()
         if device is not None:  # a GPU per task on Ray; the local pool spreads workers over GPUs
             self.resources = with_gpu(self.resources, device)
 

@@ -46,6 +46,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 try:  # run by path (torchrun trainer/pretrain.py): the installed package provides the rest
     from mert_pipeline.fs import atomic_path, atomic_write_json
+    from mert_pipeline.shards import ShardError
     from mert_pipeline.trainer.data import CropSpec, Loader, ShardIndex, load_shard_index, valid_batches
     from mert_pipeline.trainer.model import MERT, ModelConfig, flops_per_clip
 except ModuleNotFoundError as exc:  # pragma: no cover - a checkout without `pip install -e .`
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"shards are {index.sample_rate} Hz / hop {index.hop}, the model expects "
                 f"{mcfg.sample_rate} Hz / hop {mcfg.hop}"
             )
-    except (OSError, ValueError, TypeError, yaml.YAMLError) as exc:
+    except (OSError, ValueError, TypeError, yaml.YAMLError, ShardError) as exc:  # one line, exit 2
         print(f"error: {exc}", file=sys.stderr)
         return 2
     mcfg.codebooks = [(t, *index.teachers[t]) for t in tcfg.teachers]

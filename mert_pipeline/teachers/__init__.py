@@ -45,6 +45,15 @@ class Teacher(Protocol):
         """The facts that identify the labels (config, weights hash): hashed into `config_hash`."""
         ...
 
+    def model_device(self) -> str | None:
+        """The device its network runs on (auto, cpu, cuda); None when it computes signal features only.
+        Decides the stage's default workers and whether a task reserves a GPU."""
+        ...
+
+    def files_per_task(self) -> int:
+        """Files of a tokenize task by default: enough to keep a worker (and its batch) busy."""
+        ...
+
     def label(self, files: list[FileToLabel], stats: Counter) -> Iterator[tuple[str, np.ndarray | Reject]]:
         """Labels (int16, shape (n_q, ceil(num_samples / hop))) or a reject for every file, any order."""
         ...

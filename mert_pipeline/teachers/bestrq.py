@@ -130,12 +130,9 @@ class BestRQ:
 
     @classmethod
     def load(cls, path: Path | str) -> BestRQ:
+        stats = RunningStats.load(path)  # the quantizer's file holds RunningStats.save's fields
         with np.load(path) as data:
             config = json.loads(str(data["config"]))
-            stats = RunningStats(int(data["mean"].shape[0]))
-            stats.count = int(data["count"])
-            stats._mean = data["mean"].astype(np.float64)
-            stats._m2 = data["m2"].astype(np.float64)
             saved_hash, saved_digest = str(data["config_hash"]), str(data["matrices_digest"])
         if config.get("kind") != "best-rq" or config.get("version") != cls._VERSION:
             raise ValueError(f"{path}: not a version-{cls._VERSION} BEST-RQ file: {config}")
@@ -200,6 +197,12 @@ class BestRQTeacher:
             codebook_size=quantizer.codebook_size,
             threads=threads,
         )
+
+    def model_device(self) -> None:
+        return None
+
+    def files_per_task(self) -> int:
+        return FILES_PER_TASK
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -542,6 +542,12 @@ class KMeansTeacher:
             self, centroids_sha256=sha256_file(self.centroids), num_classes=len(centroids), model=model
         )
 
+    def model_device(self) -> str | None:
+        return self.model.device if self.model is not None else None
+
+    def files_per_task(self) -> int:
+        return FILES_PER_TASK
+
     def _extractor(self) -> Any:
         from mert_pipeline.teachers.features import MFCC  # torch: imported by the workers that label
 

@@ -801,6 +801,12 @@ class RvqTeacher:
             "dtype": self.dtype,
         }
 
+    def model_device(self) -> str:
+        return self.device
+
+    def files_per_task(self) -> int:
+        return default_files_per_task(self.device)
+
     def chunk_for(self, device: str) -> float:
         """Streamed chunk: 2.56 s on CPU (short chunks run fastest there), 10.24 s on GPU (fewer steps)."""
         if self.chunk_seconds is not None:

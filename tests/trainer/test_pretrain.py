@@ -155,3 +155,12 @@ def test_misuse_is_one_line_error(shards: Path, tmp_path: Path, capsys: pytest.C
         assert main(base + extra) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    bad = tmp_path / "bad_shards"
+    bad.mkdir()
+    index = json.loads((shards / "index.json").read_text())
+    index["shards"] = {"../outside.tar": next(iter(index["shards"].values()))}
+    (bad / "index.json").write_text(json.dumps(index))
+    base[3] = str(bad)
+    assert main(base) == 2  # an index naming a file outside the shard set: one line, nothing opened
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "index.json names a shard" in err and err.count("\n") == 1
