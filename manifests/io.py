@@ -40,8 +40,10 @@ class ManifestWriter:
         root: str,
         row_group_size: int = ROW_GROUP,
         record_type: type[Record] = AudioRecord,
+        metadata: dict[str, str] | None = None,
     ) -> None:
         self.path = Path(path)
+        self.metadata = {key.encode(): value.encode() for key, value in (metadata or {}).items()}
         self.root = root
         self.record_type = record_type
         self.row_group_size = row_group_size
@@ -53,7 +55,7 @@ class ManifestWriter:
     def __enter__(self) -> ManifestWriter:
         tmp = self._atomic.__enter__()
         schema = SCHEMAS[self.record_type].with_metadata(
-            {META_ROOT: self.root.encode(), META_VERSION: SCHEMA_VERSION.encode()}
+            {META_ROOT: self.root.encode(), META_VERSION: SCHEMA_VERSION.encode(), **self.metadata}
         )
         self._writer = pq.ParquetWriter(tmp, schema, compression="zstd")
         return self

@@ -346,6 +346,11 @@ def record_to_row(record: Record) -> dict:
     return asdict(record)
 
 
+DEFAULT_SEED = 0
+"""Every command's and step's `--seed` default: one value, so `run` and the single commands split, sample
+and shuffle the same corpus alike."""
+
+
 def assign_split(record_id: str, seed: int, valid_fraction: float) -> str:
     """Deterministic split from the id alone: the same file lands in the same split on every run."""
     digest = hashlib.blake2b(f"{seed}:{record_id}".encode(), digest_size=8).digest()

@@ -3,7 +3,7 @@
 Both load into one `Embedder`: (B, N) 24 kHz audio -> (L + 1, B, T, D) hidden states in the convention of
 `hf_export` (the two paths give the same numbers). Long files are cut into equal chunks (default 30 s)
 that are batched together; the short tail runs alone, never padded, because the GroupNorm front end makes
-padded inference differ from unpadded inference (see README "Use the model").
+padded inference differ from unpadded inference (see docs/training.md, "Use the model").
 """
 
 from __future__ import annotations

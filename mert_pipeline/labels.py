@@ -24,6 +24,10 @@ from mert_pipeline.layout import LabelSet, Workdir
 from mert_pipeline.shards import ShardError
 from mert_pipeline.teachers.kmeans import JointCounts, usage_from_counts
 
+TEACHER_META = (
+    "mert_pipeline.teacher"  # labels.parquet metadata key: the teacher's facts (teacher.json) as JSON
+)
+
 
 class LabelsError(ValueError):
     """Label sets that cannot be read or reported on, named in one line."""

@@ -29,6 +29,7 @@ from mert_pipeline.devices import check_device, cpu_count, model_workers, thread
 from mert_pipeline.executor import ExecutorConfig, Stage, StageReport, Task, TaskOutcome, execute
 from mert_pipeline.fs import WorkdirBusy, atomic_write_json, ensure_writable_dir, workdir_lock
 from mert_pipeline.layout import Workdir, bookkeeping_dir
+from mert_pipeline.manifests.records import DEFAULT_SEED
 from mert_pipeline.progress import Progress
 from mert_pipeline.resample import OutputSpec
 from mert_pipeline.shards import VerifyReport, parse_size
@@ -39,6 +40,28 @@ TEACHER_KINDS = ("rvq", "kmeans", "bestrq")
 
 class PipelineError(ValueError):
     """A step cannot run: misuse or a missing input the user can fix, said in one line."""
+
+
+class NothingAccepted(PipelineError):
+    """Every input file was rejected: nothing for the later stages to do (exit code 1, not 2: the command
+    was right, the files were not). A partly rejected corpus is no error."""
+
+    exit_code = 1
+
+
+def check_accepted(report: StageReport, rejects: Path, what: str) -> StageReport:
+    """`report` when its stage accepted at least one file; else NothingAccepted with the reasons."""
+    counts = report.summary.get("counts", {})
+    if counts.get("accepted", 0) or not counts.get("files_seen", 0):
+        return report
+    reasons = sorted(
+        ((int(n), key.removeprefix("rejected.")) for key, n in counts.items() if key.startswith("rejected.")),
+        reverse=True,
+    )
+    shown = ", ".join(f"{n} {reason}" for n, reason in reasons[:4])
+    raise NothingAccepted(
+        f"all {counts['files_seen']} {what} were rejected ({shown}); each file's reason is in {rejects}"
+    )
 
 
 class StageFailed(RuntimeError):
@@ -191,7 +214,7 @@ def manifest(
     workdir: Path | str,
     *,
     valid_percent: float = 0.01,
-    seed: int = 1317,
+    seed: int = DEFAULT_SEED,
     min_seconds: float = 3.0,
     deep: bool = False,
     extensions: tuple[str, ...] | None = None,
@@ -215,7 +238,18 @@ def manifest(
             files_per_task=files_per_task,
         )
     )
-    return run_stage(ManifestStage(config), executor, progress)
+    report = run_stage(ManifestStage(config), executor, progress)
+    counts = report.summary.get("counts", {})
+    if not counts.get("files_seen", 0) - counts.get("rejected.extension", 0):
+        wanted = (
+            "every file ('*')" if "*" in config.extensions else ", ".join(f".{e}" for e in config.extensions)
+        )
+        others = counts.get("rejected.extension", 0)
+        raise PipelineError(
+            f"no audio found under {', '.join(resolved)}: looked for {wanted}"
+            + (f" and skipped {others} other files; add theirs with --extensions" if others else "")
+        )
+    return check_accepted(report, Workdir(config.workdir).rejects, "audio files")
 
 
 def resample(
@@ -242,7 +276,8 @@ def resample(
             files_per_task=files_per_task,
         )
     )
-    return run_stage(ResampleStage(config), executor, progress)
+    report = run_stage(ResampleStage(config), executor, progress)
+    return check_accepted(report, Workdir(config.workdir).audio().rejects, "files of the manifest")
 
 
 def rvq_teacher(
@@ -294,7 +329,7 @@ def bestrq_teacher(
     codebooks: int = 1,
     codebook_size: int = 4096,
     proj_dim: int = 16,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     executor: ExecutorConfig | None = None,
     progress: Progress | None = None,
 ) -> Any:
@@ -350,7 +385,12 @@ def tokenize(
     replaced with `replace`."""
     from mert_pipeline.stages.tokenize import TokenizeConfig, TokenizeStage
 
-    executor = scheduled(executor, teacher_workers(teacher))
+    executor = executor or ExecutorConfig()
+    if executor.workers is None:  # on a machine without the GPU the teacher asks for: one line, say --workers
+        try:
+            executor = scheduled(executor, teacher_workers(teacher))
+        except ValueError as exc:
+            raise PipelineError(f"{_line(exc)}; on a Ray cluster, give --workers (one per GPU)") from exc
     if getattr(teacher, "threads", 1) == 0:  # the scheduler's choice: the cores shared out over workers
         teacher = dataclasses.replace(teacher, threads=threads_per_worker(executor.workers or 1))
     config = _build(
@@ -372,7 +412,7 @@ def features(
     checkpoint: Path | str | None = None,
     layer: int | None = None,
     sample_frames: int = 1_000_000,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     files_per_task: int = 16,
     executor: ExecutorConfig | None = None,
     progress: Progress | None = None,
@@ -406,7 +446,7 @@ def kmeans_fit(
     features: str = "mfcc",
     k: int = 500,
     sample_frames: int | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     backend: str = "faiss",
     name: str | None = None,
 ) -> dict[str, Any]:
@@ -432,7 +472,7 @@ def shard(
     segment_seconds: float = 30.0,
     shard_size: int | str = "256MB",
     shard_samples: int | None = None,
-    seed: int = 0,
+    seed: int = DEFAULT_SEED,
     executor: ExecutorConfig | None = None,
     progress: Progress | None = None,
 ) -> StageReport:
@@ -611,7 +651,7 @@ class PipelineConfig:
     # shard
     segment_seconds: float = 30.0
     shard_size: str = "256MB"
-    seed: int = 0
+    seed: int = DEFAULT_SEED
 
     def __post_init__(self) -> None:
         roots = (self.roots,) if isinstance(self.roots, str | Path) else self.roots
@@ -697,13 +737,27 @@ def run_pipeline(
 ) -> PipelineReport:
     """manifest -> resample -> every teacher (k-means fits and BEST-RQ statistics included) -> shard ->
     verify, with WORKDIR locked throughout. Every stage resumes: calling it again after an interruption
-    (or after adding files) redoes only what is missing. Writes WORKDIR/stats/run.json."""
+    redoes only unfinished tasks and those whose input changed. Writes WORKDIR/stats/run.json."""
     start = time.perf_counter()
     progress = progress or Progress()
     executor = executor or ExecutorConfig()
-    roots = check_roots(config.roots)  # a missing root or bucket fails now, not in an hour
+    # Everything a later stage needs is checked before the first one starts, so a missing codec or an
+    # unwritable output fails now, not after an hour of resampling.
+    roots = check_roots(config.roots)
     workdir = check_workdir(config.workdir)
     shard_out = shards_location(config.shards) if config.shards else Workdir(workdir).default_shards
+    if isinstance(shard_out, Path):
+        check_workdir(shard_out)
+    rvq = None
+    if "rvq" in config.teachers:
+        with progress.status("loading the EnCodec weights"):
+            rvq = rvq_teacher(
+                workdir,
+                bandwidth=config.bandwidth,
+                checkpoint=config.codec_checkpoint,
+                device=config.device,
+                dtype=config.dtype,
+            )
     report = PipelineReport(workdir=workdir, shards=shard_out)
     with locked(workdir):
         report.stages.append(
@@ -723,13 +777,7 @@ def run_pipeline(
         names = []
         for item in config.teachers:
             if item == "rvq":
-                teacher = rvq_teacher(
-                    workdir,
-                    bandwidth=config.bandwidth,
-                    checkpoint=config.codec_checkpoint,
-                    device=config.device,
-                    dtype=config.dtype,
-                )
+                teacher = rvq
             elif item.startswith("kmeans"):
                 k = int(item[len("kmeans") :])
                 report.stages.append(

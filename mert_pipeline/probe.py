@@ -163,6 +163,7 @@ def plot_accuracy(results: dict[str, dict[str, Any]], path: Path, title: str) ->
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from mert_pipeline.fs import atomic_path
 
@@ -173,6 +174,7 @@ def plot_accuracy(results: dict[str, dict[str, Any]], path: Path, title: str) ->
         ax.plot(range(len(acc)), acc, marker="o", label=f"{name} (best {result['best_accuracy']:.2f})")
         chance = result["chance"]
     ax.axhline(chance, color="grey", linestyle="--", label="chance")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.set_xlabel("layer (0 = input to layer 1)")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(0, 1.02)
@@ -229,7 +231,9 @@ def run_probe(
         with status(f"probe: embedding {len(dataset.audio)} clips ({name})"):
             features = pooled_features(embedder, dataset.audio)
         results[name] = linear_probe(features, dataset.labels, test_fraction=test_fraction, seed=seed)
-    plot_accuracy(results, out / "probe.png", f"linear probe: {dataset.name}")
+    first = next(iter(results.values()))
+    title = f"linear probe: {dataset.name}, {first['test']} held-out of {len(dataset.audio)} clips"
+    plot_accuracy(results, out / "probe.png", title)
     summary = {
         "checkpoint": str(checkpoint),
         "data": dataset.name,

@@ -28,6 +28,7 @@ from mert_pipeline.labels import label_sets, load_labels
 from mert_pipeline.layout import Workdir
 from mert_pipeline.shards import INDEX, REJECTS, SegmentMeta, load_index, read_samples
 from mert_pipeline.storage import Location, is_url, join
+from mert_pipeline.teachers import test_weights_warning
 from mert_pipeline.teachers.kmeans import JointCounts, usage_from_counts
 
 DURATION_BINS = (0, 1, 3, 5, 10, 30, 60, 120, 300, 600, math.inf)  # seconds
@@ -121,6 +122,9 @@ def workdir_stats(workdir: Path) -> dict[str, Any]:
         teachers[name] = (int(facts["n_q"]), int(facts["num_classes"]))
         tables[name] = {file_id: row[0] for file_id, row in load_labels(label_set).items()}
         stats["rejects"][f"labels/{name}"] = _rejects(label_set.rejects)
+    stats["warnings"] = [
+        w for name, facts in label_sets(workdir).items() if (w := test_weights_warning(name, facts))
+    ]
     counts = LabelCounts(teachers)
     for file_id in sorted(set().union(*[set(t) for t in tables.values()]) if tables else []):
         counts.update(
@@ -160,6 +164,7 @@ def shards_stats(shards: Location) -> dict[str, Any]:
         "splits": dict(sorted(splits.items())),
         "durations": _duration_summary(array),
         "rejects": {"shard": _rejects(join(shards, REJECTS))},
+        "warnings": list(index.warnings),
         **counts.summary(),
     }
 
@@ -205,12 +210,14 @@ def write_plots(stats: dict[str, Any], out: Path) -> dict[str, Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     plots: dict[str, Path] = {}
     values = stats["durations"].get("values", [])
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     ax.hist(values, bins=min(40, max(5, len(values) // 2)), color="#4c72b0")
     ax.set_xlabel("seconds")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts of files
     ax.set_ylabel("segments" if stats["kind"] == "shards" else "files")
     ax.set_title(f"durations: {len(values)} items, {stats['hours']:.2f} h")
     _save(fig, out / "durations.png")
@@ -220,6 +227,7 @@ def write_plots(stats: dict[str, Any], out: Path) -> dict[str, Path]:
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * max(1, len(reasons))), dpi=100)
     if reasons:
         ax.barh([r for r, _ in reasons][::-1], [n for _, n in reasons][::-1], color="#c44e52")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("files")
     else:
         ax.text(0.5, 0.5, "no rejects", ha="center", va="center")
@@ -266,6 +274,7 @@ def write_plots(stats: dict[str, Any], out: Path) -> dict[str, Path]:
 
 def render_markdown(stats: dict[str, Any], plots: dict[str, Path]) -> str:
     lines = [f"# Dataset and label statistics: {stats['source']}", ""]
+    lines += [f"> **Warning:** {warning}\n" for warning in stats.get("warnings", [])]
     unit = "segments" if stats["kind"] == "shards" else "files"
     count = stats.get("segments", stats["files"])
     lines += [

@@ -46,6 +46,7 @@ from mert_pipeline import storage
 from mert_pipeline.fs import to_json
 from mert_pipeline.grid import num_frames
 from mert_pipeline.storage import Location, join
+from mert_pipeline.teachers import test_weights_warning
 
 INDEX = "index.json"
 REJECTS = "rejects.jsonl"
@@ -414,9 +415,21 @@ class ShardIndex:
     shards: dict[str, list[tuple[str, int]]]  # split -> [(name relative to root, samples)]
     teachers: dict[str, tuple[int, int]]  # name -> (n_q, num_classes), in shards or sidecars
     sidecars: dict[str, dict[str, str]]  # audio shard -> {teacher: sidecar shard}
+    warnings: tuple[str, ...] = ()  # label sets made with test weights (teachers.test_weights_warning)
 
     def samples(self, split: str) -> int:
         return sum(count for _, count in self.shards.get(split, []))
+
+
+def index_warnings(index: dict[str, Any]) -> tuple[str, ...]:
+    """What index.json says a user must know before training on the shards: test-weight label sets."""
+    found = []
+    for group in ("teachers", "sidecars"):
+        for name, facts in sorted((index.get(group) or {}).items()):
+            warning = test_weights_warning(name, facts) if isinstance(facts, dict) else None
+            if warning:
+                found.append(warning)
+    return tuple(found)
 
 
 def load_index(root: Path | str | Location) -> ShardIndex:
@@ -437,7 +450,15 @@ def load_index(root: Path | str | Location) -> ShardIndex:
             for group in ("teachers", "sidecars")
             for name, facts in index.get(group, {}).items()
         }
-        return ShardIndex(root, int(index["sample_rate"]), int(index["hop"]), shards, teachers, sidecars)
+        return ShardIndex(
+            root,
+            int(index["sample_rate"]),
+            int(index["hop"]),
+            shards,
+            teachers,
+            sidecars,
+            index_warnings(index),
+        )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ShardError(f"{join(root, INDEX)}: malformed ({type(exc).__name__}: {exc})") from exc
 
@@ -648,6 +669,7 @@ def unlisted_tars(root: Location, index: dict[str, Any]) -> list[str]:
 class VerifyReport:
     checks: list[ShardCheck]
     problems: list[str]  # every problem, shard by shard, then the ones across shards
+    warnings: tuple[str, ...] = ()  # not problems, but a user must know them (index_warnings)
 
     @property
     def ok(self) -> bool:
@@ -692,4 +714,4 @@ def verify_all(root: Location, workers: int = 1, on_shard: Any = None) -> Verify
     samples = sum(c.samples for c in checks)
     if totals.get("samples") != samples:
         problems.append(f"index.json: totals say {totals.get('samples')} samples, the shards hold {samples}")
-    return VerifyReport(checks, problems)
+    return VerifyReport(checks, problems, index_warnings(index))

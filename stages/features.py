@@ -52,7 +52,7 @@ from mert_pipeline.grid import FRAME_RATE, HOP, SAMPLE_RATE, num_frames
 from mert_pipeline.layout import FeatureSet, Workdir, check_name
 from mert_pipeline.listing import merge_task_parts, prune_unlisted, read_listing, write_listings
 from mert_pipeline.manifests.io import ManifestWriter, RejectsWriter, iter_batches
-from mert_pipeline.manifests.records import SPLITS, FeatureRecord, Reject
+from mert_pipeline.manifests.records import DEFAULT_SEED, SPLITS, FeatureRecord, Reject
 from mert_pipeline.teachers import FileToLabel, stream_features
 from mert_pipeline.teachers.features import MFCC, LogMel, RunningStats
 from mert_pipeline.teachers.kmeans import ReservoirSampler
@@ -103,7 +103,7 @@ class FeaturesConfig:
     store: bool = True  # write per-file features (False: statistics and sample only)
     splits: tuple[str, ...] = SPLITS
     sample_frames: int = 1_000_000  # frames kept for `kmeans fit`, over the whole corpus; 0: none
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     files_per_task: int = 16
     threads: int = 1  # torch intra-op threads of each worker
     sample_rate: int = SAMPLE_RATE

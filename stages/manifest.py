@@ -32,7 +32,7 @@ from mert_pipeline.executor import Resources, Task, rank_path
 from mert_pipeline.layout import Workdir
 from mert_pipeline.listing import read_listing, write_listings
 from mert_pipeline.manifests.io import FairseqTsvWriter, ManifestWriter, RejectsWriter, iter_rejects
-from mert_pipeline.manifests.records import SCHEMA_VERSION, AudioRecord, Reject, assign_split
+from mert_pipeline.manifests.records import DEFAULT_SEED, SCHEMA_VERSION, AudioRecord, Reject, assign_split
 from mert_pipeline.storage import is_url, local_copy, relative, walk_files
 
 DEFAULT_EXTENSIONS = (
@@ -60,7 +60,7 @@ class ManifestConfig:
     roots: tuple[str, ...]  # absolute, real paths, sorted
     workdir: Path
     valid_percent: float = 0.01  # a fraction in [0, 1], as in fairseq's flag of the same name
-    seed: int = 1317
+    seed: int = DEFAULT_SEED
     min_seconds: float = 3.0  # MERT's trainer drops clips under 3 s; keeping them wastes shard space
     deep: bool = False
     extensions: tuple[str, ...] = DEFAULT_EXTENSIONS  # lower case, no dot; ("*",) accepts every name

@@ -49,7 +49,7 @@ from mert_pipeline.labels import label_columns, load_labels, teacher_facts
 from mert_pipeline.layout import AudioDir, Workdir
 from mert_pipeline.listing import read_listing, write_listings
 from mert_pipeline.manifests.io import RejectsWriter, iter_batches, iter_rejects
-from mert_pipeline.manifests.records import Reject
+from mert_pipeline.manifests.records import DEFAULT_SEED, Reject
 from mert_pipeline.shards import (
     FLAC_SUBTYPES,
     FORMAT,
@@ -91,7 +91,7 @@ class ShardConfig:
     segment_seconds: float = 30.0
     shard_bytes: int = 256 * 10**6
     shard_samples: int | None = None  # also close a shard at this many samples
-    seed: int = 0
+    seed: int = DEFAULT_SEED
     sample_rate: int = SAMPLE_RATE
 
     def __post_init__(self) -> None:

@@ -33,6 +33,7 @@ from mert_pipeline.devices import with_gpu
 from mert_pipeline.executor import Resources, Task, rank_path
 from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
 from mert_pipeline.grid import SAMPLE_RATE, num_frames
+from mert_pipeline.labels import TEACHER_META
 from mert_pipeline.layout import AudioDir, LabelSet, Workdir, check_name
 from mert_pipeline.listing import (
     Journal,
@@ -245,8 +246,12 @@ class TokenizeStage:
         labels_dir = self.config.labels_dir
         summary: Counter = Counter()
         kept: set[str] = set()
+        facts = self.teacher_facts()
+        teacher_meta = {TEACHER_META: json.dumps(facts, sort_keys=True, default=str)}
         with (
-            ManifestWriter(self.config.labels.manifest, str(labels_dir), record_type=LabelRecord) as manifest,
+            ManifestWriter(
+                self.config.labels.manifest, str(labels_dir), record_type=LabelRecord, metadata=teacher_meta
+            ) as manifest,
             RejectsWriter(self.config.labels.rejects) as rejects,
         ):
             for record in merge_task_parts(self, tasks, manifest, rejects, LabelRecord, summary):
@@ -260,7 +265,6 @@ class TokenizeStage:
         summary["rejected"] = sum(v for k, v in summary.items() if k.startswith("rejected."))
         for key in ("resumed", "chunks"):
             summary[key] = stats.get(key, 0)
-        facts = self.teacher_facts()
         return {
             "counts": {key: summary[key] for key in sorted(summary)},
             "teacher": facts,

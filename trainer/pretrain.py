@@ -207,31 +207,78 @@ def peak_flops(tcfg: TrainConfig, device: torch.device) -> float:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
+CONFIGS = Path(__file__).resolve().parent / "configs"  # the shipped configs, in a checkout and a wheel
+
+
+def config_path(text: str | Path) -> Path:
+    """--config: a yaml file, or the name of a shipped config (tiny, mert_95m, mert_330m)."""
+    path = Path(text)
+    if path.is_file():
+        return path
+    shipped = CONFIGS / f"{text}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+    raise ValueError(f"--config {text}: no such file; give a yaml file or a shipped config name ({names})")
+
+
+def check_inputs(
+    config: str | Path, shards: str, overrides: list[str]
+) -> tuple[ModelConfig, TrainConfig, ShardIndex]:
+    """Everything the run needs, checked before any process group starts, each failure in one line that
+    says what to do: the config and its overrides, the shard set, its teachers, its sample grid."""
+    try:
+        mcfg, tcfg = load_config(config_path(config), overrides)
+    except (OSError, TypeError, yaml.YAMLError) as exc:
+        raise ValueError(f"--config {config}: {exc}") from exc
+    try:
+        index = load_shard_index(shards)
+    except FileNotFoundError as exc:
+        raise ValueError(
+            f"--shards {shards}: no index.json there; --shards is the folder (or URL) that "
+            "`mert-pipe shard` or `mert-pipe run` wrote (default WORKDIR/shards)"
+        ) from exc
+    except (OSError, ShardError) as exc:
+        raise ValueError(f"--shards {shards}: {exc}") from exc
+    missing = [t for t in tcfg.teachers if t not in index.teachers]
+    if missing:
+        raise ValueError(
+            f"teachers {missing} are not in {shards}/index.json, which has {sorted(index.teachers)}: "
+            f"pass teachers=[{','.join(sorted(index.teachers))}] or shard those label sets"
+        )
+    if index.hop != mcfg.hop or index.sample_rate != mcfg.sample_rate:
+        raise ValueError(
+            f"shards are {index.sample_rate} Hz / hop {index.hop}, the model expects "
+            f"{mcfg.sample_rate} Hz / hop {mcfg.hop}"
+        )
+    if not index.samples("train"):
+        raise ValueError(f"--shards {shards}: index.json lists no train samples")
+    mcfg.codebooks = [(t, *index.teachers[t]) for t in tcfg.teachers]
+    return mcfg, tcfg, index
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", required=True)
+    parser.add_argument(
+        "--config", required=True, help="a yaml file, or a shipped config: tiny, mert_95m, mert_330m"
+    )
     parser.add_argument("--shards", required=True, help="folder with index.json and {train,valid}/ shards")
     parser.add_argument("--out", required=True, help="run folder: checkpoints and logs")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    args = parser.parse_intermixed_args(argv)
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        mcfg, tcfg = load_config(args.config, args.overrides)
-        index = load_shard_index(args.shards)
-        missing = [t for t in tcfg.teachers if t not in index.teachers]
-        if missing:
-            raise ValueError(
-                f"teachers {missing} not in {args.shards}/index.json (it has {sorted(index.teachers)})"
-            )
-        if index.hop != mcfg.hop or index.sample_rate != mcfg.sample_rate:
-            raise ValueError(
-                f"shards are {index.sample_rate} Hz / hop {index.hop}, the model expects "
-                f"{mcfg.sample_rate} Hz / hop {mcfg.hop}"
-            )
-    except (OSError, ValueError, TypeError, yaml.YAMLError, ShardError) as exc:  # one line, exit 2
-        print(f"error: {exc}", file=sys.stderr)
+        mcfg, tcfg, index = check_inputs(args.config, args.shards, args.overrides)
+    except ValueError as exc:  # one line, exit 2, before any process group (torchrun adds its own report)
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    mcfg.codebooks = [(t, *index.teachers[t]) for t in tcfg.teachers]
+    if int(os.environ.get("RANK", 0)) == 0:
+        for warning in index.warnings:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
     train(mcfg, tcfg, index, Path(args.out), args.resume)
     return 0
 

@@ -14,35 +14,54 @@ import sys
 import typer
 
 from mert_pipeline.cli import data, model, pipeline, shards, teachers
-from mert_pipeline.cli.common import console
+from mert_pipeline.cli.common import Command, Group, console
+
+START = "Start here"
+STEPS = "The single steps of `run`"
+MODEL = "Train and use the model"
 
 app = typer.Typer(
     name="mert-pipe",
-    help="Turn a music collection into pseudo-labelled WebDataset shards for MERT-style pretraining.",
+    help="""Turn a music collection into pseudo-labelled WebDataset shards and pretrain MERT-style models.
+
+    Start with `mert-pipe demo`: it synthesizes a small corpus and runs every step on it, in a few minutes
+    on a CPU. Then `mert-pipe run MUSIC_DIR --out WORKDIR` makes verified shards of your own music, and
+    `mert-pipe train --config mert_95m --shards WORKDIR/shards --out RUN_DIR` (or `torchrun
+    trainer/pretrain.py` with the same options) pretrains on them. `export hf`, `embed` and `probe` use
+    the trained model. Each command's --help says what it reads and writes; the README and docs/ say more.
+    """,
+    cls=Group,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-kmeans_app = typer.Typer(help="Fit k-means centroids and report on label quality.", no_args_is_help=True)
-export_app = typer.Typer(help="Write the pipeline's outputs in other tools' formats.", no_args_is_help=True)
+kmeans_app = typer.Typer(
+    help="Fit k-means centroids on features, and report on label quality.", cls=Group, no_args_is_help=True
+)
+export_app = typer.Typer(
+    help="Write a trained model or the pipeline's outputs in other tools' formats.",
+    cls=Group,
+    no_args_is_help=True,
+)
 
-app.command()(pipeline.run)
-app.command()(pipeline.demo)
-app.command()(data.manifest)
-app.command()(data.resample)
-app.command()(teachers.tokenize)
-app.command()(teachers.features)
-app.add_typer(kmeans_app, name="kmeans")
-kmeans_app.command("fit")(teachers.kmeans_fit)
-kmeans_app.command("report")(teachers.kmeans_report)
-app.command()(shards.shard)
-app.command()(shards.verify)
-app.add_typer(export_app, name="export")
-export_app.command("fairseq")(shards.export_fairseq)
-export_app.command("hf")(model.export_hf)
-app.command()(model.embed)
-app.command()(model.probe)
-app.command()(model.stats)
+app.command(cls=Command, rich_help_panel=START)(pipeline.demo)
+app.command(cls=Command, rich_help_panel=START)(pipeline.run)
+app.command(cls=Command, rich_help_panel=START)(model.train)
+app.command(cls=Command, rich_help_panel=STEPS)(data.manifest)
+app.command(cls=Command, rich_help_panel=STEPS)(data.resample)
+app.command(cls=Command, rich_help_panel=STEPS)(teachers.features)
+app.add_typer(kmeans_app, name="kmeans", rich_help_panel=STEPS)
+kmeans_app.command("fit", cls=Command)(teachers.kmeans_fit)
+kmeans_app.command("report", cls=Command)(teachers.kmeans_report)
+app.command(cls=Command, rich_help_panel=STEPS)(teachers.tokenize)
+app.command(cls=Command, rich_help_panel=STEPS)(shards.shard)
+app.command(cls=Command, rich_help_panel=STEPS)(shards.verify)
+app.add_typer(export_app, name="export", rich_help_panel=MODEL)
+export_app.command("hf", cls=Command)(model.export_hf)
+export_app.command("fairseq", cls=Command)(shards.export_fairseq)
+app.command(cls=Command, rich_help_panel=MODEL)(model.embed)
+app.command(cls=Command, rich_help_panel=MODEL)(model.probe)
+app.command(cls=Command, rich_help_panel=MODEL)(model.stats)
 
 
 def main() -> None:

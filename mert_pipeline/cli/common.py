@@ -11,10 +11,13 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer import _click as click  # typer's own copy of click, whose classes its commands use
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from mert_pipeline.executor import ExecutorConfig
 from mert_pipeline.pipeline import PipelineError, StageFailed
@@ -23,10 +26,79 @@ from mert_pipeline.progress import ConsoleProgress
 console = Console(stderr=True)
 
 
-def fail(message: str) -> typer.Exit:
-    """Print a one-line error; the caller raises what this returns (exit code 2)."""
+# --------------------------------------------------------------------------------------------------
+# Help that reads as sentences: one command class for every command, one group class for every group
+# --------------------------------------------------------------------------------------------------
+
+_TYPE_WORDS = {int: "N", float: "NUMBER", str: "TEXT", Path: "PATH"}
+
+
+def reflow(text: str | None) -> str | None:
+    """Docstring paragraphs as single lines, so the terminal wraps sentences, not the source's lines."""
+    if not text:
+        return text
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in paragraphs)
+
+
+def _tidy(param: click.Parameter) -> None:
+    """A flag shows no type; another option shows a word (its own metavar, else N, NUMBER, TEXT, PATH);
+    an argument shows its name, with ... when it takes several."""
+    if isinstance(param, TyperOption):
+        if param.is_flag:
+            param.metavar = ""
+        elif param.metavar is None:
+            annotation = param.type_descriptor.annotation
+            param.metavar = _TYPE_WORDS.get(
+                annotation,
+                "PATH" if isinstance(annotation, type) and issubclass(annotation, Path) else "TEXT",
+            )
+        param.help = reflow(param.help)
+    elif isinstance(param, TyperArgument):
+        name = param.metavar or (param.name or "").upper()
+        param.metavar = name + ("..." if param.nargs != 1 and not name.endswith("...") else "")
+        param.display_type_rich = lambda ctx: None  # type: ignore[method-assign]
+        param.help = reflow(param.help)
+
+
+class _Readable:
+    """What commands and groups share: help re-flowed, every parameter (and --help) shown as words."""
+
+    help: str | None
+    params: list[Any]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.help = reflow(self.help)
+        for param in self.params:
+            _tidy(param)
+
+    def get_help_option(self, ctx: click.Context) -> click.Option | None:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            _tidy(option)
+        return option
+
+
+class Command(_Readable, TyperCommand):
+    """Every `mert-pipe` command: readable help, and usage as `run [OPTIONS] ROOT...`."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                pieces.append(param.metavar if param.required else f"[{param.metavar}]")
+        return pieces
+
+
+class Group(_Readable, TyperGroup):
+    """`mert-pipe` and its groups (kmeans, export), readable like a command."""
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """Print a one-line error; the caller raises what this returns (exit code 2: misuse)."""
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=2)
+    return typer.Exit(code=code)
 
 
 @contextlib.contextmanager
@@ -35,7 +107,7 @@ def errors() -> Iterator[None]:
     try:
         yield
     except PipelineError as exc:
-        raise fail(str(exc)) from exc
+        raise fail(str(exc), getattr(exc, "exit_code", 2)) from exc
     except StageFailed as exc:
         for outcome in exc.report.failed[:10]:
             console.print(
@@ -66,7 +138,11 @@ EXECUTOR_OPTIONS = [
         default="local",
         annotation=Annotated[
             str,
-            typer.Option("--executor", help="local: a process pool on this machine; ray: Ray on a cluster."),
+            typer.Option(
+                "--executor",
+                metavar="local|ray",
+                help="local: a process pool on this machine; ray: Ray on a cluster.",
+            ),
         ],
     ),
     inspect.Parameter(

@@ -10,6 +10,7 @@ import typer
 from mert_pipeline import pipeline
 from mert_pipeline.cli.common import errors, fail, progress, with_executor
 from mert_pipeline.executor import ExecutorConfig
+from mert_pipeline.manifests.records import DEFAULT_SEED
 from mert_pipeline.resample import OutputSpec
 from mert_pipeline.stages.manifest import DEFAULT_EXTENSIONS
 
@@ -24,7 +25,10 @@ def manifest(
         ),
     ],
     out: Annotated[
-        Path, typer.Option("--out", help="WORKDIR that receives the manifest and all later stages.")
+        Path,
+        typer.Option(
+            "--out", metavar="WORKDIR", help="WORKDIR that receives the manifest and all later stages."
+        ),
     ],
     valid_percent: Annotated[
         float,
@@ -32,7 +36,7 @@ def manifest(
             "--valid-percent", min=0.0, max=1.0, help="Fraction (0-1) of files in valid.tsv, as fairseq."
         ),
     ] = 0.01,
-    seed: Annotated[int, typer.Option(help="Seed of the deterministic train/valid split.")] = 1317,
+    seed: Annotated[int, typer.Option(help="Seed of the deterministic train/valid split.")] = DEFAULT_SEED,
     min_seconds: Annotated[float, typer.Option("--min-seconds", min=0.0, help="Reject shorter files.")] = 3.0,
     deep: Annotated[
         bool, typer.Option("--deep", help="Decode every sample: catches NaN/Inf and all truncations.")
@@ -74,7 +78,7 @@ def resample(
         int, typer.Option("--sample-rate", min=1000, max=384000, help="Target rate in Hz (MERT: 24000).")
     ] = 24000,
     fmt: Annotated[
-        str, typer.Option("--format", help="flac (lossless, about half the size) or wav.")
+        str, typer.Option("--format", metavar="flac|wav", help="flac (lossless, about half the size) or wav.")
     ] = "flac",
     bits: Annotated[int, typer.Option("--bits", help="16 or 24: integer sample width written.")] = 16,
     quality: Annotated[str, typer.Option("--quality", help="soxr recipe: hq or vhq.")] = "hq",

@@ -1,7 +1,10 @@
-"""Commands that use the trained model: `export hf`, `embed`, `probe`; and `stats` on the data."""
+"""Commands that train and use the model: `train` (torchrun, after checking its inputs), `export hf`, `embed`,
+`probe`; and `stats` on the data."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -12,10 +15,70 @@ from mert_pipeline import pipeline
 from mert_pipeline.cli.common import console, errors, fail, note, progress, with_executor
 from mert_pipeline.executor import ExecutorConfig
 
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto (CUDA when present), cpu or cuda.")
+]
 ModelOpt = Annotated[
     Path, typer.Option("--checkpoint", help="Trainer checkpoint, run folder, or `export hf` directory.")
 ]
+
+
+def train(
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config", metavar="YAML", help="A config file, or a shipped one: tiny, mert_95m or mert_330m."
+        ),
+    ],
+    shards: Annotated[
+        str,
+        typer.Option(
+            "--shards", metavar="SHARDS", help="The shard folder (or URL) that `run` or `shard` wrote."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", metavar="RUN_DIR", help="Run folder: checkpoints and logs.")],
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="KEY=VALUE...", help="Config overrides, e.g. batch_size=4 max_steps=1000."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the newest checkpoint in RUN_DIR.")
+    ] = False,
+    nproc_per_node: Annotated[
+        int | None,
+        typer.Option(
+            "--nproc-per-node", min=1, help="Processes on this machine. Default: one per GPU, or 1 on a CPU."
+        ),
+    ] = None,
+) -> None:
+    """Pretrain on a shard set: check the config and the shards, then launch torchrun on this machine.
+
+    It runs `torchrun --standalone trainer/pretrain.py` (as the module mert_pipeline.trainer.pretrain)
+    with the same arguments, after checking them here, so a wrong --shards or --config costs one line
+    instead of a process group's traceback. For several machines, run torchrun yourself (docs/training.md).
+    """
+    import torch
+
+    from mert_pipeline.trainer.pretrain import check_inputs
+
+    try:
+        mcfg, tcfg, index = check_inputs(config, shards, overrides or [])
+    except ValueError as exc:
+        raise fail(" ".join(str(exc).split())) from exc
+    nproc = nproc_per_node or max(1, torch.cuda.device_count())
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command += ["-m", "mert_pipeline.trainer.pretrain", "--config", config, "--shards", shards]
+    command += ["--out", str(out), *(["--resume"] if resume else []), *(overrides or [])]
+    note(
+        f"train: {mcfg.num_layers} layers x {mcfg.embed_dim}, teachers {', '.join(tcfg.teachers)}, "
+        f"{index.samples('train')} train segments, {nproc} process(es) -> {out}"
+    )
+    start = time.perf_counter()
+    code = subprocess.call(command)
+    verdict = "[bold green]train finished[/]" if code == 0 else f"[bold red]train failed[/] (exit {code})"
+    console.print(f"{verdict} in {time.perf_counter() - start:.1f} s: checkpoints and log.jsonl in {out}")
+    if code:
+        raise typer.Exit(code=1)
 
 
 def export_hf(
@@ -96,6 +159,8 @@ def stats(
             f"  {pair.replace('~', ' vs ')}: MI {metrics['mutual_information']:.3f} bits, "
             f"NMI {metrics['nmi']:.3f}"
         )
+    for warning in result.get("warnings", []):
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     note(f"report: {result['outputs']['report']} (plots beside it)")
 
 
@@ -145,8 +210,10 @@ def probe(
             f"probe {summary['data']} ({name}): best layer {result['best_layer']} accuracy "
             f"{result['best_accuracy']:.3f} (chance {result['chance']:.3f}); by layer: {layers}"
         )
+    held_out = next(iter(summary["results"].values()))["test"]
     note(
-        f"probe: {summary['clips']} clips, {len(summary['rejects'])} rejects, {summary['seconds']:.1f} s -> "
+        f"probe: {summary['clips']} clips ({held_out} held out: one clip is {100 / held_out:.1f} points of "
+        f"accuracy), {len(summary['rejects'])} rejects, {summary['seconds']:.1f} s -> "
         f"{out / 'probe.json'}, {out / 'probe.png'}"
     )
 

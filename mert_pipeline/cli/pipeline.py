@@ -12,6 +12,7 @@ from rich.table import Table
 from mert_pipeline import pipeline
 from mert_pipeline.cli.common import console, errors, note, progress, with_executor
 from mert_pipeline.executor import ExecutorConfig
+from mert_pipeline.manifests.records import DEFAULT_SEED
 
 
 @with_executor(force=False)
@@ -22,13 +23,20 @@ def run(
             metavar="ROOT...", help="Folders (or files) of audio to scan, recursively; or URLs (s3://...)."
         ),
     ],
-    out: Annotated[Path, typer.Option("--out", help="WORKDIR of every stage.")],
+    out: Annotated[Path, typer.Option("--out", metavar="WORKDIR", help="WORKDIR: where every stage writes.")],
     teachers: Annotated[
-        str, typer.Option("--teachers", help="Label sets to make: rvq, kmeansK (e.g. kmeans500), bestrq.")
+        str,
+        typer.Option(
+            "--teachers", metavar="NAMES", help="Label sets to make: rvq, kmeansK (e.g. kmeans500), bestrq."
+        ),
     ] = "rvq",
     shards: Annotated[
         str | None,
-        typer.Option("--shards", help="Where the shards go, a folder or a URL (default: WORKDIR/shards)."),
+        typer.Option(
+            "--shards",
+            metavar="SHARDS",
+            help="Where the shards go, a folder or a URL (default: WORKDIR/shards).",
+        ),
     ] = None,
     valid_percent: Annotated[
         float, typer.Option("--valid-percent", min=0.0, max=1.0, help="manifest: fraction in valid.")
@@ -37,16 +45,25 @@ def run(
         float, typer.Option("--min-seconds", min=0.0, help="manifest: reject shorter.")
     ] = 3.0,
     deep: Annotated[bool, typer.Option("--deep", help="manifest: decode every sample when probing.")] = False,
-    fmt: Annotated[str, typer.Option("--format", help="resample: flac or wav.")] = "flac",
+    fmt: Annotated[str, typer.Option("--format", metavar="flac|wav", help="resample: flac or wav.")] = "flac",
     bits: Annotated[int, typer.Option("--bits", help="resample: 16 or 24 bits.")] = 16,
     codec_checkpoint: Annotated[
-        Path | None, typer.Option("--codec-checkpoint", help="rvq: EnCodec 24 kHz state dict (offline).")
+        Path | None,
+        typer.Option(
+            "--codec-checkpoint",
+            metavar="FILE",
+            help="rvq: the EnCodec 24 kHz weights file, for machines without internet.",
+        ),
     ] = None,
     bandwidth: Annotated[
         float, typer.Option("--bandwidth", help="rvq: EnCodec kbps (6 -> 8 codebooks).")
     ] = 6.0,
-    device: Annotated[str, typer.Option("--device", help="rvq: auto, cpu or cuda.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="rvq: float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[
+        str, typer.Option("--device", metavar="auto|cpu|cuda", help="rvq: auto, cpu or cuda.")
+    ] = "auto",
+    dtype: Annotated[
+        str, typer.Option("--dtype", metavar="DTYPE", help="rvq: float32, bfloat16 or float16.")
+    ] = "float32",
     sample_frames: Annotated[
         int, typer.Option("--sample-frames", min=1, help="kmeans: frames sampled for the fit.")
     ] = 1_000_000,
@@ -58,16 +75,17 @@ def run(
     ] = "256MB",
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the split, the k-means sample and the shuffle.")
-    ] = 0,
+    ] = DEFAULT_SEED,
     *,
     executor: ExecutorConfig,
 ) -> None:
-    """The whole pipeline in one command: manifest -> resample -> every teacher -> shard -> verify.
+    """Make verified shards of a music collection: manifest, resample, every teacher, shard, verify.
 
-    Each stage is resumable: rerunning the same command skips finished work (a changed option or input
-    redoes only what it affects). Reads: the audio under ROOT.... Writes: WORKDIR/ as the single stages
-    do, shards to --shards, and WORKDIR/stats/run.json (time, tasks and throughput per stage, rejects by
-    reason).
+    This is the command to run on your own music. Everything it needs (the roots, the EnCodec weights,
+    writable outputs) is checked before the first stage starts. Every stage is resumable: run the same
+    command again after an interruption and only unfinished tasks, and tasks whose files changed, run. It
+    writes WORKDIR/ as the single steps do, the shards to --shards, and WORKDIR/stats/run.json (time,
+    tasks and throughput per stage, rejects by reason). Next: `mert-pipe train --shards SHARDS`.
     """
     with errors():
         config = pipeline.PipelineConfig(
@@ -103,6 +121,8 @@ def print_run(report: pipeline.PipelineReport) -> None:
     if report.verify is not None:
         verdict = "no problems" if report.verify.ok else f"{len(report.verify.problems)} problems"
         note(f"verify: {len(report.verify.checks)} shards re-read, {verdict}")
+        for warning in report.verify.warnings:
+            console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     table = Table(title="run summary", title_justify="left")
     for column in ("stage", "tasks run / done before", "files", "audio h", "seconds", "h audio / s"):
         table.add_column(column, justify="left" if column == "stage" else "right")
@@ -131,11 +151,11 @@ def print_run(report: pipeline.PipelineReport) -> None:
 
 @with_executor(force=False)
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Where the synthesized corpus and WORKDIR go.")] = Path(
-        "demo_work"
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", metavar="DIR", help="Where the synthesized corpus and WORKDIR go.")
+    ] = Path("demo_work"),
     tracks: Annotated[int, typer.Option(min=2, help="How many music-like tracks to synthesize.")] = 24,
-    seed: Annotated[int, typer.Option(help="Seed of the synthesized corpus.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the synthesized corpus.")] = DEFAULT_SEED,
     train_steps: Annotated[
         int,
         typer.Option("--train-steps", min=0, help="Steps of the tiny model trained at the end (0: none)."),
@@ -143,12 +163,13 @@ def demo(
     *,
     executor: ExecutorConfig,
 ) -> None:
-    """Run every stage that exists on a small corpus this command synthesizes itself (no data, no cluster).
+    """Try everything on a small corpus this command synthesizes: no data, no cluster, no GPU needed.
 
-    Writes OUT/corpus (synthesized audio, including a few broken files so rejects show up) and
-    OUT/work (the WORKDIR of every stage). Then trains the tiny model for --train-steps on the shards
-    (OUT/run), exports it (OUT/hf), probes it against a random init (OUT/probe) and writes the statistics
-    report (OUT/work/stats/report). Rerunning skips finished work.
+    It writes OUT/corpus (synthesized music, with a few broken files so that rejects show up), runs
+    `run` on it into OUT/work and OUT/shards, trains the tiny model for --train-steps (OUT/run), exports
+    it (OUT/hf), probes it against its random init (OUT/probe) and writes the statistics report
+    (OUT/work/stats/report). Without internet it labels with a test codec (random weights), and every
+    output says so. Running it again skips finished work.
     """
     from mert_pipeline.demo import run_demo
 
@@ -163,3 +184,7 @@ def demo(
     )
     for name, path in result.outputs.items():
         note(f"  {name:16s} {path}")
+    note(
+        "next, your own music: mert-pipe run MUSIC_DIR --out work (without internet, add --codec-checkpoint "
+        "FILE), then mert-pipe train --config mert_95m --shards work/shards --out runs/first (README)"
+    )

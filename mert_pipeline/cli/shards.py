@@ -11,6 +11,7 @@ import typer
 from mert_pipeline import pipeline
 from mert_pipeline.cli.common import console, errors, fail, note, progress, teacher_list, with_executor
 from mert_pipeline.executor import ExecutorConfig, StageReport
+from mert_pipeline.manifests.records import DEFAULT_SEED
 from mert_pipeline.progress import summary_table
 
 
@@ -20,7 +21,12 @@ def shard(
         Path, typer.Argument(help="WORKDIR holding audio_24k/ and labels/ (from `tokenize`).")
     ],
     out: Annotated[
-        str, typer.Option("--out", help="SHARDS: where train/, valid/ and index.json go (a folder or a URL).")
+        str,
+        typer.Option(
+            "--out",
+            metavar="SHARDS",
+            help="SHARDS: where train/, valid/ and index.json go (a folder or a URL).",
+        ),
     ],
     segment_seconds: Annotated[
         float,
@@ -38,9 +44,15 @@ def shard(
     ] = None,
     teachers: Annotated[
         str | None,
-        typer.Option("--teachers", help="Comma-separated label sets (default: every one in WORKDIR/labels)."),
+        typer.Option(
+            "--teachers",
+            metavar="NAMES",
+            help="Comma-separated label sets (default: every one in WORKDIR/labels).",
+        ),
     ] = None,
-    seed: Annotated[int, typer.Option(help="Seed of the global shuffle of segments across shards.")] = 0,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the global shuffle of segments across shards.")
+    ] = DEFAULT_SEED,
     labels_only: Annotated[
         bool, typer.Option("--labels-only", help="Add label-only sidecar shards for --teacher.")
     ] = False,
@@ -110,6 +122,8 @@ def verify(
         console.print(f"[red]problem:[/] {problem}", highlight=False, soft_wrap=True)
     if len(report.problems) > max_problems:
         note(f"... and {len(report.problems) - max_problems} more problems")
+    for warning in report.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     samples = sum(c.samples for c in report.checks)
     size = sum(c.bytes for c in report.checks)
     audio = sum(c.seconds for c in report.checks)
@@ -126,7 +140,10 @@ def export_fairseq(
     workdir: Annotated[Path, typer.Argument(help="WORKDIR holding audio_24k/ and labels/.")],
     out: Annotated[Path, typer.Option("--out", help="DIR: receives the tsv, label and dict files.")],
     teachers: Annotated[
-        str, typer.Option("--teachers", help="Comma-separated label sets, e.g. rvq or rvq,kmeans500.")
+        str,
+        typer.Option(
+            "--teachers", metavar="NAMES", help="Comma-separated label sets, e.g. rvq or rvq,kmeans500."
+        ),
     ] = "rvq",
 ) -> None:
     """tsv manifests and label files exactly as the official MERT fairseq task reads them.

@@ -13,6 +13,7 @@ from rich.table import Table
 from mert_pipeline import pipeline
 from mert_pipeline.cli.common import console, errors, fail, note, progress, with_executor
 from mert_pipeline.executor import ExecutorConfig
+from mert_pipeline.manifests.records import DEFAULT_SEED
 
 
 @with_executor()
@@ -36,7 +37,9 @@ def tokenize(
         int, typer.Option("--codebook-size", min=2, max=32768, help="bestrq: entries per codebook.")
     ] = 4096,
     proj_dim: Annotated[int, typer.Option("--proj-dim", min=1, help="bestrq: projection dimension.")] = 16,
-    seed: Annotated[int, typer.Option("--seed", help="bestrq: seed of the projection and codebooks.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="bestrq: seed of the projection and codebooks.")
+    ] = DEFAULT_SEED,
     bandwidth: Annotated[
         float,
         typer.Option("--bandwidth", help="EnCodec kbps: 1.5, 3, 6, 12, 24 -> 2, 4, 8, 16, 32 codebooks."),
@@ -48,7 +51,9 @@ def tokenize(
             help="EnCodec 24 kHz state dict to load offline (default: the encodec package's download).",
         ),
     ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto (CUDA when present), cpu or cuda.")] = "auto",
+    device: Annotated[
+        str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto (CUDA when present), cpu or cuda.")
+    ] = "auto",
     dtype: Annotated[
         str,
         typer.Option("--dtype", help="float32, or bfloat16/float16 autocast (see benchmarks/RESULTS.md)."),
@@ -149,7 +154,7 @@ def features(
             "--sample-frames", min=0, help="Frames kept (uniformly, over the corpus) for `kmeans fit`."
         ),
     ] = 1_000_000,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the frame sample.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the frame sample.")] = DEFAULT_SEED,
     files_per_task: Annotated[int, typer.Option("--files-per-task", min=1, help="Files per task.")] = 16,
     *,
     executor: ExecutorConfig,
@@ -179,7 +184,12 @@ def features(
 
 def kmeans_fit(
     workdir: Annotated[Path, typer.Argument(help="WORKDIR holding features/FEATURES/ (from `features`).")],
-    features: Annotated[str, typer.Option("--features", help="Which features: mfcc.")] = "mfcc",
+    features: Annotated[
+        str,
+        typer.Option(
+            "--features", help="Which feature set of `features`: mfcc, or model_lL (e.g. model_l6)."
+        ),
+    ] = "mfcc",
     k: Annotated[
         int, typer.Option("--k", min=1, max=32768, help="Clusters (int16 labels: at most 32768).")
     ] = 500,
@@ -187,7 +197,7 @@ def kmeans_fit(
         int | None,
         typer.Option("--sample-frames", min=1, help="Fit on this many frames of the sample (default: all)."),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the subsample and of the fit.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the subsample and of the fit.")] = DEFAULT_SEED,
     backend: Annotated[
         str, typer.Option("--backend", help="faiss (default), or sklearn: fairseq's MiniBatchKMeans recipe.")
     ] = "faiss",

@@ -19,7 +19,7 @@ from torch import nn
 
 from mert_pipeline.fs import atomic_write_bytes
 from mert_pipeline.grid import SAMPLE_RATE
-from mert_pipeline.teachers.rvq import CODEBOOK_SIZE, _build_model
+from mert_pipeline.teachers.rvq import CODEBOOK_SIZE, TEST_CODEC_MARK, _build_model
 
 _TEST_CODEC_TRACKS = 6  # test codec: 6 x 5 s of synthesized music = 2250 frames for 1024-entry k-means
 _TEST_CODEC_TRACK_S = 5.0
@@ -103,7 +103,8 @@ def make_test_codec(path: str | Path, seed: int = 0) -> Path:
       ``inited`` flag is set and ``embed_avg``/``cluster_size`` are filled the way the package's own
       k-means initialisation leaves them.
 
-    Saved as a plain state dict whose bytes depend only on the seed, loaded through ``load_codec(path)``.
+    Saved as a state dict wrapped with a TEST_CODEC_MARK entry, so every label set made with it records
+    `weights: test` and says so; the bytes depend only on the seed. Loaded through ``load_codec(path)``.
     """
     path = Path(path)
     threads = torch.get_num_threads()
@@ -113,7 +114,8 @@ def make_test_codec(path: str | Path, seed: int = 0) -> Path:
     finally:
         torch.set_num_threads(threads)
     buffer = io.BytesIO()  # saving to a file would put its name into the archive, and so into its hash
-    torch.save(model.state_dict(), buffer)
+    marked = {"state_dict": model.state_dict(), TEST_CODEC_MARK: {"seed": seed, "weights": "random"}}
+    torch.save(marked, buffer)
     atomic_write_bytes(path, buffer.getvalue())
     return path
 

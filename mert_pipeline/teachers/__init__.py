@@ -32,6 +32,18 @@ from mert_pipeline.manifests.records import Reject
 READ_BLOCK = 1 << 16
 
 
+def test_weights_warning(name: str, facts: dict[str, Any]) -> str | None:
+    """A one-line warning when a label set's teacher ran on test weights (the demo's random-weight codec),
+    None otherwise: `verify`, `stats`, the trainer and the demo print it, so such labels never pass for
+    MERT's teacher."""
+    if (facts.get("config") or {}).get("weights") != "test":
+        return None
+    return (
+        f"label set {name!r} was made by a TEST CODEC (the EnCodec architecture with random weights): "
+        "its codes exercise the pipeline but are not MERT's teacher; do not pretrain on them"
+    )
+
+
 class Teacher(Protocol):
     """What the tokenize stage needs of a teacher."""
 

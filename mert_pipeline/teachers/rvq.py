@@ -48,6 +48,7 @@ import contextlib
 import hashlib
 import json
 import socket
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -76,6 +77,15 @@ TEACHER_NAME = "encodec_24khz"
 # The file name `EncodecModel.encodec_model_24khz` downloads (a local variable there, so repeated here);
 # its hex suffix is the sha256 prefix torch.hub checks.
 CHECKPOINT_NAME = "encodec_24khz-d7cc33bc.th"
+OFFICIAL_SHA256_PREFIX = CHECKPOINT_NAME.rsplit("-", 1)[1].split(".")[0]
+# The key under which `demo.test_codec` marks its files, so labels made with them say so everywhere.
+TEST_CODEC_MARK = "mert_pipeline_test_codec"
+# What made a set of codes, recorded as `weights` in teacher.json, labels.parquet and index.json:
+WEIGHTS = {
+    "official": "EnCodec 24 kHz as published (MERT's acoustic teacher)",
+    "test": "TEST CODEC: the EnCodec architecture with random weights; not MERT's teacher",
+    "custom": "a custom EnCodec 24 kHz checkpoint (not the published weights)",
+}
 BANDWIDTHS: dict[float, int] = {1.5: 2, 3.0: 4, 6.0: 8, 12.0: 16, 24.0: 32}  # kbps -> codebooks used
 _DOWNLOAD_TIMEOUT_S = 20.0  # socket timeout while torch.hub tries to download, so a dead network fails fast
 
@@ -186,6 +196,7 @@ class TeacherInfo:
     hop: int
     sample_rate: int
     checkpoint_sha256: str
+    weights: str  # a key of WEIGHTS: official, test or custom
 
     @property
     def config_hash(self) -> str:
@@ -228,6 +239,12 @@ def _load_pretrained() -> tuple[EncodecModel, str]:
     previous = socket.getdefaulttimeout()
     socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)
     try:
+        if not target.is_file():  # fetched here, not by torch.hub, whose "Downloading: ..." line would come
+            # first even when the network is down; ours shows a bar only once bytes arrive
+            target.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(
+                url, str(target), hash_prefix=OFFICIAL_SHA256_PREFIX, progress=sys.stderr.isatty()
+            )
         model = _build_model(pretrained=True)
     except (
         Exception
@@ -243,20 +260,30 @@ def _load_pretrained() -> tuple[EncodecModel, str]:
     return model, sha
 
 
-def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+def weights_of(sha256: str, test_mark: bool) -> str:
+    """Which weights a checkpoint holds: a test codec's file says so; the published file is known by the
+    sha256 prefix in its name (torch.hub checks the same prefix); anything else is custom."""
+    if test_mark:
+        return "test"
+    return "official" if sha256.startswith(OFFICIAL_SHA256_PREFIX) else "custom"
+
+
+def _read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
+    """The checkpoint's weights, and whether it is marked as a test codec."""
     if not path.is_file():
         raise CodecCheckpointError(f"EnCodec checkpoint {path} does not exist or is not a file")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CodecCheckpointError(f"cannot read EnCodec checkpoint {path}: {_one_line(exc)}") from exc
+    test_mark = isinstance(obj, Mapping) and TEST_CODEC_MARK in obj
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]  # a training checkpoint that wraps the weights
+        obj = obj["state_dict"]  # a training checkpoint (or a test codec) that wraps the weights
     if not isinstance(obj, Mapping) or not all(
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
     ):
         raise CodecCheckpointError(f"EnCodec checkpoint {path} does not hold a state dict of tensors")
-    return dict(obj)
+    return dict(obj), test_mark
 
 
 def _check_keys(path: Path, state: Mapping[str, torch.Tensor], model: nn.Module) -> None:
@@ -297,9 +324,10 @@ def load_codec(
     dev = resolve_device(device)
     if checkpoint is None:
         model, sha = _load_pretrained()
+        weights = "official"  # torch.hub checked the file's hash
     else:
         path = Path(checkpoint)
-        state = _read_state_dict(path)
+        state, test_mark = _read_state_dict(path)
         model = _build_model(pretrained=False)
         _check_keys(path, state, model)
         try:
@@ -307,6 +335,7 @@ def load_codec(
         except RuntimeError as exc:
             raise CodecCheckpointError(f"cannot load EnCodec checkpoint {path}: {_one_line(exc)}") from exc
         sha = sha256_file(path)
+        weights = weights_of(sha, test_mark)
     model.set_target_bandwidth(float(bandwidth))
     _bake_weight_norm(model.encoder)
     model.eval().to(dev)
@@ -322,6 +351,7 @@ def load_codec(
         hop=int(np.prod(model.encoder.ratios)),
         sample_rate=int(model.sample_rate),
         checkpoint_sha256=sha,
+        weights=weights,
     )
     return model, info
 
@@ -760,6 +790,7 @@ class RvqTeacher:
     bandwidth: float = 6.0
     checkpoint: str | None = None  # None: the encodec package's own pretrained loader
     checkpoint_sha256: str = ""
+    weights: str = ""  # official, test or custom (see WEIGHTS); filled by resolve()
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "float32"  # float32 | bfloat16 | float16 (CUDA)
     chunk_seconds: float | None = None  # streamed chunk (a multiple of 320 samples); None: see chunk_for
@@ -789,7 +820,7 @@ class RvqTeacher:
     def resolve(self) -> RvqTeacher:
         """Load once here (errors surface before workers start) and fill in the checkpoint hash."""
         _, info = load_codec(self.checkpoint, self.bandwidth, "cpu")
-        return replace(self, checkpoint_sha256=info.checkpoint_sha256)
+        return replace(self, checkpoint_sha256=info.checkpoint_sha256, weights=info.weights)
 
     def describe(self) -> dict[str, Any]:
         """What identifies the codes: weights, codebook count, precision (bf16 flips some codes)."""
@@ -798,6 +829,7 @@ class RvqTeacher:
             "bandwidth": float(self.bandwidth),
             "n_q": self.n_q,
             "checkpoint_sha256": self.checkpoint_sha256,
+            "weights": self.weights,
             "dtype": self.dtype,
         }
 

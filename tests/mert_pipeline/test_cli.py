@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import soundfile as sf
+import typer
+from typer.testing import CliRunner
 
+from mert_pipeline.cli import app
 from mert_pipeline.manifests import LabelRecord, ResampledRecord, iter_records, iter_rejects
+from mert_pipeline.manifests.records import DEFAULT_SEED
+from mert_pipeline.pipeline import PipelineConfig
 from tests.helpers import REPO
 
 
@@ -44,16 +52,103 @@ def test_help_says_what_each_command_reads_and_writes(command: str) -> None:
         "manifest": ("Reads", "Writes", "rejects.jsonl", "train.tsv", "--ray-address", "--force", "--deep"),
         "resample": ("Reads", "Writes", "audio_24k", "--sample-rate", "--format", "--on-silence", "--force"),
         "tokenize": ("Reads", "Writes", "--teacher", "--codec-checkpoint", "--batch-seconds", "--dtype"),
-        "run": ("Reads", "Writes", "--teachers", "--codec-checkpoint", "--shards", "--segment-seconds"),
+        "run": (
+            "your own music",
+            "writes",
+            "--teachers",
+            "--codec-checkpoint",
+            "--shards",
+            "--segment-seconds",
+        ),
         "demo": ("--tracks",),
     }
     for word in words[command]:
         assert word in result.stdout
 
 
-def test_top_level_help_lists_commands() -> None:
+def test_top_level_help_lists_commands_and_where_to_start() -> None:
     result = mert_pipe("--help")
     assert result.returncode == 0 and "manifest" in result.stdout and "demo" in result.stdout
+    text = " ".join(result.stdout.split())
+    start = text.index("Start with")
+    assert start < text.index("mert-pipe demo") < text.index("mert-pipe run") < text.index("mert-pipe train")
+    assert "torchrun trainer/pretrain.py" in text
+
+
+def _commands(group: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+    for name, command in group.commands.items():
+        yield (*path, name), command
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*path, name))
+
+
+def test_every_help_reads_as_words_and_sentences() -> None:
+    """No `<bool>` or `<int range>` types, no `{ROOT}` usage, no docstring line breaks mid-sentence."""
+    root = typer.main.get_command(app)
+    runner = CliRunner()
+    seen = 0
+    for path, command in [((), root), *_commands(root)]:
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"}, terminal_width=200)
+        assert result.exit_code == 0, path
+        usage = next(line for line in result.output.splitlines() if "Usage:" in line)
+        assert "{" not in usage and not re.search(r"<(bool|int|float|str|path|list)", result.output), path
+        for paragraph in (command.help or "").split("\n\n"):
+            assert "\n" not in paragraph, (path, paragraph)
+        seen += 1
+    assert seen >= 18
+    assert "ROOT..." in runner.invoke(app, ["run", "--help"], terminal_width=200).output
+
+
+def test_every_seed_defaults_to_one_value() -> None:
+    """run and the single commands split, sample and shuffle a corpus alike (the demo's seed is its own)."""
+    defaults = {}
+    for path, command in _commands(typer.main.get_command(app)):
+        for param in command.params:
+            if param.name == "seed" and path != ("demo",):
+                defaults[" ".join(path)] = param.default
+    assert set(defaults) >= {"run", "manifest", "shard", "features", "kmeans fit", "tokenize"}
+    assert set(defaults.values()) == {DEFAULT_SEED}
+    assert PipelineConfig(roots=("x",), workdir=Path("w")).seed == DEFAULT_SEED
+
+
+def test_a_folder_without_audio_is_a_one_line_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    result = mert_pipe("run", str(tmp_path / "empty"), "--out", str(tmp_path / "w"), "--teachers", "kmeans4")
+    assert result.returncode == 2 and "error: no audio found under" in result.stderr
+    assert ".flac" in result.stderr and ".wav" in result.stderr
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not music")
+    result = mert_pipe("manifest", str(tmp_path / "notes"), "--out", str(tmp_path / "w2"))
+    assert (
+        result.returncode == 2
+        and "skipped 1 other files" in result.stderr
+        and "--extensions" in result.stderr
+    )
+
+
+def test_an_all_rejected_corpus_is_exit_1_with_the_reasons_and_a_partly_rejected_one_is_not(
+    tmp_path: Path,
+) -> None:
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.wav").write_bytes(b"RIFF" + b"\x00" * 60)
+    (bad / "b.flac").write_bytes(b"fLaC" + b"\x01" * 200)
+    result = mert_pipe("manifest", str(bad), "--out", str(tmp_path / "w"))
+    assert result.returncode == 1, result.stderr
+    assert "error: all 2 audio files were rejected (1 not_audio, 1 decode_error)" in " ".join(
+        result.stderr.split()
+    )
+    small_corpus(bad, n=1)
+    assert mert_pipe("manifest", str(bad), "--out", str(tmp_path / "w")).returncode == 0
+
+
+def test_run_checks_the_codec_before_its_first_stage(tmp_path: Path) -> None:
+    corpus = small_corpus(tmp_path / "corpus", n=1)
+    missing = tmp_path / "encodec.th"
+    result = mert_pipe("run", str(corpus), "--out", str(tmp_path / "w"), "--codec-checkpoint", str(missing))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and lines[-1].startswith(f"error: EnCodec checkpoint {missing}"), lines
+    assert not (tmp_path / "w" / "manifest.parquet").exists(), "nothing ran before the check"
 
 
 def test_missing_root_is_a_one_line_error(tmp_path: Path) -> None:
@@ -224,8 +319,14 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     index = json.loads((tmp_path / "demo/shards/index.json").read_text())
     assert index["totals"]["all"]["seconds"] == pytest.approx(sum(r.duration for r in resampled))
     assert "no problems" in result.stderr  # the demo ends with a verify of its shards
+    shown = " ".join(result.stderr.split())
+    assert "train: 20 steps of the tiny model" in shown and "at step 20" in shown  # first and last loss
+    assert "held-out clips (of 192)" in shown  # the probe says how many clips its verdict rests on
+    assert "TEST CODEC" in (work / "stats/report/report.md").read_text()
+    assert index["teachers"]["rvq"]["config"]["weights"] == "test"
     again = mert_pipe(*demo)
     assert again.returncode == 0
+    assert "train: already trained (20 steps" in " ".join(again.stderr.split())
     stats_files = [work / f"stats/{stage}.json" for stage in ("manifest", "resample", "tokenize_rvq")]
     for path in [*stats_files, tmp_path / "demo/shards/stats/shard.json"]:
         stats = json.loads(path.read_text())

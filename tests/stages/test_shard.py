@@ -23,9 +23,7 @@ from mert_pipeline.executor import ExecutorConfig, execute
 from mert_pipeline.fs import atomic_write_json
 from mert_pipeline.manifests import LabelRecord, ResampledRecord, iter_records, iter_rejects
 from mert_pipeline.manifests.io import ManifestWriter
-from mert_pipeline.shards import (
-    verify_all,
-)
+from mert_pipeline.shards import load_index, verify_all
 from mert_pipeline.stages.manifest import ManifestConfig, ManifestStage, resolve_roots
 from mert_pipeline.stages.resample import ResampleConfig, ResampleStage
 from mert_pipeline.stages.shard import ShardConfig, ShardStage, SidecarConfig, SidecarStage
@@ -55,6 +53,17 @@ def shards(workdir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tars(out: Path) -> dict[str, bytes]:
     return {k: v for k, v in visible_files(out).items() if k.endswith(".tar") or k == "index.json"}
+
+
+def test_shards_of_test_codec_labels_say_so_in_index_verify_and_stats(shards: Path) -> None:
+    index = json.loads((shards / "index.json").read_text())
+    assert index["teachers"]["rvq"]["config"]["weights"] == "test"
+    (warning,) = load_index(shards).warnings
+    assert "TEST CODEC" in warning and "'rvq'" in warning
+    runner = CliRunner()
+    verified = runner.invoke(app, ["verify", str(shards)])
+    assert verified.exit_code == 0 and "TEST CODEC" in verified.output
+    assert verify_all(shards).warnings == (warning,)
 
 
 def test_round_trip_through_webdataset_is_exact(workdir: Path, shards: Path) -> None:

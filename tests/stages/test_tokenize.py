@@ -10,11 +10,13 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 
 from mert_pipeline.demo.synth import render_track, synthesize_demo_corpus
 from mert_pipeline.executor import ExecutorConfig, execute
+from mert_pipeline.labels import TEACHER_META
 from mert_pipeline.manifests import LabelRecord, ResampledRecord, iter_records, iter_rejects
 from mert_pipeline.stages.manifest import ManifestConfig, ManifestStage, resolve_roots
 from mert_pipeline.stages.resample import ResampleConfig, ResampleStage
@@ -91,6 +93,10 @@ def test_labels_have_exact_shapes_and_are_diverse(labelled: Path) -> None:
     facts = json.loads((labelled / "labels/rvq/teacher.json").read_text())
     assert {r.config_hash for r in records} == {facts["config_hash"]}
     assert facts["config"]["checkpoint_sha256"] and facts["n_q"] == 8
+    # made with the test codec, and every record of it says so: teacher.json and labels.parquet's metadata
+    assert facts["config"]["weights"] == "test"
+    metadata = pq.read_schema(labelled / "labels/rvq/labels.parquet").metadata
+    assert json.loads(metadata[TEACHER_META.encode()]) == facts
 
 
 def test_labels_equal_whole_file_encoding(labelled: Path, codec: Path) -> None:

@@ -23,7 +23,7 @@ LOCAL = ExecutorConfig(kind="local", workers=1)
 def pipeline_shards(tmp_path_factory: pytest.TempPathFactory, test_codec_file: Path) -> Path:
     corpus, work = tmp_path_factory.mktemp("corpus"), tmp_path_factory.mktemp("work")
     synthesize_demo_corpus(corpus, n_tracks=4, seed=11, with_bad_files=False)
-    pipeline.manifest([str(corpus)], work, valid_percent=0.5, executor=LOCAL)
+    pipeline.manifest([str(corpus)], work, valid_percent=0.5, seed=1317, executor=LOCAL)  # both splits used
     pipeline.resample(work, executor=LOCAL)
     pipeline.tokenize(
         work, pipeline.rvq_teacher(work, checkpoint=test_codec_file, device="cpu"), executor=LOCAL
@@ -57,3 +57,22 @@ def test_trains_and_resumes_on_shards_the_pipeline_wrote(pipeline_shards: Path, 
     assert sorted(records(out, "valid")) == [30, 60]
     checkpoint = torch.load(sorted(out.glob("ckpt-*.pt"))[-1], weights_only=True)
     assert checkpoint["step"] == 60
+
+
+def test_mert_pipe_train_checks_then_launches_torchrun(pipeline_shards: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "mert_pipeline", "train", "--config", "tiny", "--out", str(tmp_path)]
+        return subprocess.run([*command, *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+
+    wrong = train("--shards", str(tmp_path / "nope"))
+    lines = wrong.stderr.strip().splitlines()
+    assert wrong.returncode == 2 and len(lines) == 1 and "`mert-pipe shard`" in lines[0], wrong.stderr
+    done = train("--shards", str(pipeline_shards), "max_steps=3", "num_workers=0", "eval_interval=0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "ckpt-00000003.pt").exists() and "train finished" in done.stderr
+    assert "TEST CODEC" in done.stderr, "the trainer says its labels come from test weights"

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mert_pipeline.trainer.pretrain import main
+from mert_pipeline.trainer.pretrain import check_inputs, config_path, main
 from tests.helpers import REPO
 from tests.trainer.shardgen import write_shards
 
@@ -164,3 +164,16 @@ def test_misuse_is_one_line_error(shards: Path, tmp_path: Path, capsys: pytest.C
     assert main(base) == 2  # an index naming a file outside the shard set: one line, nothing opened
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "index.json names a shard" in err and err.count("\n") == 1
+    base[3] = str(tmp_path / "no_shards_here")
+    assert main(base) == 2  # not a shard set: the line says what --shards must be
+    err = capsys.readouterr().err
+    assert "no index.json there" in err and "`mert-pipe shard`" in err and err.count("\n") == 1
+    assert main(["--config", "nope", "--shards", str(shards), "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--config nope: no such file" in err and "mert_95m" in err and "tiny" in err
+
+
+def test_a_shipped_config_is_named_by_its_name(shards: Path) -> None:
+    mcfg, tcfg, index = check_inputs("tiny", str(shards), ["batch_size=3"])
+    assert config_path("tiny") == config_path("trainer/configs/tiny.yaml").resolve()
+    assert tcfg.batch_size == 3 and mcfg.codebooks and index.samples("train")

@@ -22,6 +22,7 @@ from mert_pipeline.grid import HOP, SAMPLE_RATE, num_frames
 from mert_pipeline.teachers.rvq import (
     BANDWIDTHS,
     CHECKPOINT_NAME,
+    WEIGHTS,
     CodecCheckpointError,
     CodecUnavailable,
     StreamingEncoder,
@@ -30,6 +31,7 @@ from mert_pipeline.teachers.rvq import (
     encode_stream,
     encode_whole,
     load_codec,
+    weights_of,
 )
 
 
@@ -102,6 +104,14 @@ def test_teacher_info_identifies_weights_and_settings(codec_file: Path, codec) -
     assert load_codec(codec_file, 6.0)[1].config_hash == info.config_hash
     assert load_codec(codec_file, 12.0)[1].config_hash != info.config_hash
     assert info.to_dict()["config_hash"] == info.config_hash and len(info.config_hash) == 16
+    assert info.weights == "test", "the test codec's file says what it is, whatever its name"
+
+
+def test_weights_are_named_by_what_made_them() -> None:
+    assert weights_of("d7cc33bc" + "0" * 56, test_mark=False) == "official"
+    assert weights_of("ab" * 32, test_mark=False) == "custom"
+    assert weights_of("d7cc33bc" + "0" * 56, test_mark=True) == "test"
+    assert set(WEIGHTS) == {"official", "test", "custom"}
 
 
 # ---- 2. streaming equals whole-file encoding ----------------------------------------------------------
@@ -192,7 +202,7 @@ def test_idle_rows_keep_state(codec, files) -> None:
 
 
 def test_load_without_weights_names_url_and_cache_path(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
     # An empty torch hub dir, and a proxy that refuses at once: fails fast even on a machine with internet.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
@@ -208,6 +218,7 @@ def test_load_without_weights_names_url_and_cache_path(
     assert checkpoint_url() in message
     assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / CHECKPOINT_NAME) in message
     assert "--codec-checkpoint" in message
+    assert "Downloading" not in capfd.readouterr().err, "no download line when nothing can be downloaded"
 
 
 def test_bad_checkpoints_give_one_line_errors(tmp_path: Path, codec_file: Path) -> None:
@@ -229,8 +240,9 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path: Path, codec_file: Path) 
         message = str(caught.value)
         assert "\n" not in message and expected in message and str(path) in message, message
     wrapped = tmp_path / "wrapped.th"
-    torch.save({"state_dict": torch.load(codec_file, weights_only=True)}, wrapped)
-    assert load_codec(wrapped)[1].n_q == 8
+    torch.save({"state_dict": torch.load(codec_file, weights_only=True)["state_dict"]}, wrapped)
+    _, info = load_codec(wrapped)
+    assert info.n_q == 8 and info.weights == "custom", "the same weights without the test mark are custom"
 
 
 # ---- 6. long inputs stream through bounded memory ------------------------------------------------------
