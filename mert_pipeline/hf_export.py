@@ -63,7 +63,8 @@ def load_checkpoint(path: Path) -> tuple[Any, dict[str, torch.Tensor], dict[str,
         if k in names
     }
     values["codebooks"] = [tuple(c) for c in values.get("codebooks", [])]
-    return ModelConfig(**values), model_state, {"step": int(state.get("step", 0)), "path": str(path)}
+    meta = {"step": int(state.get("step", 0)), "path": str(path), "init": state["config"].get("init") or {}}
+    return ModelConfig(**values), model_state, meta
 
 
 def build_encoder(cfg: Any, state: dict[str, torch.Tensor] | None, seed: int = 0) -> torch.nn.Module:
@@ -75,7 +76,7 @@ def build_encoder(cfg: Any, state: dict[str, torch.Tensor] | None, seed: int = 0
     torch.manual_seed(seed)
     model = MERT(cfg)
     if state is not None:
-        keep = {k: v for k, v in state.items() if not k.startswith("cqt_head.")}
+        keep = encoder_state(state)  # the training heads are not needed to encode
         model.load_state_dict(keep, strict=False)
         missing = [k for k in encoder_state(model.state_dict()) if k not in keep]
         if missing:
@@ -216,6 +217,7 @@ def export_hf(checkpoint: Path, out: Path, verify: bool = True, tolerance: float
         "do_stable_layer_norm": bool(cfg.layer_norm_first),
         "feat_extract_norm": cfg.feat_extract_norm,
         "max_abs_diff": None,
+        "init_from": meta["init"],  # the weights the run started from ({} for a run from scratch)
     }
     if verify:
         diff = compare_with_transformers(out, build_encoder(cfg, state), probe_signal(cfg.sample_rate))

@@ -540,8 +540,11 @@ def verify(shards: str | Path, workers: int | None = None, progress: Progress | 
         raise PipelineError(f"{location}: {exc}") from exc
 
 
-def export_fairseq(workdir: Path | str, out: Path | str, teachers: list[str]) -> dict[str, Any]:
-    """The tsv manifests, label files and dictionaries the official MERT fairseq task reads."""
+def export_fairseq(
+    workdir: Path | str, out: Path | str, teachers: list[str], *, sharding: int = 0
+) -> dict[str, Any]:
+    """The tsv manifests, label files and dictionaries the official MERT fairseq task reads; `sharding`
+    N >= 2 splits the train rows into train_{i}_N.* for the official task.sharding_data=N."""
     from mert_pipeline.stages.export import export_fairseq as export
 
     if not teachers:
@@ -550,7 +553,7 @@ def export_fairseq(workdir: Path | str, out: Path | str, teachers: list[str]) ->
     out = check_workdir(out)
     try:
         with locked(workdir):
-            return export(workdir, out, list(teachers))
+            return export(workdir, out, list(teachers), sharding=sharding)
     except (FileNotFoundError, ValueError) as exc:
         raise PipelineError(_line(exc)) from exc
 

@@ -5,14 +5,27 @@
   (k-means) teacher: one line per tsv row, the frame labels as space-separated integers;
 - `dict.{label}.txt`: `<id> 1` for every id the teacher can emit (fairseq adds its 4 special symbols).
 
+With `sharding` N (>= 2) the train rows go to `train_{i}_{N}.tsv` and `train_{i}_{N}.{label}` for i in
+0..N-1 instead of `train.*`: the names the official task (`mert_fairseq/tasks/mert_pretraining.py`) reads
+with `task.sharding_data=N`, one shard per epoch; it reads `train.tsv` only when `sharding_data <= 1`, so
+only one of the two layouts is written. Every shard tsv starts with the root line. Row k of the accepted
+train rows goes to shard k mod N (round-robin): the manifest is in source-path order, so contiguous
+shards would give each epoch one corner of the corpus (a few folders), while round-robin makes every
+shard an even sample of it, with row counts within one of each other, without knowing the count first.
+`valid.*` is never sharded (the task reads `valid.tsv` whatever `sharding_data` is).
+
 A row goes into the tsv only when every selected teacher has labels for it, so every label file has
 exactly as many lines as its tsv has rows; dropped rows go to `rejects.jsonl` with their reason. Every
-file is written to a temporary name and all are renamed together at the end.
+file is written to a temporary name and all are renamed together at the end; data files that an earlier
+export into the same folder wrote and this one does not (another layout, another teacher) are then removed,
+so the folder never mixes two exports.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import resource
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +38,9 @@ from mert_pipeline.layout import Workdir
 from mert_pipeline.manifests.io import RejectsWriter, iter_batches
 from mert_pipeline.manifests.records import Reject
 from mert_pipeline.shards import REJECTS, SPLITS
+
+SUMMARY = "export.json"
+SHARD_ORDER = "round-robin"  # train row k (in manifest order, after rejects) -> shard k mod N
 
 
 def label_names(facts: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
@@ -50,14 +66,41 @@ def label_names(facts: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
     return names
 
 
+def check_sharding(sharding: int) -> None:
+    """0 (off) or N >= 2: the official task reads `train.tsv` for any `sharding_data <= 1`, so shard
+    files for N = 1 would never be read."""
+    if sharding < 0 or sharding == 1:
+        raise ValueError(
+            f"--sharding {sharding}: give 0 (one train.tsv) or N >= 2 (train_{{i}}_N.tsv); the official "
+            f"task reads train.tsv whenever task.sharding_data <= 1"
+        )
+
+
+def stems(sharding: int) -> list[str]:
+    """The file stems (name before `.tsv` / `.{label}`) of one export, train first."""
+    train = [f"train_{i}_{sharding}" for i in range(sharding)] if sharding else ["train"]
+    return train + [split for split in SPLITS if split != "train"]
+
+
+def data_files(labels: list[str], sharding: int) -> list[str]:
+    """Every tsv, label and dictionary file name an export of `labels` with `sharding` writes."""
+    names = []
+    for stem in stems(sharding):
+        names += [f"{stem}.tsv", *(f"{stem}.{label}" for label in labels)]
+    return names + [f"dict.{label}.txt" for label in labels]
+
+
 def export_fairseq(
     workdir: Path,
     out: Path,
     teachers: list[str],
     sample_rate: int = SAMPLE_RATE,
     on_row: Callable[[], None] | None = None,
+    sharding: int = 0,
 ) -> dict[str, Any]:
-    """Write the fairseq files for `teachers` into `out`; return the summary (counts and outputs)."""
+    """Write the fairseq files for `teachers` into `out` (train rows in `sharding` shards when >= 2);
+    return the summary (counts, sharding and outputs), also written to `out/export.json`."""
+    check_sharding(sharding)
     layout = Workdir(workdir)
     audio_dir = layout.audio(sample_rate).path
     manifest = layout.audio(sample_rate).manifest
@@ -65,19 +108,29 @@ def export_fairseq(
         raise FileNotFoundError(f"{manifest} not found: run `mert-pipe resample {workdir}` first")
     facts = teacher_facts(workdir, teachers)
     names = label_names(facts)
+    labels_all = [label for labels in names.values() for label in labels]
     tables = {name: load_labels(layout.labels(name)) for name in facts}
+    if sharding:
+        train_rows = _count_rows(manifest, "train", facts, tables, workdir)
+        if sharding > train_rows:
+            raise ValueError(
+                f"--sharding {sharding} needs at least {sharding} train rows (every shard non-empty); "
+                f"this export has {train_rows}"
+            )
+    earlier = _earlier_files(out)
     hop = next(iter(facts.values()))["hop"]
     words = {name: [str(i) for i in range(fact["num_classes"])] for name, fact in facts.items()}
     counts: Counter = Counter()
-    outputs = [f"{split}.tsv" for split in SPLITS]
-    outputs += [f"{split}.{label}" for split in SPLITS for labels in names.values() for label in labels]
+    shard_rows = [0] * sharding
+    outputs = [f"{stem}.{ext}" for stem in stems(sharding) for ext in ["tsv", *labels_all]]
+    _allow_open_files(len(outputs) + 64)  # 64: the rejects file, parquet reads, the interpreter's own
     with contextlib.ExitStack() as stack:
         handles: dict[str, TextIO] = {}
         for name in outputs:
             tmp = stack.enter_context(atomic_path(out / name))
             handles[name] = stack.enter_context(open(tmp, "w", encoding="utf-8"))
-        for split in SPLITS:
-            handles[f"{split}.tsv"].write(str(audio_dir.resolve()) + "\n")
+        for stem in stems(sharding):
+            handles[f"{stem}.tsv"].write(str(audio_dir.resolve()) + "\n")
         rejects = stack.enter_context(RejectsWriter(out / REJECTS))
         for batch in iter_batches(manifest, columns=["id", "path", "relpath", "num_samples", "split"]):
             for row in batch.to_pylist():
@@ -87,15 +140,19 @@ def export_fairseq(
                     rejects.write(reject)
                     counts[f"rejected.{reject.reason}"] += 1
                     continue
-                split = row["split"]
-                handles[f"{split}.tsv"].write(f"{row['relpath']}\t{row['num_samples']}\n")
+                split = stem = row["split"]
+                if split == "train" and sharding:
+                    shard = counts["rows.train"] % sharding
+                    stem = f"train_{shard}_{sharding}"
+                    shard_rows[shard] += 1
+                handles[f"{stem}.tsv"].write(f"{row['relpath']}\t{row['num_samples']}\n")
                 for teacher, fact in facts.items():
                     path = layout.labels(teacher).npy(tables[teacher][row["id"]][0])
                     labels = load_aligned(path, fact["n_q"], row["num_samples"], hop)
                     table = words[teacher]
                     for codebook, label in enumerate(names[teacher]):
                         line = " ".join([table[v] for v in labels[codebook].tolist()])
-                        handles[f"{split}.{label}"].write(line + "\n")
+                        handles[f"{stem}.{label}"].write(line + "\n")
                 counts["accepted"] += 1
                 counts[f"rows.{split}"] += 1
                 counts["audio_seconds"] += row["num_samples"] / sample_rate
@@ -106,16 +163,63 @@ def export_fairseq(
             for label in names[teacher]:
                 with atomic_path(out / f"dict.{label}.txt") as tmp:
                     tmp.write_text(lines)
+    for stale in sorted(earlier - set(data_files(labels_all, sharding))):
+        (out / stale).unlink(missing_ok=True)
     counts["rejected"] = sum(v for k, v in counts.items() if k.startswith("rejected."))
     summary = {
         "counts": {key: counts[key] for key in sorted(counts)},
         "teachers": facts,
         "labels": names,
         "label_rate": sample_rate / hop,
+        "sharding": {
+            "shards": sharding,
+            "order": SHARD_ORDER if sharding else None,
+            "train": [f"train_{i}_{sharding}" for i in range(sharding)] if sharding else ["train"],
+            "rows": shard_rows if sharding else [counts["rows.train"]],
+        },
         "outputs": {"fairseq": str(out)},
     }
-    atomic_write_json(out / "export.json", summary)
+    atomic_write_json(out / SUMMARY, summary)
     return summary
+
+
+def _count_rows(
+    manifest: Path, split: str, facts: dict[str, dict[str, Any]], tables: dict[str, dict], workdir: Path
+) -> int:
+    """Rows of `split` the export will accept: known before anything is written, so an impossible
+    `--sharding` fails at once rather than after every label file is read."""
+    total = 0
+    for batch in iter_batches(manifest, columns=["id", "path", "num_samples", "split"]):
+        for row in batch.to_pylist():
+            if row["split"] == split and _missing(row, facts, tables, workdir) is None:
+                total += 1
+    return total
+
+
+def _earlier_files(out: Path) -> set[str]:
+    """The data files an earlier export into `out` wrote, from its export.json (none if absent or
+    unreadable): only files this stage itself wrote are ever removed."""
+    try:
+        earlier = json.loads((out / SUMMARY).read_text(encoding="utf-8"))
+        labels = [label for group in earlier["labels"].values() for label in group]
+        sharding = int(earlier.get("sharding", {}).get("shards", 0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
+    return set(data_files(labels, sharding))
+
+
+def _allow_open_files(needed: int) -> None:
+    """Raise this process's soft open-file limit to `needed` (every shard x label file is open at once,
+    which is what lets rows stream); a one-line error if the hard limit is lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or needed <= soft:
+        return
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        raise ValueError(
+            f"this export keeps {needed} files open but the open-file limit is {hard}: "
+            f"use a smaller --sharding or raise `ulimit -n`"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
 
 
 def _missing(

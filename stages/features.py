@@ -107,7 +107,7 @@ class FeaturesConfig:
     files_per_task: int = 16
     threads: int = 1  # torch intra-op threads of each worker
     sample_rate: int = SAMPLE_RATE
-    checkpoint: str | None = None  # kind "model": a trainer checkpoint (or run folder)
+    checkpoint: str | None = None  # kind "model": any MERT weights source (trainer.weights)
     layer: int | None = None  # kind "model": 0 = transformer input, 1..N = layer outputs
     model: ModelFeatures | None = None  # kind "model": resolved from checkpoint/layer on construction
 

@@ -12,6 +12,10 @@ Frame t of the conv features covers samples [320 t, 320 t + 400), label frame t 
 frame t (center=True) is centred on 320 t: all three start on the same grid, so labels and CQT are sliced
 to the first k - 1 frames and the teachers' last frame, which no conv window covers fully, is dropped.
 
+Losses are sums, as in fairseq's hubert criterion: `forward` returns the loss summed over the masked
+frames and the masked frame count (fairseq's sample_size); the trainer divides by the count of all ranks,
+so the gradient does not depend on how a batch is split over GPUs (`MERT.per_frame` makes the logged means).
+
 All random choices of a step (noise mixture, masking, layerdrop) come from torch's CPU generator, and
 dropout from the device's; the trainer reseeds both at every step, which is what makes resume exact.
 """
@@ -19,6 +23,7 @@ dropout from the device's; the trainer reseeds both at every step, which is what
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -60,6 +65,7 @@ class ModelConfig:
     cqt_fmin: float = 32.7
     cqt_bins: int = 336
     cqt_bins_per_octave: int = 48
+    cqt_pad_mode: str = "constant"  # MERT's; nnAudio's default "reflect" changes the lowest octave
     # in-batch noise mixture (training only)
     noise_prob: float = 0.5
     noise_min_samples: int = 12000
@@ -87,40 +93,67 @@ def conv_frames(num_samples: int, cfg: ModelConfig) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
-def span_mask(batch: int, frames: int, prob: float, length: int, min_masks: int) -> torch.Tensor:
-    """HuBERT/wav2vec 2 span masking: per row, max(min_masks, round-randomly prob * frames / length) span
-    starts drawn uniformly, each masking `length` frames, overlaps allowed (prob 0.8, length 5 masks about
-    55% of frames). Returns a bool (batch, frames) tensor on the CPU."""
-    length = min(length, frames)
-    counts = (prob * frames / length + torch.rand(batch)).long().clamp(min=min_masks)
-    counts = counts.clamp(max=frames - length + 1)
-    most = int(counts.max())
-    starts = torch.randint(0, frames - length + 1, (batch, most))
-    keep = torch.arange(most)[None, :] < counts[:, None]
-    spans = (starts[:, :, None] + torch.arange(length)[None, None, :]).reshape(batch, -1)
+def span_starts(
+    batch: int, frames: int, prob: float, length: int, min_masks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The span starts of fairseq 0.12.2's `compute_mask_indices` (static lengths, overlap allowed), drawn
+    from torch's CPU generator: per row, n = max(min_masks, int(prob * frames / length + u)) starts drawn
+    without replacement from [0, frames - length), or from [0, n] when that range holds n or fewer. Returns
+    (batch, most) starts and which of them a row really has (rows differ in n)."""
+    counts = (prob * frames / length + torch.rand(batch, dtype=torch.float64)).long().clamp(min=min_masks)
+    ranges = torch.where(frames - length <= counts, counts + 1, torch.full_like(counts, frames - length))
+    width, most = int(ranges.max()), int(counts.max())
+    keys = torch.rand(batch, width, dtype=torch.float64)  # a random order of each row's range...
+    keys.masked_fill_(torch.arange(width) >= ranges[:, None], 2.0)
+    starts = keys.argsort(dim=1)[:, :most]  # ...whose first n entries are n draws without replacement
+    return starts, torch.arange(most) < counts[:, None]
+
+
+def span_mask(
+    batch: int, frames: int, prob: float, length: int, min_masks: int, same_count: bool = True
+) -> torch.Tensor:
+    """HuBERT/MERT span masking as fairseq 0.12.2's `compute_mask_indices` draws it (mask_type static,
+    no_overlap False, mask_dropout 0): `span_starts`, each span `length` frames clipped to the row, and with
+    `same_count` (fairseq's require_same_masks) every row trimmed to the batch's smallest masked count by
+    dropping random masked frames. Prob 0.8, length 5 masks about 55% of 374 frames. Bool (batch, frames)
+    on the CPU."""
+    starts, real = span_starts(batch, frames, prob, length, min_masks)
+    spans = starts[:, :, None] + torch.arange(length)
+    keep = real[:, :, None] & (spans < frames)
     hits = torch.zeros(batch, frames, dtype=torch.long)  # spans overlap: count, then threshold
-    hits.scatter_add_(1, spans, keep[:, :, None].expand(-1, -1, length).reshape(batch, -1).long())
-    return hits > 0
+    hits.scatter_add_(1, spans.clamp(max=frames - 1).flatten(1), keep.flatten(1).long())
+    mask = hits > 0
+    counts = mask.sum(dim=1)
+    if same_count and bool((counts > counts.min()).any()):
+        keys = torch.rand(batch, frames, dtype=torch.float64).masked_fill_(~mask, 2.0)
+        kept = keys.argsort(dim=1)[:, : int(counts.min())]  # a uniform subset of each row's masked frames
+        mask = torch.zeros_like(mask).scatter_(1, kept, True)
+    return mask
 
 
 def mix_noise(
     audio: torch.Tensor, prob: float, min_samples: int, max_samples: int, max_segments: int
 ) -> torch.Tensor:
     """MERT's in-batch noise mixture: each clip, with probability `prob`, gets 1..max_segments segments of
-    min..max samples cut from *other* clips of the batch, added at random positions at volume 1."""
+    min..max samples added at random positions at volume 1. As in the official code the segments are cut
+    from one pool, the batch's *other* clean clips laid end to end, so a segment may run from one clip into
+    the next, and never comes from the clip itself. Segments are at most as long as a clip."""
     batch, length = audio.shape
     if batch < 2 or prob <= 0:
         return audio
+    flat = audio.reshape(-1)
+    longest = min(max_samples, length)
+    shortest = min(min_samples, longest)
     mixed = audio.clone()
-    chosen = (torch.rand(batch) < prob).nonzero().flatten().tolist()
-    for row in chosen:
-        for _ in range(int(torch.randint(1, max_segments + 1, ()))):
-            other = int(torch.randint(0, batch - 1, ()))
-            other += other >= row  # never the clip itself
-            size = int(torch.randint(min(min_samples, length), min(max_samples, length) + 1, ()))
-            src = int(torch.randint(0, length - size + 1, ()))
+    for row in (torch.rand(batch) < prob).nonzero().flatten().tolist():
+        count = int(torch.randint(1, max_segments + 1, ()))
+        starts = torch.randint(0, (batch - 1) * length - longest + 1, (count,)).tolist()
+        sizes = torch.randint(shortest, longest + 1, (count,)).tolist()
+        for start, size in zip(starts, sizes, strict=True):
             dst = int(torch.randint(0, length - size + 1, ()))
-            mixed[row, dst : dst + size] += audio[other, src : src + size]
+            index = torch.arange(start, start + size, device=audio.device)
+            index += length * (index >= row * length)  # pool position -> batch position, skipping `row`
+            mixed[row, dst : dst + size] += flat[index]
     return mixed
 
 
@@ -293,8 +326,9 @@ class Encoder(nn.Module):
 
 
 class CQT(nn.Module):
-    """nnAudio's CQT (CQT1992v2: hann, norm 1, center, magnitude) in fp32 whatever the autocast. Its
-    kernels are rebuilt at construction and kept out of the state dict (hundreds of MB at 336 bins)."""
+    """nnAudio's CQT as MERT builds it (CQT1992v2: hann, norm 1, center, zero padding, magnitude) in fp32
+    whatever the autocast. Its kernels are rebuilt at construction and kept out of the state dict (hundreds
+    of MB at 336 bins)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -309,6 +343,7 @@ class CQT(nn.Module):
             norm=1,
             window="hann",
             center=True,
+            pad_mode=cfg.cqt_pad_mode,
             output_format="Magnitude",
             verbose=False,
         )
@@ -344,22 +379,40 @@ class MERT(nn.Module):
         self.cqt = CQT(cfg) if cfg.cqt_weight > 0 else None
         self.apply(_init_weights)
 
+    @staticmethod
+    def per_frame(sums: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
+        """Per-masked-frame means of `forward`'s sums, summed over steps and ranks first: fairseq logs
+        sum / sample_size, which does not depend on the batch split. Adds mask_frac; {} if none masked."""
+        masked = float(sums.get("masked", 0.0))
+        if not masked:
+            return {}
+        means = {k: float(v) / masked for k, v in sums.items() if k not in ("masked", "frames")}
+        means["mask_frac"] = masked / float(sums["frames"])
+        return means
+
     def encode(self, audio: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Audio (B, N) -> (hidden states (B, T, D), feature penalty); `mask` (B, T) frames get mask_emb."""
+        """Audio (B, N) -> (hidden states (B, T, D), feature penalty of each clip (B,)); `mask` (B, T) frames
+        get mask_emb."""
         features = self.feature_extractor(audio)
         mult = self.cfg.feature_grad_mult
         if self.training and mult != 1.0:
             features = GradMultiply.apply(features, mult) if mult > 0 else features.detach()
         features = features.transpose(1, 2)
-        penalty = features.float().pow(2).mean()
+        penalty = features.float().pow(2).mean(dim=(1, 2))
         x = self.feature_projection(features)
         if mask is not None:
             x = torch.where(mask[..., None], self.masked_spec_embed.to(x.dtype), x)
         return self.encoder(x), penalty
 
-    def forward(self, audio: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Loss and metrics of one batch. `audio` (B, N) clean 24 kHz audio, N a multiple of the hop;
-        `labels[teacher]` (B, n_q, >= T) integer codes. Training mode adds the noise mixture."""
+    def forward(
+        self, audio: torch.Tensor, labels: dict[str, torch.Tensor], mask: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Summed losses and metrics of one batch, as fairseq's hubert criterion sums them: `loss` = cross-
+        entropy summed over masked frames and codebooks + feature_pen_weight x penalty x masked frames +
+        cqt_weight x CQT squared error (a mean over bins) summed over masked frames; `masked` the masked
+        frame count (sample_size) that the trainer divides by, `frames` all frames (per_frame: means).
+        `audio` (B, N) clean 24 kHz audio, N a multiple of the hop; `labels[teacher]` (B, n_q, >= T) codes;
+        `mask` (B, T) fixes the masked frames (default: drawn by span_mask). Training mode mixes noise."""
         cfg = self.cfg
         clean = audio
         if self.training and cfg.noise_prob > 0:
@@ -367,28 +420,35 @@ class MERT(nn.Module):
                 audio, cfg.noise_prob, cfg.noise_min_samples, cfg.noise_max_samples, cfg.noise_max_segments
             )
         frames = conv_frames(audio.shape[1], cfg)
-        mask = span_mask(audio.shape[0], frames, cfg.mask_prob, cfg.mask_length, cfg.min_masks)
+        if mask is None:
+            mask = span_mask(audio.shape[0], frames, cfg.mask_prob, cfg.mask_length, cfg.min_masks)
         mask = mask.to(audio.device, non_blocking=True)
         hidden, penalty = self.encode(audio, mask)
+        per_clip = mask.sum(dim=1).float()
+        count = per_clip.sum()
         masked = hidden[mask]  # (M, D): the losses are on masked frames only
         chunks = self.final_proj(masked).float().chunk(len(self.heads), dim=-1)
         embeddings = F.normalize(self.label_embs_concat.float(), dim=-1).split(self.classes)
         out: dict[str, torch.Tensor] = {}
-        loss = cfg.feature_pen_weight * penalty
+        # fairseq: penalty x sample_size; per clip it is the same when rows mask equally (require_same_masks)
+        # and splits exactly over ranks when they do not
+        pen_sum = (penalty * per_clip).sum()
+        loss = cfg.feature_pen_weight * pen_sum
         for (name, q), chunk, emb in zip(self.heads, chunks, embeddings, strict=True):
             logits = F.normalize(chunk, dim=-1) @ emb.T / cfg.logit_temp  # cosine similarity / temperature
             target = labels[name][:, q, :frames][mask].long()
-            ce = F.cross_entropy(logits, target)
+            ce = F.cross_entropy(logits, target, reduction="sum")
             loss = loss + ce
             out[f"loss_{name}"] = out.get(f"loss_{name}", 0.0) + ce.detach()
-            out[f"acc_{name}_{q}"] = (logits.argmax(-1) == target).float().mean().detach()
+            out[f"acc_{name}_{q}"] = (logits.argmax(-1) == target).sum().float().detach()
         if self.cqt is not None and self.cqt_head is not None:
             target = self.cqt(clean, frames)[mask]
-            mse = F.mse_loss(self.cqt_head(masked).float(), target)
-            loss = loss + cfg.cqt_weight * mse
-            out["cqt_mse"] = mse.detach()
-        out["feature_pen"] = penalty.detach()
-        out["mask_frac"] = mask.float().mean()
+            sq_err = F.mse_loss(self.cqt_head(masked).float(), target, reduction="sum") / cfg.cqt_bins
+            loss = loss + cfg.cqt_weight * sq_err
+            out["cqt_mse"] = sq_err.detach()
+        out["feature_pen"] = pen_sum.detach()
+        out["masked"] = count.detach()
+        out["frames"] = torch.tensor(float(mask.numel()), device=count.device)
         out["loss"] = loss
         return out
 

@@ -15,6 +15,8 @@ From the repository root (after `pip install -e .`), or from anywhere with the i
         --shards SHARDS --out runs/mert330m
     # continue from the newest checkpoint in --out (starts fresh when there is none)
     torchrun ... trainer/pretrain.py ... --resume
+    # a new run from MERT-v1's weights (HF directory or fairseq .pt; the shape comes from them)
+    torchrun ... trainer/pretrain.py ... --init-from MERT-v1-95M lr=1e-4 warmup_steps=2000
 
 RUN_DIR gets `ckpt-STEP.pt` (the last `keep_last`), `log.jsonl`, `config.json` and, when tensorboard is
 installed, `tb/`. Only rank 0 logs and writes. A checkpoint is one dict of tensors and plain values
@@ -49,6 +51,7 @@ try:  # run by path (torchrun trainer/pretrain.py): the installed package provid
     from mert_pipeline.shards import ShardError
     from mert_pipeline.trainer.data import CropSpec, Loader, ShardIndex, load_shard_index, valid_batches
     from mert_pipeline.trainer.model import MERT, ModelConfig, flops_per_clip
+    from mert_pipeline.trainer.weights import apply_shape, initialise, read_source
 except ModuleNotFoundError as exc:  # pragma: no cover - a checkout without `pip install -e .`
     if not exc.name or not exc.name.startswith("mert_pipeline"):
         raise
@@ -83,6 +86,7 @@ class TrainConfig:
     seed: int = 1
     precision: str = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU; fp32: always fp32
     peak_flops: float = 0.0  # per device, for MFU; 0: looked up from the GPU's name
+    init_from: str = ""  # weights to start a new run from: HF dir, export hf dir, our checkpoint, fairseq .pt
 
 
 def load_config(path: str | Path, overrides: list[str]) -> tuple[ModelConfig, TrainConfig]:
@@ -160,40 +164,52 @@ class Logger:
             self.tb.flush()
 
 
-def mean_over_ranks(sums: dict[str, torch.Tensor], count: float, device: torch.device) -> dict[str, float]:
-    """Average metric sums over `count` items per rank and over ranks (one all_reduce)."""
+def mean_over_ranks(sums: dict[str, torch.Tensor], device: torch.device) -> dict[str, float]:
+    """Per-masked-frame means of the model's metric sums over all ranks (one all_reduce): fairseq's sums
+    over all GPUs divided by their summed sample_size, so the numbers do not depend on the world size."""
     keys = sorted(sums)
-    packed = torch.stack([torch.as_tensor(float(count), device=device)] + [sums[k].float() for k in keys])
+    packed = torch.stack([torch.as_tensor(sums[k], device=device).double() for k in keys])
     if dist.is_initialized():
         dist.all_reduce(packed)
-    total = float(packed[0])
-    return {k: float(v) / total for k, v in zip(keys, packed[1:], strict=True)} if total else {}
+    return MERT.per_frame(dict(zip(keys, packed.tolist(), strict=True)))
+
+
+def scale_gradients(params: Iterator[torch.nn.Parameter], masked: torch.Tensor, world: int) -> None:
+    """Turn the gradients of summed losses into fairseq's: x world / (masked frames of all ranks and
+    micro-steps). DDP averaged them over the ranks, so the result is all ranks' summed gradients over all
+    their masked frames: what one process gets on the whole batch, however it is split (multiply_grads)."""
+    total = masked.detach().double().clone()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, (world / total.clamp(min=1.0)).to(grads[0].dtype))
 
 
 @torch.no_grad()
 def evaluate(
     model: MERT, index: ShardIndex, spec: CropSpec, tcfg: TrainConfig, rank: int, world: int, autocast: Any
 ) -> dict[str, float]:
-    """Masked loss and accuracy on the valid shards (no noise mixture, fixed masks), over all ranks."""
+    """Masked loss and accuracy on the valid shards (no noise mixture, fixed masks): sums over all batches
+    and ranks divided by all their masked frames, as in training."""
     model.eval()
     torch.manual_seed(tcfg.seed)
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
-    count = 0
     for batch in valid_batches(index, spec, rank, world, tcfg.eval_batches):
         with autocast:
             out = model(batch["audio"].to(device), {k: v.to(device) for k, v in batch["labels"].items()})
         for key, value in out.items():
-            sums[key] = sums.get(key, 0.0) + value.detach().float()
-        count += 1
+            sums[key] = sums.get(key, 0.0) + value.detach().double()
     model.train()
     if not sums:  # this rank had no valid batch: still join the all_reduce with zeros
-        sums = {k: torch.zeros((), device=device) for k in metric_names(model)}
-    return mean_over_ranks(sums, count, device)
+        sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in metric_names(model)}
+    return mean_over_ranks(sums, device)
 
 
 def metric_names(model: MERT) -> list[str]:
-    names = ["loss", "feature_pen", "mask_frac"] + [f"loss_{t}" for t, _, _ in model.cfg.codebooks]
+    """The keys of the model's sums (each rank must all_reduce the same ones)."""
+    names = ["loss", "feature_pen", "masked", "frames"] + [f"loss_{t}" for t, _, _ in model.cfg.codebooks]
     names += [f"acc_{t}_{q}" for t, q in model.heads]
     return names + (["cqt_mse"] if model.cqt is not None else [])
 
@@ -254,6 +270,11 @@ def check_inputs(
     if not index.samples("train"):
         raise ValueError(f"--shards {shards}: index.json lists no train samples")
     mcfg.codebooks = [(t, *index.teachers[t]) for t in tcfg.teachers]
+    if tcfg.init_from:  # the source fixes the model's shape; it is read in full only in train()
+        overridden = {item.partition("=")[0].strip() for item in overrides}
+        mcfg, changed = apply_shape(mcfg, read_source(tcfg.init_from, with_state=False), overridden)
+        if changed and int(os.environ.get("RANK", 0)) == 0:
+            print(f"init from {tcfg.init_from}: model shape {', '.join(changed)}", file=sys.stderr)
     return mcfg, tcfg, index
 
 
@@ -265,8 +286,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--shards", required=True, help="folder with index.json and {train,valid}/ shards")
     parser.add_argument("--out", required=True, help="run folder: checkpoints and logs")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    parser.add_argument(
+        "--init-from",
+        help="start a new run from these weights: a MERT-v1 HF directory, an `export hf` directory, one of "
+        "our checkpoints or run folders, or MERT-v1-*_fairseq.pt (same as init_from=PATH)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    return parser.parse_intermixed_args(argv)
+    args = parser.parse_intermixed_args(argv)
+    if args.init_from:
+        args.overrides.append(f"init_from={args.init_from}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,12 +342,32 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tcfg))
     step, position = 0, None
     found = checkpoints(out) if resume else []
+    init: dict[str, Any] = {}  # where the weights came from, kept in every checkpoint (export hf reads it)
+    if not found and tcfg.init_from:
+        source = read_source(tcfg.init_from)
+        init_report = initialise(raw, source)
+        del source
+        init = {
+            k: init_report[k] for k in ("kind", "path", "sha256", "loaded", "loaded_heads", "reinitialised")
+        }
+        init["unused"] = sorted(init_report["unused"])
+        if master:
+            reinit = ", ".join(init_report["reinitialised"]) or "nothing"
+            print(
+                f"[init] {init_report['kind']} {init_report['path']} (sha256 {init_report['sha256'][:12]}): "
+                f"{init_report['loaded']} tensors loaded; re-initialised: {reinit}; "
+                f"{len(init_report['unused'])} source tensors unused",
+                flush=True,
+            )
+    elif found and tcfg.init_from and master:
+        print(f"[init] --resume continues {found[-1]}; init_from is not read again", flush=True)
     if found:
         state = torch.load(found[-1], map_location="cpu", weights_only=True)
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, position = int(state["step"]), state["data"]
+        init = dict(state["config"].get("init") or {})
         torch.set_rng_state(state["rng"]["cpu"])
         if cuda and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
@@ -350,7 +399,8 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
     )
     log = Logger(out, master)
     if master:
-        atomic_write_json(out / "config.json", {"model": asdict(mcfg), "train": asdict(tcfg), "world": world})
+        run_config = {"model": asdict(mcfg), "train": asdict(tcfg), "world": world, "init": init}
+        atomic_write_json(out / "config.json", run_config)
         params = sum(p.numel() for p in raw.parameters())
         print(
             f"[start] step {step} | world {world} | device {device} | params {params / 1e6:.1f}M | "
@@ -361,11 +411,13 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
     batches: Iterator[dict[str, Any]] = iter(loader)
     window: dict[str, torch.Tensor] = {}
     window_steps, window_clips, window_audio, window_flops = 0, 0, 0.0, 0.0
+    window_grad_norm = torch.zeros((), device=device)
     window_start = time.perf_counter()
     warned_no_valid = False
     last = min(tcfg.max_steps, tcfg.stop_after or tcfg.max_steps)
     while step < last:
         reseed(tcfg.seed, step, rank)
+        masked = torch.zeros((), dtype=torch.float64, device=device)  # this rank's, over the micro-steps
         for micro in range(tcfg.grad_accum):
             batch = next(batches)
             audio = batch["audio"].to(device, non_blocking=True)
@@ -373,14 +425,16 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
             sync = world == 1 or micro == tcfg.grad_accum - 1
             with contextlib.nullcontext() if sync else model.no_sync(), autocast:
                 result = model(audio, labels)
-                (result["loss"] / tcfg.grad_accum).backward()
+                result["loss"].backward()  # a sum over masked frames; scale_gradients divides below
             for key, value in result.items():
-                window[key] = window.get(key, 0.0) + value.detach().float() / tcfg.grad_accum
+                window[key] = window.get(key, 0.0) + value.detach().double()
+            masked += result["masked"]
             window_clips += audio.shape[0]
             window_audio += audio.numel() / mcfg.sample_rate
             window_flops += audio.shape[0] * flops_per_clip(mcfg, audio.shape[1])
+        scale_gradients(raw.parameters(), masked, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tcfg.grad_clip or math.inf)
-        window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm.detach().float()
+        window_grad_norm = window_grad_norm + grad_norm.detach().float()  # the same on every rank
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
         scheduler.step()
@@ -389,15 +443,17 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
         window_steps += 1
 
         if step % tcfg.log_interval == 0 or step == last:
-            metrics = mean_over_ranks(window, window_steps, device)
+            metrics = mean_over_ranks(window, device)
             seconds = time.perf_counter() - window_start
             record = {"kind": "train", "step": step, **metrics, "lr": lr}
+            record["grad_norm"] = float(window_grad_norm) / window_steps
             record["samples_per_s"] = window_clips * world / seconds
             record["audio_s_per_s"] = window_audio * world / seconds
             if peak:
                 record["mfu"] = window_flops / seconds / peak
             log(record)
             window, window_steps, window_clips, window_audio, window_flops = {}, 0, 0, 0.0, 0.0
+            window_grad_norm = torch.zeros((), device=device)
             window_start = time.perf_counter()
         if tcfg.eval_interval and (step % tcfg.eval_interval == 0 or step == last):
             metrics = evaluate(raw, index, spec, tcfg, rank, world, autocast)
@@ -418,7 +474,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "step": step,
-                "config": {"model": asdict(mcfg), "train": asdict(tcfg)},
+                "config": {"model": asdict(mcfg), "train": asdict(tcfg), "init": init},
                 "rng": rng,
                 "data": loader.position,
             }

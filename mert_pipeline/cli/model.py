@@ -44,6 +44,15 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue from the newest checkpoint in RUN_DIR.")
     ] = False,
+    init_from: Annotated[
+        str | None,
+        typer.Option(
+            "--init-from",
+            metavar="WEIGHTS",
+            help="Start a new run from these weights: a MERT-v1 HF directory, MERT-v1-*_fairseq.pt, an "
+            "`export hf` directory, or one of our checkpoints or run folders (the model's shape with them).",
+        ),
+    ] = None,
     nproc_per_node: Annotated[
         int | None,
         typer.Option(
@@ -61,14 +70,15 @@ def train(
 
     from mert_pipeline.trainer.pretrain import check_inputs
 
+    overrides = [*(overrides or []), *([f"init_from={init_from}"] if init_from else [])]
     try:
-        mcfg, tcfg, index = check_inputs(config, shards, overrides or [])
+        mcfg, tcfg, index = check_inputs(config, shards, overrides)
     except ValueError as exc:
         raise fail(" ".join(str(exc).split())) from exc
     nproc = nproc_per_node or max(1, torch.cuda.device_count())
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
     command += ["-m", "mert_pipeline.trainer.pretrain", "--config", config, "--shards", shards]
-    command += ["--out", str(out), *(["--resume"] if resume else []), *(overrides or [])]
+    command += ["--out", str(out), *(["--resume"] if resume else []), *overrides]
     note(
         f"train: {mcfg.num_layers} layers x {mcfg.embed_dim}, teachers {', '.join(tcfg.teachers)}, "
         f"{index.samples('train')} train segments, {nproc} process(es) -> {out}"

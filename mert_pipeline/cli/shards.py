@@ -145,20 +145,32 @@ def export_fairseq(
             "--teachers", metavar="NAMES", help="Comma-separated label sets, e.g. rvq or rvq,kmeans500."
         ),
     ] = "rvq",
+    sharding: Annotated[
+        int,
+        typer.Option(
+            "--sharding",
+            metavar="N",
+            min=0,
+            help="Split the train rows round-robin into N >= 2 shards train_{i}_N.* for the official "
+            "task.sharding_data=N (the 330M config uses 6), instead of one train.tsv; 0: off.",
+        ),
+    ] = 0,
 ) -> None:
     """tsv manifests and label files exactly as the official MERT fairseq task reads them.
 
     Writes: DIR/{train,valid}.tsv (root line, then relpath<TAB>num_samples), DIR/{split}.encodec_{i} per
     EnCodec codebook and DIR/{split}.km for a single-codebook (k-means) teacher (one line of space-separated
     labels per tsv row), DIR/dict.{label}.txt (`<id> 1` lines), DIR/rejects.jsonl (rows dropped because a
-    teacher has no labels for them), DIR/export.json.
+    teacher has no labels for them), DIR/export.json. With --sharding N the train files are
+    DIR/train_{i}_N.tsv and DIR/train_{i}_N.{label} for i < N instead of DIR/train.*.
     """
     from mert_pipeline.shards import ShardError
 
+    names = teacher_list(teachers) or []
     start = time.perf_counter()
     try:
         with errors(), console.status("exporting"):
-            summary = pipeline.export_fairseq(workdir, out, teacher_list(teachers) or [])
+            summary = pipeline.export_fairseq(workdir, out, names, sharding=sharding)
     except ShardError as exc:  # labels that do not cover their audio: the data is wrong, not the call
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1) from exc
@@ -168,3 +180,10 @@ def export_fairseq(
     console.print(summary_table(report, "files"))
     labels = ", ".join(label for group in summary["labels"].values() for label in group)
     note(f"labels: {labels} at {summary['label_rate']:g} Hz -> {out}")
+    shards = summary.get("sharding", {})
+    if shards.get("shards"):
+        n = shards["shards"]
+        note(
+            f"train: {n} shards train_{{0..{n - 1}}}_{n}.* ({shards['order']}, rows {shards['rows']}); "
+            f"train with task.sharding_data={n}"
+        )

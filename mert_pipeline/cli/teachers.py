@@ -137,12 +137,16 @@ def features(
         typer.Option(
             "--kind",
             help="mfcc: 39-dim MFCC+deltas at 75 Hz (HuBERT iteration 1); model: layer --layer of the "
-            "trainer checkpoint --checkpoint (HuBERT iteration 2), stored as features/model_lL.",
+            "MERT model --checkpoint (HuBERT iteration 2), stored as features/model_lL.",
         ),
     ] = "mfcc",
     checkpoint: Annotated[
         Path | None,
-        typer.Option("--checkpoint", help="--kind model: a trainer checkpoint or run folder (its newest)."),
+        typer.Option(
+            "--checkpoint",
+            help="--kind model: a MERT-v1 HF directory, MERT-v1-*_fairseq.pt, an `export hf` directory, or "
+            "one of our checkpoints or run folders (its newest).",
+        ),
     ] = None,
     layer: Annotated[
         int | None,

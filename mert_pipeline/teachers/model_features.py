@@ -97,29 +97,41 @@ class ModelFeatures:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, layer: int, **kw: Any) -> ModelFeatures:
-        """Resolve a checkpoint (or run folder: its newest) once; CheckpointError/ValueError if unusable."""
-        from mert_pipeline.fs import sha256_file
-        from mert_pipeline.hf_export import CheckpointError, load_checkpoint, resolve_checkpoint
+        """Resolve a source once: one of our checkpoints (or a run folder: its newest), a MERT-v1 or
+        `export hf` directory, or the official fairseq checkpoint (`trainer.weights`). ValueError (one
+        line) if unusable. The window is our checkpoint's training crop, else MERT's 5 s."""
+        from mert_pipeline.hf_export import CheckpointError, resolve_checkpoint
+        from mert_pipeline.trainer.weights import WeightsError, read_source
 
-        path = resolve_checkpoint(Path(checkpoint)).resolve()
-        cfg, _, meta = load_checkpoint(path)
-        if not 0 <= layer <= cfg.num_layers:
-            raise ValueError(f"--layer must be in 0..{cfg.num_layers} for this checkpoint, not {layer}")
-        try:  # the training crop, read lazily (mmap) from the same file
-            saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
-            crop = int(saved.get("train", {}).get("crop_samples", 5 * SAMPLE_RATE))
-        except (RuntimeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{path}: cannot read its training config: {exc}") from exc
+        path = Path(checkpoint)
+        if path.is_dir() and not (path / "config.json").exists():
+            path = resolve_checkpoint(path)  # a run folder: its newest checkpoint
+        path = path.resolve()
+        try:
+            source = read_source(path)
+        except WeightsError as exc:
+            raise CheckpointError(str(exc).replace("--init-from ", "--checkpoint ")) from exc
+        num_layers, dim = source.fields["num_layers"], source.fields["embed_dim"]
+        if not 0 <= layer <= num_layers:
+            raise ValueError(f"--layer must be in 0..{num_layers} for this checkpoint, not {layer}")
+        crop, step = 5 * SAMPLE_RATE, 0
+        if source.kind == "checkpoint":  # the training crop and step, read lazily (mmap) from the same file
+            try:
+                saved = torch.load(path if path.is_file() else source.path, weights_only=True, mmap=True)
+                crop = int(saved["config"].get("train", {}).get("crop_samples", crop))
+                step = int(saved.get("step", 0))
+            except (RuntimeError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{path}: cannot read its training config: {exc}") from exc
         if crop < HOP or crop % HOP:
             raise CheckpointError(f"{path}: crop_samples {crop} is not a positive multiple of {HOP}")
         return cls(
-            checkpoint=str(path),
+            checkpoint=str(source.path if source.kind == "checkpoint" else path),
             layer=layer,
-            checkpoint_sha256=sha256_file(path),
-            dim=cfg.embed_dim,
-            num_layers=cfg.num_layers,
+            checkpoint_sha256=source.sha256,
+            dim=dim,
+            num_layers=num_layers,
             window_samples=crop,
-            step=meta["step"],
+            step=step,
             **kw,
         )
 
@@ -142,16 +154,15 @@ class ModelFeatures:
 
     def model(self) -> tuple[torch.nn.Module, torch.device]:
         """This process's encoder (loaded on first use, then cached) and its device."""
-        from mert_pipeline.fs import sha256_file
-        from mert_pipeline.hf_export import build_encoder, load_checkpoint
+        from mert_pipeline.trainer.weights import load_encoder
 
         key = (self.checkpoint, self.checkpoint_sha256, self.device)
         if key not in _ENCODERS:
-            if sha256_file(self.checkpoint) != self.checkpoint_sha256:
+            model, source = load_encoder(self.checkpoint)
+            if source.sha256 != self.checkpoint_sha256:
                 raise RuntimeError(f"{self.checkpoint} changed during the run (sha256 differs); rerun")
-            cfg, state, _ = load_checkpoint(Path(self.checkpoint))
             device = self._device()
-            _ENCODERS[key] = (build_encoder(cfg, state).to(device).eval(), device)
+            _ENCODERS[key] = (model.to(device).eval(), device)
         return _ENCODERS[key]
 
     def _device(self) -> torch.device:

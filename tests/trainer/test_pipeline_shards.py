@@ -17,6 +17,7 @@ from mert_pipeline.executor import ExecutorConfig
 from tests.trainer.test_pretrain import records, run
 
 LOCAL = ExecutorConfig(kind="local", workers=1)
+SMALL_HEADS = {"final_dim": 16, "cqt_bins": 24, "cqt_bins_per_octave": 12, "codebooks": [("rvq", 8, 1024)]}
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +77,30 @@ def test_mert_pipe_train_checks_then_launches_torchrun(pipeline_shards: Path, tm
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "ckpt-00000003.pt").exists() and "train finished" in done.stderr
     assert "TEST CODEC" in done.stderr, "the trainer says its labels come from test weights"
+
+
+def test_training_from_an_hf_mert_directory_lowers_the_loss(pipeline_shards: Path, tmp_path: Path) -> None:
+    """--init-from a MERT-format directory (another shape than the config's: the source decides), on the
+    pipeline's shards: the loss falls, the checkpoints and the HF export say where the weights came from."""
+    import dataclasses
+
+    from mert_pipeline.hf_export import export_hf
+    from tests.trainer.test_weights import TINY, trained_looking, write_mert_hf
+
+    source = write_mert_hf(
+        tmp_path / "mert", trained_looking(dataclasses.replace(TINY, **SMALL_HEADS), 5, 0.002)
+    )
+    out = tmp_path / "run"
+    base = command(pipeline_shards, out, "max_steps=40", "eval_interval=0", "ckpt_interval=40")
+    base[base.index("2")] = "1"  # one process
+    run([*base, "--init-from", str(source)])
+    train = records(out)
+    start = sum(train[s]["loss"] for s in range(1, 6)) / 5
+    end = sum(train[s]["loss"] for s in range(36, 41)) / 5
+    assert end < 0.95 * start, (start, end)
+    init = json.loads((out / "config.json").read_text())["init"]
+    assert init["kind"] == "hf" and init["path"].endswith("pytorch_model.bin") and len(init["sha256"]) == 64
+    assert "cqt_head" in init["reinitialised"] and init["unused"] == []
+    assert json.loads((out / "config.json").read_text())["model"]["embed_dim"] == 48
+    summary = export_hf(out, tmp_path / "hf")
+    assert summary["init_from"]["sha256"] == init["sha256"] and summary["max_abs_diff"] < 1e-4

@@ -171,6 +171,19 @@ def test_misuse_is_one_line_error(shards: Path, tmp_path: Path, capsys: pytest.C
     assert main(["--config", "nope", "--shards", str(shards), "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--config nope: no such file" in err and "mert_95m" in err and "tiny" in err
+    init = [
+        "--config",
+        "tiny",
+        "--shards",
+        str(shards),
+        "--out",
+        str(tmp_path),
+        "--init-from",
+        str(tmp_path / "x"),
+    ]
+    assert main(init) == 2  # weights that are not there: one line before anything starts
+    err = capsys.readouterr().err
+    assert err.startswith("error: --init-from") and "no such file" in err and err.count("\n") == 1
 
 
 def test_a_shipped_config_is_named_by_its_name(shards: Path) -> None:

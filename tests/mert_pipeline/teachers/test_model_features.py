@@ -176,3 +176,54 @@ def test_kmeans_fit_and_tokenize_on_model_features(tmp_path: Path, checkpoint: P
         result = mert_pipe(*args)
         assert result.exit_code == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_mert_v1_directory_gives_the_features_of_the_same_weights(
+    checkpoint: Path, encoder: torch.nn.Module, tmp_path: Path
+) -> None:
+    """HuBERT's second iteration on MERT-v1's features: a directory in the released format (MERTConfig,
+    weight_g / weight_v) gives the features of our checkpoint holding the same weights, in 5 s windows."""
+    from tests.trainer.test_weights import write_mert_hf
+
+    mert_dir = write_mert_hf(tmp_path / "mert-v1", encoder)
+    from_dir = ModelFeatures.from_checkpoint(mert_dir, LAYER)
+    from_ckpt = ModelFeatures.from_checkpoint(checkpoint, LAYER)
+    assert from_dir.window_samples == 120000 and from_dir.checkpoint_sha256 == sha256_file(
+        mert_dir / "pytorch_model.bin"
+    )
+    wav = (0.1 * np.random.default_rng(1).standard_normal(12000)).astype(np.float32)  # one window for both
+    np.testing.assert_allclose(from_dir(wav), from_ckpt(wav), rtol=0, atol=1e-6)
+
+
+@pytest.mark.ray
+def test_mert_v1_features_on_ray_actors_equal_the_local_pool_and_label(
+    workdir: Path, encoder: torch.nn.Module, tmp_path: Path, ray_cluster: None
+) -> None:
+    """HuBERT iteration 2 from a MERT-v1 directory: features on Ray actors (the model loaded once per
+    actor) are the local pool's bytes; kmeans fit and tokenize --teacher kmeans then label with them."""
+    from tests.trainer.test_weights import write_mert_hf
+
+    mert_dir = str(write_mert_hf(tmp_path / "MERT-v1-95M", encoder))
+    made = {}
+    for kind in ("local", "ray"):
+        config = FeaturesConfig(
+            workdir=workdir,
+            kind="model",
+            checkpoint=mert_dir,
+            layer=LAYER,
+            sample_frames=300,
+            name=f"v1_{kind}",
+        )
+        assert execute(FeaturesStage(config), ExecutorConfig(kind=kind, workers=1)).ok
+        made[kind] = {
+            p.relative_to(config.features_dir): p.read_bytes() for p in config.features_dir.glob("*/*.npy")
+        }
+    assert made["local"] and made["local"] == made["ray"]
+    w = str(workdir)
+    assert mert_pipe("kmeans", "fit", w, "--features", "v1_ray", "--k", "4").exit_code == 0
+    result = mert_pipe("tokenize", w, "--teacher", "kmeans", "--name", "v1k4", "--workers", "1")
+    assert result.exit_code == 0, result.stderr
+    facts = json.loads((workdir / "labels/v1k4/teacher.json").read_text())
+    assert facts["config"]["features"]["checkpoint_sha256"] == sha256_file(
+        Path(mert_dir) / "pytorch_model.bin"
+    )
