@@ -327,13 +327,91 @@ class HashingReader:
             pass
 
 
-def iter_members(stream: Any) -> Iterator[tuple[str, bytes]]:
-    """(name, bytes) of every regular member of a tar read as a stream."""
-    with tarfile.open(fileobj=stream, mode="r|") as tar:
+JSON_LIMIT = 1 << 16  # a KEY.json is a few hundred bytes
+_DEFAULT_SEGMENT_SECONDS = 600.0  # an index.json written before it recorded segment_seconds
+_COMPRESSED = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+@dataclass(frozen=True)
+class MemberLimits:
+    """The most bytes each member of a sample may declare, from what index.json says the samples are: the
+    audio by the longest segment (24-bit PCM stored verbatim plus headers, above any FLAC), the labels by its
+    frames x codebooks. A member above its limit is refused before a byte of it is read."""
+
+    flac: int
+    labels: dict[str, int]  # teacher -> bytes of its .npy
+
+    def of(self, name: str) -> int:
+        ext = split_name(name)[1]
+        if ext == "flac":
+            return self.flac
+        if ext.endswith(".npy") and ext[: -len(".npy")] in self.labels:
+            return self.labels[ext[: -len(".npy")]]
+        return JSON_LIMIT  # json, and anything unexpected (verify reports its name)
+
+
+def member_limits(index: dict[str, Any]) -> MemberLimits:
+    """The limits of a shard set's members (index.json as read)."""
+    try:
+        rate, hop = int(index["sample_rate"]), int(index["hop"])
+        samples = int(float(index.get("segment_seconds") or _DEFAULT_SEGMENT_SECONDS) * rate) + hop
+        frames = num_frames(samples, hop)
+        labels = {
+            str(name): 256 + 2 * int(facts["n_q"]) * frames
+            for group in ("teachers", "sidecars")
+            for name, facts in (index.get(group) or {}).items()
+        }
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ShardError(f"index.json: malformed ({type(exc).__name__}: {exc})") from exc
+    return MemberLimits(flac=4 * samples + (1 << 16), labels=labels)
+
+
+class _Prefixed:
+    """A stream whose first bytes were read to look at them, read again from the start."""
+
+    def __init__(self, head: bytes, stream: Any) -> None:
+        self.head, self.stream = head, stream
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.head:
+            return self.stream.read(size)
+        if size < 0:
+            data, self.head = self.head + self.stream.read(), b""
+            return data
+        data, self.head = self.head[:size], self.head[size:]
+        return data + (self.stream.read(size - len(data)) if len(data) < size else b"")
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    if member.issym() or member.islnk():
+        return "link"
+    if member.isdev():
+        return "device or FIFO"
+    return "directory" if member.isdir() else f"member of type {member.type!r}"
+
+
+def iter_members(stream: Any, limits: MemberLimits | None = None) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of every member of a plain tar read as a stream. A shard holds only regular files of
+    bounded size: a compressed tar, a sparse member, a link or device, or a member above its `limits` is a
+    ShardError naming it, raised before anything of it is read, so no tar can make a reader hold more than
+    its limits."""
+    head = stream.read(6)
+    for magic, name in _COMPRESSED.items():
+        if head.startswith(magic):
+            raise ShardError(f"a {name}-compressed tar: shards are plain tars")
+    with tarfile.open(fileobj=_Prefixed(head, stream), mode="r|") as tar:
         for member in tar:
-            if member.isfile():
-                handle = tar.extractfile(member)
-                yield member.name, handle.read() if handle is not None else b""
+            if member.issparse():
+                raise ShardError(f"member {member.name}: a sparse member ({member.size} bytes declared)")
+            if not member.isreg():
+                raise ShardError(f"member {member.name}: a {_kind(member)}, not a regular file")
+            limit = limits.of(member.name) if limits is not None else None
+            if limit is not None and member.size > limit:
+                raise ShardError(
+                    f"member {member.name}: {member.size} bytes, more than the {limit} such a member can hold"
+                )
+            handle = tar.extractfile(member)
+            yield member.name, handle.read() if handle is not None else b""
 
 
 def split_name(name: str) -> tuple[str, str]:
@@ -343,11 +421,11 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{key}" if head else key), ext
 
 
-def iter_samples(stream: Any) -> Iterator[tuple[str, dict[str, bytes]]]:
+def iter_samples(stream: Any, limits: MemberLimits | None = None) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group consecutive members by key, as webdataset does: (key, {extension: bytes})."""
     key: str | None = None
     sample: dict[str, bytes] = {}
-    for name, data in iter_members(stream):
+    for name, data in iter_members(stream, limits):
         member_key, ext = split_name(name)
         if key is not None and member_key != key:
             yield key, sample
@@ -416,6 +494,7 @@ class ShardIndex:
     teachers: dict[str, tuple[int, int]]  # name -> (n_q, num_classes), in shards or sidecars
     sidecars: dict[str, dict[str, str]]  # audio shard -> {teacher: sidecar shard}
     warnings: tuple[str, ...] = ()  # label sets made with test weights (teachers.test_weights_warning)
+    limits: MemberLimits | None = None  # the most bytes each member may declare
 
     def samples(self, split: str) -> int:
         return sum(count for _, count in self.shards.get(split, []))
@@ -450,15 +529,9 @@ def load_index(root: Path | str | Location) -> ShardIndex:
             for group in ("teachers", "sidecars")
             for name, facts in index.get(group, {}).items()
         }
-        return ShardIndex(
-            root,
-            int(index["sample_rate"]),
-            int(index["hop"]),
-            shards,
-            teachers,
-            sidecars,
-            index_warnings(index),
-        )
+        warnings, limits = index_warnings(index), member_limits(index)
+        rate, hop = int(index["sample_rate"]), int(index["hop"])
+        return ShardIndex(root, rate, hop, shards, teachers, sidecars, warnings, limits)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ShardError(f"{join(root, INDEX)}: malformed ({type(exc).__name__}: {exc})") from exc
 
@@ -472,10 +545,12 @@ def read_samples(
     sides = index.sidecars.get(shard, {})
     names = [t for t in (sorted(sides) if teachers is None else teachers) if t in sides]
     with contextlib.ExitStack() as stack:
-        streams = [iter_samples(stack.enter_context(storage.open_read(join(index.root, shard))))]
+        streams = [
+            iter_samples(stack.enter_context(storage.open_read(join(index.root, shard))), index.limits)
+        ]
         for teacher in names:
             handle = stack.enter_context(storage.open_read(join(index.root, sides[teacher])))
-            streams.append(iter_samples(handle))
+            streams.append(iter_samples(handle, index.limits))
         for parts in zip(*streams, strict=True):
             key, members = parts[0]
             sample = {"__key__": key, **members}
@@ -592,11 +667,11 @@ def verify_shard(root: Location, shard: str, index: dict[str, Any]) -> ShardChec
     if reader is None:
         return check
     try:
-        for key, sample in iter_samples(reader):
+        for key, sample in iter_samples(reader, member_limits(index)):
             if key in lengths:
                 check.problems.append(f"{shard}: {key}: key appears twice")
             lengths[key] = _check_sample(shard, key, sample, index, check)
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, ShardError) as exc:
         check.problems.append(f"{shard}: tar unreadable after {len(lengths)} samples ({exc})")
     _finish_file(shard, entry, reader, check)
     check.keys = list(lengths)
@@ -631,7 +706,7 @@ def _verify_sidecar(
         return
     keys: list[str] = []
     try:
-        for key, sample in iter_samples(reader):
+        for key, sample in iter_samples(reader, member_limits(index)):
             keys.append(key)
             where = f"{name}: {key}"
             if set(sample) != {f"{teacher}.npy"}:
@@ -642,7 +717,7 @@ def _verify_sidecar(
                 _check_labels(
                     sample.get(f"{teacher}.npy"), facts, frames, f"{where}.{teacher}.npy", check.problems
                 )
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except (tarfile.TarError, OSError, EOFError, ShardError) as exc:
         check.problems.append(f"{name}: tar unreadable after {len(keys)} samples ({exc})")
     _finish_file(name, entry, reader, check)
     if keys != list(lengths):

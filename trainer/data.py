@@ -22,6 +22,8 @@ the physical worker w plays slot (w + batch) % workers so batch `batch` comes ne
 from __future__ import annotations
 
 import io
+import sys
+import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,7 +34,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mert_pipeline.grid import num_frames
-from mert_pipeline.shards import SegmentMeta, ShardIndex, load_index, read_samples
+from mert_pipeline.shards import SegmentMeta, ShardError, ShardIndex, load_index, read_samples
 
 __all__ = ["CropBatches", "CropSpec", "Loader", "ShardIndex", "load_shard_index", "valid_batches"]
 load_shard_index = load_index  # the trainer's name for the shard format's index reader
@@ -49,6 +51,7 @@ class CropSpec:
     min_samples: int
     shuffle_buffer: int = 1000
     seed: int = 0
+    max_bad_fraction: float = 0.001  # samples a damaged shard set may lose before the run stops
 
 
 class CropBatches(IterableDataset):
@@ -72,6 +75,7 @@ class CropBatches(IterableDataset):
         self.index, self.split, self.spec, self.train = index, split, spec, train
         self.epoch, self.rank, self.world, self.workers = epoch, rank, world, max(1, workers)
         self.start, self.count = start, count
+        self.seen, self.bad = 0, 0  # samples read and skipped by this worker
 
     def _shards(self, rng: np.random.Generator, slot: int, slots: int) -> Iterator[str]:
         names = [name for name, _ in self.index.shards.get(self.split, [])]
@@ -94,11 +98,22 @@ class CropBatches(IterableDataset):
         for shard in self._shards(rng, slot, slots):
             barren += 1
             if barren > limit:  # cycling shards that hold no usable clip would never yield a batch
+                if self.bad:
+                    raise self._damaged("and no usable clip in the others")
                 raise ValueError(f"no {self.split} clip of at least {self.spec.min_samples} samples")
-            for number, sample in enumerate(read_samples(self.index, shard, self.spec.teachers)):
+            for number, sample in enumerate(self._read(shard)):
                 if not self.train and shared and number % slots != slot:
                     continue  # validation on fewer shards than ranks: split the samples instead
-                meta = SegmentMeta.from_bytes(sample["json"])
+                try:
+                    meta = SegmentMeta.from_bytes(sample.get("json", b""))
+                    missing = [t for t in self.spec.teachers if f"{t}.npy" not in sample]
+                    if missing or "flac" not in sample:
+                        raise ShardError(
+                            f"no {'flac' if 'flac' not in sample else missing[0] + '.npy'} member"
+                        )
+                except ShardError as exc:
+                    self._bad(f"{shard}: {sample['__key__']}: {exc}")
+                    continue
                 if meta.num_samples < self.spec.min_samples:
                     continue  # clips under min_samples (3 s) are dropped
                 barren = 0
@@ -108,6 +123,29 @@ class CropBatches(IterableDataset):
                     yield buffer.pop(int(rng.integers(len(buffer))) if self.train else 0)
         while buffer:
             yield buffer.pop(int(rng.integers(len(buffer))) if self.train else 0)
+
+    def _read(self, shard: str) -> Iterator[dict[str, Any]]:
+        """The shard's samples; a damaged shard (a member the format refuses, a truncated tar) ends
+        where the damage starts, counted as one bad sample, and the loader goes on with the next."""
+        try:
+            for sample in read_samples(self.index, shard, self.spec.teachers):
+                self.seen += 1
+                yield sample
+        except (ShardError, tarfile.TarError, OSError, EOFError) as exc:
+            self._bad(f"{shard}: {' '.join(str(exc).split())}")
+
+    def _bad(self, what: str) -> None:
+        """Skip a bad sample, say so, and stop the run once more than max_bad_fraction of samples are bad."""
+        self.bad += 1
+        print(f"[data] skipped {what} ({self.bad} bad of {self.seen} read)", file=sys.stderr, flush=True)
+        if self.bad > max(10, self.spec.max_bad_fraction * self.seen):
+            raise self._damaged(f"more than {self.spec.max_bad_fraction:.1%}")
+
+    def _damaged(self, why: str) -> ValueError:
+        return ValueError(
+            f"{self.bad} bad samples of {self.seen} read in {self.index.root}, {why}: the shard set is "
+            f"damaged; run `mert-pipe verify {self.index.root}`"
+        )
 
     def _plans(
         self, rng: np.random.Generator, slot: int, slots: int

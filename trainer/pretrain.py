@@ -47,7 +47,8 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 
 try:  # run by path (torchrun trainer/pretrain.py): the installed package provides the rest
-    from mert_pipeline.fs import atomic_path, atomic_write_json
+    from mert_pipeline.fs import WorkdirBusy, atomic_path, atomic_write_json, workdir_lock
+    from mert_pipeline.layout import LOCK
     from mert_pipeline.shards import ShardError
     from mert_pipeline.trainer.data import CropSpec, Loader, ShardIndex, load_shard_index, valid_batches
     from mert_pipeline.trainer.model import MERT, ModelConfig, flops_per_clip
@@ -278,6 +279,22 @@ def check_inputs(
     return mcfg, tcfg, index
 
 
+def check_run_dir(out: str | Path, resume: bool) -> Path:
+    """--out: a new run needs an empty (or new) folder, so that it never mixes with, or prunes, another
+    run's checkpoints; --resume continues the run that is there."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a run folder")
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK) if out.is_dir() else []
+    if held and not resume:
+        shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+        raise ValueError(
+            f"--out {out} already holds {shown}: pass --resume to continue that run, or give an empty --out "
+            "for a new one"
+        )
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -302,13 +319,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         mcfg, tcfg, index = check_inputs(args.config, args.shards, args.overrides)
+        if int(os.environ.get("RANK", 0)) == 0:  # rank 0 alone writes the run folder
+            check_run_dir(args.out, args.resume)
     except ValueError as exc:  # one line, exit 2, before any process group (torchrun adds its own report)
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:
         for warning in index.warnings:
             print(f"warning: {warning}", file=sys.stderr, flush=True)
-    train(mcfg, tcfg, index, Path(args.out), args.resume)
+    out = Path(args.out)
+    try:  # rank 0 holds the run folder's lock for the whole run: a second run into it is refused
+        with workdir_lock(out) if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext():
+            train(mcfg, tcfg, index, out, args.resume)
+    except WorkdirBusy as exc:
+        print(f"error: {exc}; wait for it, or give another --out", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -68,11 +68,12 @@ def train(
     """
     import torch
 
-    from mert_pipeline.trainer.pretrain import check_inputs
+    from mert_pipeline.trainer.pretrain import check_inputs, check_run_dir
 
     overrides = [*(overrides or []), *([f"init_from={init_from}"] if init_from else [])]
     try:
         mcfg, tcfg, index = check_inputs(config, shards, overrides)
+        check_run_dir(out, resume)
     except ValueError as exc:
         raise fail(" ".join(str(exc).split())) from exc
     nproc = nproc_per_node or max(1, torch.cuda.device_count())

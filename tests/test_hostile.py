@@ -1,0 +1,202 @@
+"""Hostile and careless inputs: each is a clean reject, a refusal or a reported problem; nothing crashes,
+nothing unbounded is read, nothing outside the output is touched."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from mert_pipeline.shards import ShardError, iter_samples, load_index, member_limits, read_samples, verify_all
+from tests.helpers import REPO
+from tests.trainer.shardgen import write_shards
+
+
+@pytest.fixture
+def shards(tmp_path: Path) -> Path:
+    return write_shards(tmp_path / "shards", train_shards=2, valid_shards=1, per_shard=4, seconds=(1.0, 1.5))
+
+
+def tar_of(*members: tuple[str | tarfile.TarInfo, bytes]) -> bytes:
+    """A plain tar of (name or TarInfo, bytes) members: regular files, or raw entries (links, sparse)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for head, data in members:
+            info = head if isinstance(head, tarfile.TarInfo) else tarfile.TarInfo(head)
+            if info.isreg():
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def sparse_member(name: str, declared: int) -> tuple[tarfile.TarInfo, bytes]:
+    """A PAX GNU-sparse 1.0 member: a few hundred bytes on disk that declare `declared` bytes of holes."""
+    info = tarfile.TarInfo(name)
+    info.pax_headers = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": name,
+        "GNU.sparse.realsize": str(declared),
+    }
+    return info, f"1\n{declared - 1}\n1\n".encode().ljust(512, b"\0") + b"x"
+
+
+def link_member(name: str) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    return info, b""
+
+
+def replace_shard(shards: Path, data: bytes, name: str = "train/shard-000000.tar") -> str:
+    (shards / name).write_bytes(data)
+    return name
+
+
+def test_a_10_kb_tar_declaring_6_gb_is_a_verify_problem_read_in_bounded_memory(shards: Path) -> None:
+    key = json.loads((shards / "index.json").read_text())
+    assert key["shards"]
+    name = replace_shard(shards, tar_of(sparse_member("00000000000000000_0000.flac", 6_000_000_000)))
+    assert (shards / name).stat().st_size < 16_000
+    code = (
+        "import resource, sys; from mert_pipeline.shards import verify_all; "
+        f"report = verify_all({str(shards)!r}); "
+        "print('\\n'.join(report.problems)); "
+        "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert f"{name}: tar unreadable after 0 samples (member 00000000000000000_0000.flac: a sparse member" in (
+        done.stdout
+    )
+    assert int(done.stdout.split("maxrss_kb")[-1]) < 600_000, "the 6 GB member was never read"
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ([link_member("0000000000000000_0000.flac")], "a link, not a regular file"),
+        ([("0000000000000000_0000.json", b"{" + b" " * 70_000 + b"}")], "more than the 65536 such a member"),
+    ],
+)
+def test_links_and_oversized_members_are_refused_before_reading(
+    shards: Path, members: list, message: str
+) -> None:
+    name = replace_shard(shards, tar_of(*members))
+    problems = "\n".join(verify_all(shards).problems)
+    assert f"{name}: tar unreadable after 0 samples" in problems and message in problems
+
+
+def test_an_oversized_flac_member_is_refused_by_its_segment_bound(shards: Path) -> None:
+    limits = member_limits(json.loads((shards / "index.json").read_text()))
+    too_big = ("0000000000000000_0000.flac", bytes(limits.flac + 1))
+    with pytest.raises(ShardError, match=r"bytes, more than the \d+ such a member can hold"):
+        list(iter_samples(io.BytesIO(tar_of(too_big)), limits))
+    index = {**json.loads((shards / "index.json").read_text()), "segment_seconds": 2.0}
+    frames = -(-(2 * 24000 + 320) // 320)  # the longest segment's frames
+    assert member_limits(index).labels["rvq"] == 256 + 2 * 2 * frames  # int16 x 2 codebooks, plus header
+
+
+def test_a_compressed_tar_is_refused(shards: Path) -> None:
+    name = replace_shard(shards, gzip.compress((shards / "train/shard-000001.tar").read_bytes()))
+    problems = "\n".join(verify_all(shards).problems)
+    assert (
+        f"{name}: tar unreadable after 0 samples (a gzip-compressed tar: shards are plain tars)" in problems
+    )
+
+
+def test_the_trainer_reader_skips_a_damaged_shard_counts_it_and_stops_past_the_limit(
+    shards: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from mert_pipeline.trainer.data import CropBatches, CropSpec
+
+    replace_shard(shards, tar_of(sparse_member("00000000000000000_0000.flac", 6_000_000_000)))
+    index = load_index(shards)
+    with pytest.raises(ShardError, match="a sparse member"):
+        list(read_samples(index, "train/shard-000000.tar"))
+    spec = CropSpec(("rvq",), batch_size=2, crop_samples=16000, min_samples=16000, shuffle_buffer=1)
+    batches = CropBatches(index, "train", spec, epoch=0, rank=0, world=1, workers=1, start=0, count=4)
+    assert len(list(batches)) == 4, "the other shard still feeds the epoch"
+    assert batches.bad >= 1 and "[data] skipped train/shard-000000.tar: member" in capsys.readouterr().err
+    strict = CropSpec(("rvq",), 2, 16000, 16000, 1, max_bad_fraction=0.0)
+    broken = write_shards(shards.parent / "all_bad", train_shards=1, valid_shards=1, per_shard=2)
+    replace_shard(broken, tar_of(link_member("x_0000.flac")))
+    batches = CropBatches(
+        load_index(broken), "train", strict, epoch=0, rank=0, world=1, workers=1, start=0, count=1
+    )
+    with pytest.raises(
+        ValueError, match=r"3 bad samples of 0 read in .*, and no usable clip in the others: .* verify"
+    ):
+        list(batches)
+
+
+def test_a_non_empty_run_folder_without_resume_is_refused(shards: Path, tmp_path: Path) -> None:
+    from mert_pipeline.trainer.pretrain import check_run_dir, main
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt-00009000.pt").write_bytes(b"an older run's checkpoint")
+    with pytest.raises(
+        ValueError, match=r"already holds ckpt-00009000.pt: pass --resume .* or give an empty --out"
+    ):
+        check_run_dir(out, resume=False)
+    assert check_run_dir(out, resume=True) == out
+    args = ["--config", "tiny", "--shards", str(shards), "--out", str(out), "teachers=[rvq]"]
+    assert main(args) == 2
+    assert (out / "ckpt-00009000.pt").read_bytes() == b"an older run's checkpoint", "nothing was touched"
+
+
+def test_a_second_run_into_a_locked_run_folder_is_refused(shards: Path, tmp_path: Path) -> None:
+    from mert_pipeline.fs import workdir_lock
+    from mert_pipeline.trainer.pretrain import main
+
+    out = tmp_path / "run"
+    code = (
+        "import time; from pathlib import Path; from mert_pipeline.fs import workdir_lock\n"
+        f"with workdir_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        args = ["--config", "tiny", "--shards", str(shards), "--out", str(out), "--resume", "teachers=[rvq]"]
+        assert main(args) == 2
+    finally:
+        holder.kill()
+        holder.wait()
+    with workdir_lock(out):  # released with its holder
+        pass
+    assert os.listdir(out) == [".lock"]
+
+
+def test_a_crafted_manifest_id_never_becomes_a_path_outside_workdir(tmp_path: Path) -> None:
+    """An id of `../outside/pwned` in manifest.parquet (the writer refuses it, so it is crafted with
+    pyarrow): resample fails that row with the id named, and writes nothing outside WORKDIR."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    from mert_pipeline import pipeline
+
+    music = tmp_path / "music"
+    music.mkdir()
+    sf.write(music / "a.wav", (0.1 * np.sin(np.arange(24000 * 4) / 9)).astype(np.float32), 24000)
+    work = tmp_path / "work"
+    pipeline.manifest([str(music)], work)
+    table = pq.read_table(work / "manifest.parquet")
+    crafted = table.set_column(table.schema.get_field_index("id"), "id", pa.array(["../outside/pwned"]))
+    pq.write_table(crafted.replace_schema_metadata(table.schema.metadata), work / "manifest.parquet")
+    with pytest.raises((pipeline.PipelineError, pipeline.StageFailed)) as caught:
+        pipeline.resample(work)
+    failed = caught.value
+    said = str(failed) + " ".join(
+        o.error or "" for o in getattr(getattr(failed, "report", None), "failed", [])
+    )
+    assert "'../outside/pwned' is not 16 lowercase hex digits" in said
+    assert not (tmp_path / "outside").exists() and not list(tmp_path.rglob("pwned*"))
