@@ -27,15 +27,34 @@ def tmp_name(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:12]}")
 
 
+DURABLE = os.environ.get("MERT_PIPELINE_FSYNC", "1") != "0"  # MERT_PIPELINE_FSYNC=0: no fsync (benchmarks)
+
+
+def fsync_path(path: Path) -> None:
+    """Push a file's (or a directory's entries') bytes to the disk, so that what a later file vouches for
+    (a completion marker, index.json) survives a power loss too."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(final: Path | str) -> Iterator[Path]:
-    """Yield a temporary path; rename it to `final` if the block succeeds, delete it if not."""
+    """Yield a temporary path; rename it to `final` if the block succeeds, delete it if not. The file is
+    fsynced before the rename and its directory after, so a file under its final name is on the disk
+    before anything written later (the task's marker, index.json) can say it is done."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(final)
     try:
         yield tmp
+        if DURABLE and tmp.exists():
+            fsync_path(tmp)
         os.replace(tmp, final)
+        if DURABLE:
+            fsync_path(final.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

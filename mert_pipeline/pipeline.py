@@ -77,8 +77,8 @@ class StageFailed(RuntimeError):
 
 
 def _line(exc: BaseException) -> str:
-    """An exception's message as one line (what a PipelineError says)."""
-    return " ".join(str(exc).split())
+    """An exception's message as one line (what a PipelineError says), any URL's query string hidden."""
+    return " ".join(storage.redact(word) for word in str(exc).split())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,7 +157,7 @@ def check_roots(roots: list[str] | tuple[str, ...] | list[Path]) -> tuple[str, .
 
     if not roots:
         raise PipelineError("give at least one ROOT: a folder of audio files (or a URL)")
-    located = [as_location(str(root)) for root in roots]
+    located = [_build(lambda root=root: as_location(str(root))) for root in roots]
     for root in located:
         try:
             found = storage.exists(root)
@@ -173,7 +173,7 @@ def check_roots(roots: list[str] | tuple[str, ...] | list[Path]) -> tuple[str, .
 
 def shards_location(text: str | Path) -> Location:
     """A SHARDS argument: a local folder (made absolute) or a URL, proven writable when remote."""
-    location = as_location(str(text))
+    location = _build(lambda: as_location(str(text)))
     if isinstance(location, Path):
         return location.resolve()
     try:
@@ -488,6 +488,7 @@ def shard(
             shard_bytes=parse_size(shard_size) if isinstance(shard_size, str) else int(shard_size),
             shard_samples=shard_samples,
             seed=seed,
+            take_over=bool(executor and executor.force),
         )
     )
     return _run_shard_stage(ShardStage(config), executor, progress, "files")
@@ -527,7 +528,7 @@ def verify(shards: str | Path, workers: int | None = None, progress: Progress | 
     alignment, key sets. The report lists every problem (none: `report.ok`)."""
     from mert_pipeline.shards import INDEX, ShardError, verify_all
 
-    location = as_location(str(shards))
+    location = _build(lambda: as_location(str(shards)))
     try:
         if not storage.exists(storage.join(location, INDEX)):
             raise PipelineError(f"{storage.join(location, INDEX)} not found: run `mert-pipe shard` first")

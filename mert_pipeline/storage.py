@@ -25,6 +25,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+from urllib.parse import urlsplit
 
 from mert_pipeline.fs import atomic_path, atomic_write_bytes, tmp_name
 
@@ -43,11 +44,27 @@ def is_url(location: Location) -> bool:
     return bool(match) and match.group(1).lower() != "file"
 
 
+def redact(text: str) -> str:
+    """A URL as it may be shown or stored: a presigned URL's query string (its signature) hidden."""
+    head, sep, _ = str(text).partition("?")
+    return f"{head}?<redacted>" if sep and is_url(head) else str(text)
+
+
 def as_location(text: str | Path) -> Location:
     """A CLI argument as a location: URLs stay strings (without a trailing slash), `file://` and plain
-    paths become `Path`s."""
+    paths become `Path`s. A URL carrying credentials (`scheme://user:token@host/...`) is refused: they
+    belong in the backend's own settings, not in arguments that end up in logs, manifests and stats."""
     text = str(text)
     if is_url(text):
+        netloc = urlsplit(text).netloc
+        if "@" in netloc:
+            scheme = text.split("://", 1)[0]
+            host = netloc.rsplit("@", 1)[1]
+            raise ValueError(
+                f"{scheme}://<credentials>@{host}/...: a URL must not carry credentials; set them in the "
+                "storage backend's own settings (s3: AWS_* variables, ~/.aws or an instance role; gs: "
+                "GOOGLE_APPLICATION_CREDENTIALS; http: a ~/.netrc), see docs/clusters.md"
+            )
         return text.rstrip("/")
     if text.startswith("file://"):
         return Path(text[len("file://") :])

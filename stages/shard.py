@@ -93,6 +93,7 @@ class ShardConfig:
     shard_samples: int | None = None  # also close a shard at this many samples
     seed: int = DEFAULT_SEED
     sample_rate: int = SAMPLE_RATE
+    take_over: bool = False  # --force: write into a SHARDS whose index.json another WORKDIR wrote
 
     def __post_init__(self) -> None:
         if self.segment_seconds <= 0:
@@ -122,7 +123,45 @@ class _WritesShards:
         return rank_path(self, "parts", rank, ".json")  # type: ignore[arg-type]
 
     def _write_index(self, index: dict[str, Any]) -> None:
+        # the claim goes beside index.json, whose bytes depend only on the shards (not on where WORKDIR is)
+        storage.write_bytes(join(self.config.out, OWNER), _identity(self.config.workdir).encode() + b"\n")
         write_index(self.config.out, index)
+
+    def _claim(self, take_over: bool, planned: list[str]) -> None:
+        """Make sure SHARDS is this shard set's before anything is written: refused when another WORKDIR's
+        index.json claims it (unless `take_over`), or when it holds shard tars that no earlier index or
+        plan of this set lists (a user's own files are never overwritten or pruned). Then record the new
+        plan's names as this set's (OWNED), before any task writes them."""
+        out, mine = self.config.out, _identity(self.config.workdir)
+        owner = _owner(out)
+        if owner not in (None, mine) and not take_over:
+            raise ValueError(
+                f"{out} holds the shards of WORKDIR {owner} ({OWNER}); give another --out, or pass --force "
+                f"to take it over for {mine}"
+            )
+        owned = self._owned()
+        found = {
+            f"{split}/{name}"
+            for split in SPLITS
+            for name in storage.list_names(join(out, split))
+            if SHARD_NAME.match(name) or SIDECAR_NAME.match(name)
+        }
+        foreign = sorted(found - owned)
+        if foreign and not take_over:
+            raise ValueError(
+                f"{out} holds {', '.join(foreign[:3])}{' ...' if len(foreign) > 3 else ''}, which this shard "
+                "set did not write: give an empty --out, or move them away (--force overwrites them)"
+            )
+        atomic_write_json(stage_dir(self) / OWNED, sorted(owned | set(planned)))  # type: ignore[arg-type]
+
+    def _owned(self) -> set[str]:
+        """Every tar name this shard set has listed: its index.json, and every plan it made (OWNED)."""
+        names = set(_old_index(self.config.out).get("shards", {})) if self._index_is_mine() else set()
+        journal = stage_dir(self) / OWNED  # type: ignore[arg-type]
+        return names | (set(json.loads(journal.read_text())) if journal.exists() else set())
+
+    def _index_is_mine(self) -> bool:
+        return _owner(self.config.out) in (None, _identity(self.config.workdir))
 
     def _output(self, name: str) -> Any:
         """A local temporary file that becomes SHARDS/NAME when complete (renamed, or uploaded whole)."""
@@ -195,6 +234,7 @@ class ShardStage(_WritesShards):
                 shards[shard_name(split, made)] = current
         counts["segments"] = sum(len(v) for v in shards.values())
         atomic_write_json(stage_dir(self) / "plan.json", {"counts": dict(counts), "shards": sorted(shards)})
+        self._claim(config.take_over, sorted(shards))
 
         def rows() -> Any:
             for shard, members in shards.items():
@@ -321,7 +361,7 @@ class ShardStage(_WritesShards):
             if "teacher" in entry and base is not None and base["sha256"] == entry.get("base_sha256"):
                 if entry["teacher"] not in self.facts:
                     sidecars[name] = entry
-        removed = _prune(config.out, set(entries) | set(sidecars))
+        removed = _prune(config.out, set(entries) | set(sidecars), self._owned())
         teachers_of_sidecars = {e["teacher"] for e in sidecars.values()}
         sidecar_facts = {k: v for k, v in old.get("sidecars", {}).items() if k in teachers_of_sidecars}
         facts = next(iter(self.facts.values()))
@@ -403,13 +443,33 @@ def _old_index(out: Location) -> dict[str, Any]:
         return {}
 
 
-def _prune(out: Location, kept: set[str]) -> int:
-    """Delete shard and sidecar tars of earlier plans (names this index does not list)."""
+OWNED = "owned.json"  # bookkeeping: every tar name this shard set has planned
+
+
+OWNER = ".owner"  # SHARDS/.owner: the WORKDIR whose shard set this is
+
+
+def _identity(workdir: Path) -> str:
+    """The WORKDIR a shard set belongs to, as SHARDS/.owner records it."""
+    return str(Path(workdir).resolve())
+
+
+def _owner(out: Location) -> str | None:
+    """The WORKDIR that last wrote this SHARDS's index.json (None: none yet, or written before claims)."""
+    try:
+        return storage.read_bytes(join(out, OWNER)).decode().strip() or None
+    except FileNotFoundError:
+        return None
+
+
+def _prune(out: Location, kept: set[str], owned: set[str]) -> int:
+    """Delete tars of this shard set's earlier plans that the new index does not list; only names in
+    `owned` (its own earlier index and plans), never a file it did not write."""
     removed = 0
     for split in SPLITS:
         for name in storage.list_names(join(out, split)):
             named = SHARD_NAME.match(name) or SIDECAR_NAME.match(name)
-            if named and f"{split}/{name}" not in kept:
+            if named and f"{split}/{name}" not in kept and f"{split}/{name}" in owned:
                 storage.remove(join(out, split, name))
                 removed += 1
     return removed
@@ -480,6 +540,7 @@ class SidecarStage(_WritesShards):
         bases = sorted(name for name, entry in index["shards"].items() if "teacher" not in entry)
         rows = [{"shard": name, "sha256": index["shards"][name]["sha256"]} for name in bases]
         fingerprint = json.dumps({"teacher": self.facts, "version": 1}, sort_keys=True, default=str)
+        self._claim(False, [sidecar_name(base, teacher) for base in bases])
         tasks = write_listings(self, rows, 1, fingerprint, SUBDIRS)
         _redo_missing(self, tasks, [sidecar_name(base, teacher) for base in bases])
         return tasks
@@ -548,7 +609,7 @@ class SidecarStage(_WritesShards):
         index.setdefault("sidecars", {})[teacher] = (
             self.facts or teacher_facts(self.config.workdir, [teacher])[teacher]
         )
-        removed = _prune(self.config.out, set(shards))
+        removed = _prune(self.config.out, set(shards), self._owned())
         self._write_index(index)
         counts = {key: stats.get(key, 0) for key in ("samples", "bytes", "shards", "audio_seconds")}
         counts["removed_stale"] = removed

@@ -65,10 +65,11 @@ def test_a_10_kb_tar_declaring_6_gb_is_a_verify_problem_read_in_bounded_memory(s
     name = replace_shard(shards, tar_of(sparse_member("00000000000000000_0000.flac", 6_000_000_000)))
     assert (shards / name).stat().st_size < 16_000
     code = (
-        "import resource, sys; from mert_pipeline.shards import verify_all; "
+        "from mert_pipeline.shards import verify_all; "
         f"report = verify_all({str(shards)!r}); "
         "print('\\n'.join(report.problems)); "
-        "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        # VmHWM, this process's own peak RSS: ru_maxrss would carry over pytest's from before the exec
+        "print('maxrss_kb', [x.split()[1] for x in open('/proc/self/status') if x.startswith('VmHWM')][0])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert done.returncode == 0, done.stderr
@@ -200,3 +201,27 @@ def test_a_crafted_manifest_id_never_becomes_a_path_outside_workdir(tmp_path: Pa
     )
     assert "'../outside/pwned' is not 16 lowercase hex digits" in said
     assert not (tmp_path / "outside").exists() and not list(tmp_path.rglob("pwned*"))
+
+
+@pytest.mark.parametrize("url", ["s3://AKIA:s3cr3t@bucket/music", "https://user:tok3n@example.com/a.flac"])
+def test_urls_with_credentials_are_refused_without_showing_them(url: str, tmp_path: Path) -> None:
+    from mert_pipeline import pipeline
+
+    with pytest.raises(pipeline.PipelineError) as caught:
+        pipeline.manifest([url], tmp_path / "w")
+    said = str(caught.value)
+    assert "must not carry credentials" in said and "backend's own settings" in said
+    assert "s3cr3t" not in said and "tok3n" not in said and "\n" not in said
+    with pytest.raises(pipeline.PipelineError, match="must not carry credentials"):
+        pipeline.shards_location(url)
+
+
+def test_query_strings_of_urls_are_redacted_in_errors() -> None:
+    from mert_pipeline.pipeline import _line
+    from mert_pipeline.storage import redact
+
+    presigned = "https://bucket.s3.amazonaws.com/a.flac?X-Amz-Signature=abcdef&X-Amz-Credential=AKIA"
+    assert redact(presigned) == "https://bucket.s3.amazonaws.com/a.flac?<redacted>"
+    assert redact("/local/file?name.flac") == "/local/file?name.flac"  # a local name may hold a '?'
+    line = _line(OSError(f"cannot open {presigned}: 403"))
+    assert "abcdef" not in line and "AKIA" not in line and "a.flac?<redacted>" in line

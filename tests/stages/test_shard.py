@@ -343,3 +343,48 @@ def test_float_audio_is_rejected_as_unshardable_and_the_rest_is_sharded(tmp_path
     assert [(Path(r.path).suffix, r.reason) for r in rejects] == [(".wav", "unshardable")]
     assert "float" in rejects[0].detail.lower() and summary["counts"]["accepted"] == 1
     assert verify_all(tmp_path / "shards").ok
+
+
+def test_a_users_own_tar_in_out_is_never_overwritten_or_pruned(workdir: Path, tmp_path: Path) -> None:
+    """SHARDS that holds shard-named tars this shard set did not write is refused (--force overwrites);
+    a reshard prunes only tars of this set's own earlier plans."""
+    from mert_pipeline import pipeline
+
+    out = tmp_path / "mine"
+    (out / "train").mkdir(parents=True)
+    (out / "train/shard-000000.tar").write_bytes(b"a user's own tar")
+    with pytest.raises(
+        pipeline.PipelineError, match=r"holds train/shard-000000.tar, which this shard set did"
+    ):
+        pipeline.shard(workdir, out, teachers=("rvq",), shard_samples=2, executor=LOCAL)
+    assert (out / "train/shard-000000.tar").read_bytes() == b"a user's own tar"
+    (out / "train/shard-000000.tar").unlink()
+    pipeline.shard(workdir, out, teachers=("rvq",), shard_samples=1, executor=LOCAL)
+    many = sorted(p.name for p in (out / "train").glob("*.tar"))
+    (out / "valid/shard-000099.tar").write_bytes(b"another of the user's")
+    with pytest.raises(pipeline.PipelineError, match="valid/shard-000099.tar, which this shard set did not"):
+        pipeline.shard(workdir, out, teachers=("rvq",), shard_samples=8, executor=LOCAL)
+    (out / "valid/shard-000099.tar").rename(out / "users.tar")
+    pipeline.shard(workdir, out, teachers=("rvq",), shard_samples=8, executor=LOCAL)
+    few = sorted(p.name for p in (out / "train").glob("*.tar"))
+    assert len(many) > len(few) >= 1, "the earlier plan's extra tars, all its own, were pruned"
+    assert (out / "users.tar").read_bytes() == b"another of the user's"
+    assert verify_all(out).ok
+
+
+def test_a_shard_set_belongs_to_one_workdir(workdir: Path, tmp_path: Path) -> None:
+    """SHARDS/.owner names its WORKDIR; another WORKDIR writing into it is refused unless --force."""
+    from mert_pipeline import pipeline
+
+    out = tmp_path / "shared"
+    pipeline.shard(workdir, out, teachers=("rvq",), executor=LOCAL)
+    assert (out / ".owner").read_text() == f"{workdir.resolve()}\n"
+    other = tmp_path / "other_work"
+    shutil.copytree(workdir, other, ignore=shutil.ignore_patterns(".lock"))
+    with pytest.raises(
+        pipeline.PipelineError, match=r"holds the shards of WORKDIR .* \(.owner\); give another --out, or"
+    ):
+        pipeline.shard(other, out, teachers=("rvq",), executor=LOCAL)
+    forced = pipeline.ExecutorConfig(kind="local", workers=1, force=True)
+    pipeline.shard(other, out, teachers=("rvq",), executor=forced)
+    assert (out / ".owner").read_text() == f"{other.resolve()}\n"
