@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,19 +131,121 @@ def model_identity(source: Path) -> tuple[Path, str]:
     return path, sha256_file(path)
 
 
-def read_audio(path: Path | str) -> np.ndarray:
-    """Decode any file libsndfile reads, block by block: mono float32 at 24 kHz (the project's soxr
-    streaming resampler), so memory holds the output and one block, never the decoded original."""
+def stream_audio(path: Path | str) -> Iterator[np.ndarray]:
+    """Decode any file libsndfile reads, block by block: mono float32 blocks at 24 kHz (the project's soxr
+    streaming resampler), so memory holds one block, whatever the file's length."""
     with open_audio(path) as handle:
         resampler = StreamResampler(handle.samplerate, RATE)
-        parts, mono = [], np.empty(BLOCK, dtype=np.float32)
+        mono = np.empty(BLOCK, dtype=np.float32)
         while True:
             block = handle.read(BLOCK, dtype="float32", always_2d=True)
             last = len(block) < BLOCK
-            parts.append(resampler.process(downmix(block, mono).copy(), last=last))
+            yield resampler.process(downmix(block, mono).copy(), last=last).astype(np.float32, copy=False)
             if last:
                 break
-    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def read_audio(path: Path | str) -> np.ndarray:
+    """A whole (short) file as `stream_audio` decodes it: the probe's clips."""
+    return np.concatenate(list(stream_audio(path))).astype(np.float32, copy=False)
+
+
+class NonFinite(ValueError):
+    """A NaN/Inf sample: every frame's embedding would be NaN. `seconds`: where, at 24 kHz."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"NaN/Inf sample at {seconds:.3f} s (24 kHz)")
+
+
+class PooledStates:
+    """Where a file's hidden states go as they are computed, chunk by chunk: a running frame-weighted sum
+    (`mean`), or one temporary file per layer appended to (`none`), so memory holds one batch of chunks
+    whatever the file's length. `write` then makes OUT/<id>.npy."""
+
+    def __init__(self, pool: str, scratch: Path) -> None:
+        self.pool, self.scratch, self.frames = pool, scratch, 0
+        self.total: np.ndarray | None = None  # (layers, D) float64 sum over frames
+        self.parts: list[Any] = []  # pool none: a binary file per layer
+        self.shape: tuple[int, int] | None = None  # (layers, D)
+
+    def add(self, states: torch.Tensor) -> None:
+        """States (layers, t, D) of one chunk, in file order."""
+        array = states.numpy()
+        self.shape = (array.shape[0], array.shape[2])
+        self.frames += array.shape[1]
+        if self.pool == "mean":
+            summed = array.sum(axis=1, dtype=np.float64)
+            self.total = summed if self.total is None else self.total + summed
+            return
+        if not self.parts:
+            self.scratch.mkdir(parents=True, exist_ok=True)
+            self.parts = [open(self.scratch / f"layer{i}.f32", "w+b") for i in range(array.shape[0])]  # noqa: SIM115
+        for layer, handle in zip(array, self.parts, strict=True):
+            handle.write(np.ascontiguousarray(layer, dtype=np.float32).tobytes())
+
+    def write(self, path: Path) -> list[int]:
+        """OUT/<id>.npy (float32): (layers, D) or (layers, T, D); the shape written."""
+        from mert_pipeline.fs import atomic_path
+
+        assert self.shape is not None
+        layers, dim = self.shape
+        with atomic_path(path) as tmp, open(tmp, "wb") as out:
+            if self.pool == "mean":
+                assert self.total is not None
+                np.save(out, (self.total / self.frames).astype(np.float32))
+                return [layers, dim]
+            header = {"descr": "<f4", "fortran_order": False, "shape": (layers, self.frames, dim)}
+            np.lib.format.write_array_header_1_0(out, header)
+            for handle in self.parts:
+                handle.seek(0)
+                while block := handle.read(1 << 24):
+                    out.write(block)
+        return [layers, self.frames, dim]
+
+    def close(self) -> None:
+        for handle in self.parts:
+            handle.close()
+        for part in self.scratch.glob("layer*.f32") if self.scratch.exists() else []:
+            part.unlink()
+
+
+def embed_stream(
+    embedder: Embedder,
+    blocks: Iterable[np.ndarray],
+    layers: list[int] | None,
+    chunk: int,
+    batch: int,
+    sink: PooledStates,
+) -> int:
+    """Feed a file's blocks through the model in chunks of `chunk` samples (full ones `batch` at a time,
+    then the tail alone when it holds a frame, audio shorter than a frame padded to one), each chunk's
+    states to `sink` in file order; returns the samples read. NonFinite at the first NaN/Inf sample."""
+    buffer, pending, samples = np.zeros(0, np.float32), [], 0
+
+    def run(group: list[np.ndarray]) -> None:
+        states = embedder.hidden_states(torch.from_numpy(np.stack(group)))  # (L + 1, b, T, D)
+        if layers is not None:
+            states = states[layers]
+        for i in range(len(group)):
+            sink.add(states[:, i])
+
+    for block in blocks:
+        bad = ~np.isfinite(block)
+        if bad.any():
+            raise NonFinite((samples + int(np.flatnonzero(bad)[0])) / RATE)
+        samples += len(block)
+        buffer = np.concatenate([buffer, block])
+        while len(buffer) >= chunk:
+            pending.append(buffer[:chunk])
+            buffer = buffer[chunk:]
+            if len(pending) == batch:
+                run(pending)
+                pending = []
+    if pending:
+        run(pending)
+    if samples and (len(buffer) >= MIN_SAMPLES or samples < chunk):
+        run([np.pad(buffer, (0, max(0, MIN_SAMPLES - len(buffer))))])
+    return samples
 
 
 def chunks(samples: int, chunk: int) -> list[tuple[int, int]]:
@@ -239,28 +341,26 @@ def embed_files(
     """Write OUT/<id>.npy per input (float32); yields (id, {"seconds", "shape"} or {"reject": reason,
     "detail", "path"}). Empty and NaN/Inf audio are rejected; audio shorter than one frame is padded."""
     from mert_pipeline.audio import ProbeFailure
-    from mert_pipeline.fs import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
     chunk = max(MIN_SAMPLES, int(round(chunk_seconds * RATE)))
     for file_id, path in inputs:
+        sink = PooledStates(pool, out / ".work" / "embed" / "scratch" / file_id)
         try:
-            audio = read_audio(path)
+            samples = embed_stream(embedder, stream_audio(path), layers, chunk, batch, sink)
+            if not samples:
+                yield file_id, {"reject": "empty", "detail": "no audio frames", "path": str(path)}
+                continue
+            shape = sink.write(out / f"{file_id}.npy")
         except ProbeFailure as exc:
             yield file_id, {"reject": exc.reason, "detail": exc.detail, "path": str(path)}
+            continue
+        except NonFinite as exc:  # before the .npy is written: nothing of the file is kept
+            yield file_id, {"reject": "non_finite", "detail": str(exc), "path": str(path)}
             continue
         except (OSError, RuntimeError, ValueError) as exc:
             yield file_id, {"reject": "decode_error", "detail": " ".join(str(exc).split()), "path": str(path)}
             continue
-        if not len(audio):
-            yield file_id, {"reject": "empty", "detail": "no audio frames", "path": str(path)}
-            continue
-        if not np.isfinite(audio).all():  # NaN/Inf would make every frame's embedding NaN
-            first = int(np.flatnonzero(~np.isfinite(audio))[0])
-            detail = f"NaN/Inf sample at {first / RATE:.3f} s (24 kHz)"
-            yield file_id, {"reject": "non_finite", "detail": detail, "path": str(path)}
-            continue
-        vectors = embed_array(embedder, audio, layers, pool, chunk, batch).astype(np.float32)
-        with atomic_path(out / f"{file_id}.npy") as tmp, open(tmp, "wb") as handle:
-            np.save(handle, vectors)
-        yield file_id, {"seconds": len(audio) / RATE, "shape": list(vectors.shape)}
+        finally:
+            sink.close()
+        yield file_id, {"seconds": samples / RATE, "shape": shape}

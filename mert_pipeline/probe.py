@@ -18,7 +18,15 @@ import numpy as np
 import torch
 
 from mert_pipeline.audio import ProbeFailure
-from mert_pipeline.embed import RATE, Embedder, embed_array, list_inputs, read_audio
+from mert_pipeline.embed import (
+    RATE,
+    Embedder,
+    PooledStates,
+    embed_array,
+    embed_stream,
+    list_inputs,
+    read_audio,
+)
 
 BUILTIN = ("pitch", "timbre")
 
@@ -105,6 +113,9 @@ def load_probe_data(spec: str, per_class: int = 16, seed: int = 0) -> ProbeData:
     return data
 
 
+LONG_CLIP = 30 * RATE  # longer clips are embedded in chunks of this many samples
+
+
 def pooled_features(embedder: Embedder, audio: list[np.ndarray], batch: int = 16) -> np.ndarray:
     """(clips, L + 1, D): each clip's frame-mean per layer; equal-length clips are batched together."""
     out: list[np.ndarray | None] = [None] * len(audio)
@@ -114,13 +125,19 @@ def pooled_features(embedder: Embedder, audio: list[np.ndarray], batch: int = 16
     for length, indices in sorted(by_length.items()):
         for start in range(0, len(indices), batch):
             group = indices[start : start + batch]
-            if length >= 400:
+            if 400 <= length <= LONG_CLIP:
                 states = embedder.hidden_states(torch.from_numpy(np.stack([audio[i] for i in group])))
                 for j, i in enumerate(group):
                     out[i] = states[:, j].mean(1).numpy()
-            else:
+            elif length < 400:
                 for i in group:
                     out[i] = embed_array(embedder, audio[i], None, "mean", 400, 1)
+            else:  # a long clip: in 30 s chunks, so the model's memory does not grow with its length
+                for i in group:
+                    sink = PooledStates("mean", Path("."))
+                    embed_stream(embedder, [audio[i]], None, LONG_CLIP, 1, sink)
+                    assert sink.total is not None
+                    out[i] = (sink.total / sink.frames).astype(np.float32)
     return np.stack(out)  # type: ignore[arg-type]
 
 

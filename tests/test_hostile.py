@@ -54,6 +54,16 @@ def link_member(name: str) -> tuple[tarfile.TarInfo, bytes]:
     return info, b""
 
 
+def run_measured(code: str) -> tuple[str, float]:
+    """Run `code` in a fresh Python: (its stdout, its peak RSS in MB). The peak is VmHWM, the process's
+    own; ru_maxrss would carry over pytest's from before the exec."""
+    code += "\nprint('VmHWM', [x.split()[1] for x in open('/proc/self/status') if x.startswith('VmHWM')][0])"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out, _, peak = done.stdout.rpartition("VmHWM")
+    return out, int(peak) / 1024
+
+
 def replace_shard(shards: Path, data: bytes, name: str = "train/shard-000000.tar") -> str:
     (shards / name).write_bytes(data)
     return name
@@ -64,19 +74,14 @@ def test_a_10_kb_tar_declaring_6_gb_is_a_verify_problem_read_in_bounded_memory(s
     assert key["shards"]
     name = replace_shard(shards, tar_of(sparse_member("00000000000000000_0000.flac", 6_000_000_000)))
     assert (shards / name).stat().st_size < 16_000
-    code = (
-        "from mert_pipeline.shards import verify_all; "
-        f"report = verify_all({str(shards)!r}); "
-        "print('\\n'.join(report.problems)); "
-        # VmHWM, this process's own peak RSS: ru_maxrss would carry over pytest's from before the exec
-        "print('maxrss_kb', [x.split()[1] for x in open('/proc/self/status') if x.startswith('VmHWM')][0])"
+    out, peak_mb = run_measured(
+        "from mert_pipeline.shards import verify_all\n"
+        f"print('\\n'.join(verify_all({str(shards)!r}).problems))"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
-    assert done.returncode == 0, done.stderr
-    assert f"{name}: tar unreadable after 0 samples (member 00000000000000000_0000.flac: a sparse member" in (
-        done.stdout
+    assert (
+        f"{name}: tar unreadable after 0 samples (member 00000000000000000_0000.flac: a sparse member" in out
     )
-    assert int(done.stdout.split("maxrss_kb")[-1]) < 600_000, "the 6 GB member was never read"
+    assert peak_mb < 600, "the 6 GB member was never read"
 
 
 @pytest.mark.parametrize(
@@ -225,3 +230,31 @@ def test_query_strings_of_urls_are_redacted_in_errors() -> None:
     assert redact("/local/file?name.flac") == "/local/file?name.flac"  # a local name may hold a '?'
     line = _line(OSError(f"cannot open {presigned}: 403"))
     assert "abcdef" not in line and "AKIA" not in line and "a.flac?<redacted>" in line
+
+
+def test_an_hour_long_file_is_embedded_in_bounded_memory(tmp_path: Path) -> None:
+    """`embed --pool none` of a 1-hour file: the hidden states go to disk as they are made and the audio
+    is read block by block, so the process peaks far below the file's decoded audio plus its states
+    (345 MB + 207 MB here), and the .npy holds every frame."""
+    import numpy as np
+    import soundfile as sf
+
+    from tests.mert_pipeline.test_hf_export import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "run", pre_ln=False, seed=3)
+    long = tmp_path / "hour.wav"
+    rng = np.random.default_rng(0)
+    with sf.SoundFile(long, "w", samplerate=24000, channels=1, subtype="PCM_16") as handle:
+        for _ in range(60):  # one minute at a time
+            handle.write((0.05 * rng.standard_normal(24000 * 60)).astype(np.float32))
+    _, peak_mb = run_measured(
+        "from mert_pipeline import pipeline; from mert_pipeline.executor import ExecutorConfig\n"
+        f"pipeline.embed({str(long)!r}, {str(checkpoint)!r}, {str(tmp_path / 'emb')!r}, pool='none',"
+        " batch_size=2, executor=ExecutorConfig(kind='local', workers=1))"
+    )
+    (npy,) = (tmp_path / "emb").glob("*.npy")
+    states = np.load(npy, mmap_mode="r")
+    assert states.shape == (3, 3600 * 75 - 120, 64)  # 120 chunks of 30 s, 2249 frames each
+    assert np.isfinite(states[:, ::1000]).all()
+    assert peak_mb < 900, f"peak {peak_mb:.0f} MB"
+    assert not list((tmp_path / "emb").rglob("layer*.f32")), "the per-layer scratch files are gone"
