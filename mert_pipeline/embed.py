@@ -183,6 +183,11 @@ class PooledStates:
         for layer, handle in zip(array, self.parts, strict=True):
             handle.write(np.ascontiguousarray(layer, dtype=np.float32).tobytes())
 
+    def mean(self) -> np.ndarray:
+        """(layers, D) float32: the frame-weighted mean of every state added (pool `mean`)."""
+        assert self.total is not None
+        return (self.total / self.frames).astype(np.float32)
+
     def write(self, path: Path) -> list[int]:
         """OUT/<id>.npy (float32): (layers, D) or (layers, T, D); the shape written."""
         from mert_pipeline.fs import atomic_path
@@ -191,8 +196,7 @@ class PooledStates:
         layers, dim = self.shape
         with atomic_path(path) as tmp, open(tmp, "wb") as out:
             if self.pool == "mean":
-                assert self.total is not None
-                np.save(out, (self.total / self.frames).astype(np.float32))
+                np.save(out, self.mean())
                 return [layers, dim]
             header = {"descr": "<f4", "fortran_order": False, "shape": (layers, self.frames, dim)}
             np.lib.format.write_array_header_1_0(out, header)

@@ -136,8 +136,7 @@ def pooled_features(embedder: Embedder, audio: list[np.ndarray], batch: int = 16
                 for i in group:
                     sink = PooledStates("mean", Path("."))
                     embed_stream(embedder, [audio[i]], None, LONG_CLIP, 1, sink)
-                    assert sink.total is not None
-                    out[i] = (sink.total / sink.frames).astype(np.float32)
+                    out[i] = sink.mean()
     return np.stack(out)  # type: ignore[arg-type]
 
 

@@ -139,7 +139,7 @@ class _WritesShards:
                 f"{out} holds the shards of WORKDIR {owner} ({OWNER}); give another --out, or pass --force "
                 f"to take it over for {mine}"
             )
-        owned = self._owned()
+        owned = self._owned(owner)
         found = {
             f"{split}/{name}"
             for split in SPLITS
@@ -154,14 +154,13 @@ class _WritesShards:
             )
         atomic_write_json(stage_dir(self) / OWNED, sorted(owned | set(planned)))  # type: ignore[arg-type]
 
-    def _owned(self) -> set[str]:
-        """Every tar name this shard set has listed: its index.json, and every plan it made (OWNED)."""
-        names = set(_old_index(self.config.out).get("shards", {})) if self._index_is_mine() else set()
+    def _owned(self, owner: str | None) -> set[str]:
+        """Every tar name this shard set has listed: every plan it made (OWNED), and its index.json when
+        `owner` (what SHARDS/.owner says) is this WORKDIR or nobody."""
+        mine = owner in (None, _identity(self.config.workdir))
+        names = set(_old_index(self.config.out).get("shards", {})) if mine else set()
         journal = stage_dir(self) / OWNED  # type: ignore[arg-type]
         return names | (set(json.loads(journal.read_text())) if journal.exists() else set())
-
-    def _index_is_mine(self) -> bool:
-        return _owner(self.config.out) in (None, _identity(self.config.workdir))
 
     def _output(self, name: str) -> Any:
         """A local temporary file that becomes SHARDS/NAME when complete (renamed, or uploaded whole)."""
@@ -361,7 +360,7 @@ class ShardStage(_WritesShards):
             if "teacher" in entry and base is not None and base["sha256"] == entry.get("base_sha256"):
                 if entry["teacher"] not in self.facts:
                     sidecars[name] = entry
-        removed = _prune(config.out, set(entries) | set(sidecars), self._owned())
+        removed = _prune(config.out, set(entries) | set(sidecars), self._owned(_owner(self.config.out)))
         teachers_of_sidecars = {e["teacher"] for e in sidecars.values()}
         sidecar_facts = {k: v for k, v in old.get("sidecars", {}).items() if k in teachers_of_sidecars}
         facts = next(iter(self.facts.values()))
@@ -609,7 +608,7 @@ class SidecarStage(_WritesShards):
         index.setdefault("sidecars", {})[teacher] = (
             self.facts or teacher_facts(self.config.workdir, [teacher])[teacher]
         )
-        removed = _prune(self.config.out, set(shards), self._owned())
+        removed = _prune(self.config.out, set(shards), self._owned(_owner(self.config.out)))
         self._write_index(index)
         counts = {key: stats.get(key, 0) for key in ("samples", "bytes", "shards", "audio_seconds")}
         counts["removed_stale"] = removed

@@ -100,6 +100,7 @@ class ModelFeatures:
         """Resolve a source once: one of our checkpoints (or a run folder: its newest), a MERT-v1 or
         `export hf` directory, or the official fairseq checkpoint (`trainer.weights`). ValueError (one
         line) if unusable. The window is our checkpoint's training crop, else MERT's 5 s."""
+        from mert_pipeline.fs import sha256_file
         from mert_pipeline.hf_export import CheckpointError, resolve_checkpoint
         from mert_pipeline.trainer.weights import WeightsError, read_source
 
@@ -107,8 +108,8 @@ class ModelFeatures:
         if path.is_dir() and not (path / "config.json").exists():
             path = resolve_checkpoint(path)  # a run folder: its newest checkpoint
         path = path.resolve()
-        try:
-            source = read_source(path)
+        try:  # shapes only: the workers load the weights, and check this hash of them
+            source = read_source(path, with_state=False)
         except WeightsError as exc:
             raise CheckpointError(str(exc).replace("--init-from ", "--checkpoint ")) from exc
         num_layers, dim = source.fields["num_layers"], source.fields["embed_dim"]
@@ -127,7 +128,7 @@ class ModelFeatures:
         return cls(
             checkpoint=str(source.path if source.kind == "checkpoint" else path),
             layer=layer,
-            checkpoint_sha256=source.sha256,
+            checkpoint_sha256=source.sha256 or sha256_file(source.path),
             dim=dim,
             num_layers=num_layers,
             window_samples=crop,
