@@ -8,7 +8,7 @@ compares the decoded length with the header's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,25 +111,36 @@ def _check_finite(block: np.ndarray, where: str) -> None:
         raise ProbeFailure("non_finite", f"NaN or Inf samples {where}")
 
 
+ESTIMATED_LENGTH = frozenset({"MP3", "MPEG"})  # formats whose header length is an estimate
+LENGTH_SLACK = 0.01  # how far (a fraction) the decoded length of such a file may fall from its header's
+
+
+def length_ok(fmt: str, claimed: int, decoded: int) -> bool:
+    """Whether DECODED frames are what a header claiming CLAIMED promised. libsndfile sizes an MP3 from its
+    Xing/Info header or its bitrate, which misses the encoder's padding by a few thousand frames; a file
+    within LENGTH_SLACK of its claim is whole, anything else (and any shortfall in other formats) is not."""
+    if decoded == claimed:
+        return True
+    return fmt in ESTIMATED_LENGTH and abs(decoded - claimed) <= LENGTH_SLACK * claimed
+
+
 def probe_audio(path: Path | str, deep: bool = False) -> AudioInfo:
-    """Header facts of an audio file, verified by decoding its edges (or everything, if `deep`)."""
+    """Header facts of an audio file, verified by decoding its edges (or everything, if `deep`); for an MP3
+    the length is the decoded one, not the header's estimate."""
     with open_audio(path) as handle:
         info = AudioInfo(handle.format, handle.subtype, handle.samplerate, handle.channels, handle.frames)
         if info.num_samples <= 0:
             raise ProbeFailure("empty", "header reports 0 audio frames")
         try:
-            if deep:
-                _decode_all(handle, info)
-            else:
-                _decode_edges(handle, info)
+            decoded = _decode_all(handle, info) if deep else _decode_edges(handle, info)
         except ProbeFailure:
             raise
         except Exception as exc:  # noqa: BLE001
             raise ProbeFailure("decode_error", f"corrupt data: {sndfile_message(exc)}") from exc
-    return info
+    return info if decoded == info.num_samples else replace(info, num_samples=decoded)
 
 
-def _decode_edges(handle: sf.SoundFile, info: AudioInfo) -> None:
+def _decode_edges(handle: sf.SoundFile, info: AudioInfo) -> int:
     head = handle.read(min(EDGE_FRAMES, info.num_samples), dtype="float32", always_2d=True)
     _check_finite(head, "near the start")
     tail_start = max(0, info.num_samples - EDGE_FRAMES)
@@ -142,15 +153,34 @@ def _decode_edges(handle: sf.SoundFile, info: AudioInfo) -> None:
             f"claims (libsndfile: {sndfile_message(exc)})",
         ) from exc
     tail = handle.read(info.num_samples - tail_start, dtype="float32", always_2d=True)
-    if tail_start + len(tail) < info.num_samples:
+    end = tail_start + len(tail)
+    if end < info.num_samples and info.format in ESTIMATED_LENGTH:  # where does it really end?
+        end = _real_end(handle, info)
+    if not length_ok(info.format, info.num_samples, end):
         raise ProbeFailure(
-            "decode_error",
-            f"truncated: header claims {info.num_samples} frames, data ends at {tail_start + len(tail)}",
+            "decode_error", f"truncated: header claims {info.num_samples} frames, data ends at {end}"
         )
     _check_finite(tail, "near the end")
+    return end
 
 
-def _decode_all(handle: sf.SoundFile, info: AudioInfo) -> None:
+def _real_end(handle: sf.SoundFile, info: AudioInfo) -> int:
+    """Where a file whose length is an estimate really ends, by decoding the last LENGTH_SLACK of its claim
+    (a bounded read); a file that ends before that is truncated."""
+    start = max(0, int(info.num_samples * (1 - LENGTH_SLACK)))
+    handle.seek(start)
+    end = start
+    while len(block := handle.read(DEEP_BLOCK, dtype="float32", always_2d=True)):
+        _check_finite(block, "near the end")
+        end += len(block)
+    if end == start:
+        raise ProbeFailure(
+            "decode_error", f"truncated: header claims {info.num_samples} frames, data ends before {start}"
+        )
+    return end
+
+
+def _decode_all(handle: sf.SoundFile, info: AudioInfo) -> int:
     decoded = 0
     while True:
         try:
@@ -165,7 +195,8 @@ def _decode_all(handle: sf.SoundFile, info: AudioInfo) -> None:
             break
         _check_finite(block, f"at {(decoded / info.sampling_rate):.2f}s")
         decoded += len(block)
-    if decoded != info.num_samples:
+    if not length_ok(info.format, info.num_samples, decoded):
         raise ProbeFailure(
             "decode_error", f"truncated: header claims {info.num_samples} frames, decoded {decoded}"
         )
+    return decoded

@@ -1,9 +1,13 @@
 """MARBLE-style linear probe: mean-pooled embeddings of every layer, one logistic regression per layer.
 
-Data: a CSV (`path,label` columns, paths relative to the CSV), a folder with one sub-folder per class, or
-a built-in synthetic task (`builtin:pitch`: 12 pitch classes over 3 octaves, each note with a random
-timbre; `builtin:timbre`: 4 harmonic recipes at random pitches), made here so the demo needs no data.
-The split is stratified and seeded; features are standardised on the training part only.
+Data: a CSV (`path,label` columns, paths relative to the CSV, and an optional `group` column: the recording,
+the instrument... a clip comes from), a folder with one sub-folder per class, or a built-in synthetic task
+(`builtin:pitch`: 12 pitch classes over 3 octaves, each note with a random timbre; `builtin:timbre`: 4
+harmonic recipes at random pitches), made here so the demo needs no data.
+The accuracy is the mean over k stratified, seeded folds (every clip is held out once); with groups, no group
+has clips on both sides of a fold. Features are standardised on each fold's training part only. Beside the
+model, a random init of it and an MFCC baseline (the k-means teacher's MFCC, mean and std over frames) go
+through the same classifier and folds.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class ProbeData:
     audio: list[np.ndarray]
     labels: list[str]
     rejects: list[dict[str, str]]
+    groups: list[str] | None = None  # per clip, from a CSV's `group` column; None: every clip on its own
 
 
 def _note(rng: np.random.Generator, freq: float, harmonics: np.ndarray, seconds: float) -> np.ndarray:
@@ -84,7 +89,8 @@ def builtin_task(name: str, per_class: int = 16, seconds: float = 1.0, seed: int
 
 
 def load_probe_data(spec: str, per_class: int = 16, seed: int = 0) -> ProbeData:
-    """`builtin:NAME`, a CSV of path,label or a folder of class folders; unreadable files become rejects."""
+    """`builtin:NAME`, a CSV of path,label[,group] or a folder of class folders; unreadable files become
+    rejects. A CSV's empty `group` cell makes that clip a group of its own."""
     if spec.startswith("builtin:"):
         return builtin_task(spec.split(":", 1)[1], per_class=per_class, seed=seed)
     source = Path(spec)
@@ -93,19 +99,30 @@ def load_probe_data(spec: str, per_class: int = 16, seed: int = 0) -> ProbeData:
             rows = list(csv.DictReader(handle))
         if not rows or not {"path", "label"} <= set(rows[0]):
             raise ValueError(f"{source} needs a header with path and label columns")
-        items = [(source.parent / row["path"], row["label"]) for row in rows]
+        grouped = "group" in rows[0]
+        items = [
+            (
+                source.parent / row["path"],
+                row["label"],
+                (row["group"] or f"clip:{row['path']}") if grouped else "",
+            )
+            for row in rows
+        ]
     elif source.is_dir():
         classes = sorted(p for p in source.iterdir() if p.is_dir())
         if len(classes) < 2:
             raise ValueError(f"{source} needs at least two class folders")
-        items = [(path, c.name) for c in classes for _, path in list_inputs(c)]
+        grouped = False
+        items = [(path, c.name, "") for c in classes for _, path in list_inputs(c)]
     else:
         raise ValueError(f"--data must be builtin:pitch, builtin:timbre, a .csv or a folder, not {spec!r}")
-    data = ProbeData(str(source), [], [], [])
-    for path, label in items:
+    data = ProbeData(str(source), [], [], [], [] if grouped else None)
+    for path, label, group in items:
         try:
             data.audio.append(read_audio(path))
             data.labels.append(label)
+            if data.groups is not None:
+                data.groups.append(group)
         except ProbeFailure as exc:
             data.rejects.append({"path": str(path), "reason": exc.reason, "detail": exc.detail})
         except (OSError, RuntimeError, ValueError) as exc:
@@ -140,32 +157,104 @@ def pooled_features(embedder: Embedder, audio: list[np.ndarray], batch: int = 16
     return np.stack(out)  # type: ignore[arg-type]
 
 
+def mfcc_features(audio: list[np.ndarray]) -> np.ndarray:
+    """(clips, 1, 78): the MFCC baseline as one "layer": per clip, the mean and the std over frames of the
+    k-means teacher's features (`teachers.features.MFCC`: MFCC-13 + deltas + delta-deltas at 75 Hz). Clips
+    shorter than one MFCC window (600 samples) are zero-padded to one, as the embedder pads short clips."""
+    from mert_pipeline.teachers.features import MFCC
+
+    extractor = MFCC()
+    padded = [np.pad(clip, (0, max(0, extractor.win - len(clip)))) for clip in audio]
+    frames = extractor.batch(padded)
+    pooled = [np.concatenate([f.mean(0, dtype=np.float64), f.std(0, dtype=np.float64)]) for f in frames]
+    return np.stack(pooled)[:, None, :]
+
+
+Split = tuple[np.ndarray, np.ndarray]  # (train indices, test indices) of one fold
+
+
+def probe_folds(
+    labels: list[str], groups: list[str] | None = None, folds: int = 4, seed: int = 0
+) -> list[Split]:
+    """The probe's k (train, test) splits: StratifiedKFold, or StratifiedGroupKFold when `groups` is given
+    (no group on both sides of a fold); shuffled with `seed`; every clip is in exactly one test part. k is
+    `folds`, reduced to the number of groups (clips, without groups) of the class with the fewest; a
+    ValueError in one line when that is under 2."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    if folds < 2:
+        raise ValueError(f"the probe needs at least 2 folds, not {folds}")
+    names = sorted(set(labels))
+    if len(names) < 2:
+        raise ValueError("the probe needs at least two classes")
+    if groups is not None and len(groups) != len(labels):
+        raise ValueError(f"{len(groups)} groups for {len(labels)} clips")
+    y = np.array([names.index(label) for label in labels])
+    units: dict[str, set[Any]] = {name: set() for name in names}  # each class's groups (or clips)
+    for i, label in enumerate(labels):
+        units[label].add(i if groups is None else groups[i])
+    fewest = min(names, key=lambda name: (len(units[name]), name))
+    if len(units[fewest]) < 2:
+        what = "clip" if groups is None else "group"
+        raise ValueError(
+            f"class {fewest!r} has {len(units[fewest])} {what}; the probe needs at least 2 {what}s per class "
+            "to hold some out"
+        )
+    k = min(folds, len(units[fewest]))
+    index = np.arange(len(y))
+    if groups is None:
+        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(index, y)
+    else:
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        splits = splitter.split(index, y, groups=np.array(groups))
+    out = [(train, test) for train, test in splits]
+    for n, (train, test) in enumerate(out, 1):
+        if len(test) == 0 or len(set(y[train])) < 2:  # StratifiedGroupKFold is greedy: check, do not assume
+            raise ValueError(f"fold {n} of {k} holds out nothing or trains on one class; try fewer --folds")
+    return out
+
+
 def linear_probe(
-    features: np.ndarray, labels: list[str], test_fraction: float = 0.25, seed: int = 0
+    features: np.ndarray,
+    labels: list[str],
+    groups: list[str] | None = None,
+    folds: int = 4,
+    seed: int = 0,
+    *,
+    splits: list[Split] | None = None,
 ) -> dict[str, Any]:
-    """Accuracy of a logistic regression per layer on a stratified held-out split."""
+    """Accuracy of a logistic regression per layer of `features` (clips, layers, dim): the mean over the
+    folds of `probe_folds(labels, groups, folds, seed)` (or the given `splits`), each fold standardising on
+    its training part. `train` and `test` are totals over the folds (`test` counts every clip once)."""
     from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
 
     names = sorted(set(labels))
     if len(names) < 2:
         raise ValueError("the probe needs at least two classes")
+    if splits is None:
+        splits = probe_folds(labels, groups, folds, seed)
     y = np.array([names.index(label) for label in labels])
-    train, test = train_test_split(np.arange(len(y)), test_size=test_fraction, random_state=seed, stratify=y)
-    accuracies = []
+    by_layer = []
     for layer in range(features.shape[1]):
-        scaler = StandardScaler().fit(features[train, layer])
-        clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
-        clf.fit(scaler.transform(features[train, layer]), y[train])
-        accuracies.append(float((clf.predict(scaler.transform(features[test, layer])) == y[test]).mean()))
+        x = features[:, layer]
+        fold_accuracy = []
+        for train, test in splits:
+            scaler = StandardScaler().fit(x[train])
+            clf = LogisticRegression(max_iter=2000, C=1.0, random_state=seed)
+            clf.fit(scaler.transform(x[train]), y[train])
+            fold_accuracy.append(float((clf.predict(scaler.transform(x[test])) == y[test]).mean()))
+        by_layer.append(fold_accuracy)
+    accuracies = [float(np.mean(fold)) for fold in by_layer]
     best = int(np.argmax(accuracies))
-    counts = np.bincount(y[test], minlength=len(names))
+    counts = np.bincount(y, minlength=len(names))
     return {
         "classes": names,
-        "train": len(train),
-        "test": len(test),
+        "folds": len(splits),
+        "train": int(sum(len(train) for train, _ in splits)),
+        "test": int(sum(len(test) for _, test in splits)),
         "accuracy": accuracies,
+        "fold_accuracy": by_layer,
         "best_layer": best,
         "best_accuracy": accuracies[best],
         "chance": 1.0 / len(names),
@@ -173,8 +262,12 @@ def linear_probe(
     }
 
 
+MFCC_NAME = "MFCC"  # the MFCC baseline's key in probe.json's results
+
+
 def plot_accuracy(results: dict[str, dict[str, Any]], path: Path, title: str) -> None:
-    """Accuracy by layer, one line per model (e.g. trained vs random init), chance as a dashed line."""
+    """Accuracy by layer, one line per model (e.g. trained vs random init); the MFCC baseline (one "layer")
+    as a dotted horizontal line, chance as a dashed one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -187,12 +280,16 @@ def plot_accuracy(results: dict[str, dict[str, Any]], path: Path, title: str) ->
     chance = 0.0
     for name, result in results.items():
         acc = result["accuracy"]
-        ax.plot(range(len(acc)), acc, marker="o", label=f"{name} (best {result['best_accuracy']:.2f})")
+        if name == MFCC_NAME:
+            ax.axhline(acc[0], color="tab:green", linestyle=":", label=f"MFCC mean+std ({acc[0]:.2f})")
+        else:
+            ax.plot(range(len(acc)), acc, marker="o", label=f"{name} (best {result['best_accuracy']:.2f})")
         chance = result["chance"]
     ax.axhline(chance, color="grey", linestyle="--", label="chance")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers are whole numbers
     ax.set_xlabel("layer (0 = input to layer 1)")
-    ax.set_ylabel("held-out accuracy")
+    folds = next(iter(results.values())).get("folds")
+    ax.set_ylabel(f"held-out accuracy ({folds}-fold mean)" if folds else "held-out accuracy")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
     ax.legend(fontsize=8)
@@ -208,15 +305,17 @@ def run_probe(
     out: Path = Path("probe"),
     *,
     baseline: bool = True,
+    mfcc: bool = True,
+    folds: int = 4,
     per_class: int = 16,
-    test_fraction: float = 0.25,
     seed: int = 0,
     device: str = "auto",
     on_status: Any = None,
 ) -> dict[str, Any]:
-    """The probe of `mert-pipe probe`: every layer of the model (and of its random init with `baseline`)
-    on `data`, written to OUT/probe.json and OUT/probe.png; returns probe.json's content. A dataset or
-    checkpoint that cannot be used is a ValueError in one line."""
+    """The probe of `mert-pipe probe`: every layer of the model, of its random init and the MFCC baseline
+    (`baseline=False` skips both baselines, `mfcc=False` the MFCC one) on `data`, over `folds` folds (fewer
+    when a class has fewer groups or clips), written to OUT/probe.json and OUT/probe.png; returns
+    probe.json's content. A dataset or checkpoint that cannot be used is a ValueError in one line."""
     import contextlib
     import json
     import time
@@ -232,6 +331,7 @@ def run_probe(
         raise ValueError(str(exc)) from exc
     if len(set(dataset.labels)) < 2:
         raise ValueError(f"{data}: fewer than two classes with readable audio")
+    splits = probe_folds(dataset.labels, dataset.groups, folds, seed)  # before the long part: bad groups fail
     inits = {"trained": False, "random init": True} if baseline else {"trained": False}
     try:
         models = {
@@ -245,15 +345,21 @@ def run_probe(
     results = {}
     for name, embedder in models.items():
         with status(f"probe: embedding {len(dataset.audio)} clips ({name})"):
-            features = pooled_features(embedder, dataset.audio)
-        results[name] = linear_probe(features, dataset.labels, test_fraction=test_fraction, seed=seed)
-    first = next(iter(results.values()))
-    title = f"linear probe: {dataset.name}, {first['test']} held-out of {len(dataset.audio)} clips"
-    plot_accuracy(results, out / "probe.png", title)
+            features = pooled_features(embedder, dataset.audio)  # once per model, reused by every fold
+        results[name] = linear_probe(features, dataset.labels, seed=seed, splits=splits)
+    if baseline and mfcc:
+        with status(f"probe: MFCC of {len(dataset.audio)} clips"):
+            features = mfcc_features(dataset.audio)
+        results[MFCC_NAME] = linear_probe(features, dataset.labels, seed=seed, splits=splits)
+    title = f"linear probe: {dataset.name}, {len(dataset.audio)} clips, {len(splits)} folds"
+    plot_accuracy(results, out / "probe.png", title + ("" if dataset.groups is None else " by group"))
     summary = {
         "checkpoint": str(checkpoint),
         "data": dataset.name,
         "clips": len(dataset.audio),
+        "groups": None if dataset.groups is None else len(set(dataset.groups)),
+        "folds": len(splits),
+        "folds_requested": folds,
         "rejects": dataset.rejects,
         "results": results,
         "seconds": time.perf_counter() - start,

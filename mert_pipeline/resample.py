@@ -29,7 +29,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from mert_pipeline.audio import ProbeFailure, open_audio, os_failure, sndfile_message
+from mert_pipeline.audio import ProbeFailure, length_ok, open_audio, os_failure, sndfile_message
 from mert_pipeline.storage import copy_to
 
 BLOCK_FRAMES = 1 << 17  # decode block: 1 MB of stereo float32; measured faster than 2^14..2^16
@@ -223,7 +223,7 @@ def resample_file(src: str, dst: Path, spec: OutputSpec, block_frames: int = BLO
                     writer.write(out if out_subtype == "FLOAT" else quantize(out, spec.bits))
                 if last:
                     break
-            if decoded != frames:
+            if not length_ok(handle.format, frames, decoded):
                 raise ProbeFailure(
                     "decode_error",
                     f"truncated: header claims {frames} frames ({frames / rate:.2f}s), decoded {decoded}",

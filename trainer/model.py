@@ -61,6 +61,7 @@ class ModelConfig:
     final_dim: int = 64
     logit_temp: float = 0.1
     feature_pen_weight: float = 10.0
+    pred_nomask_weight: float = 0.0  # fairseq's: > 0 also predicts the labels of the unmasked frames
     cqt_weight: float = 1.0
     cqt_fmin: float = 32.7
     cqt_bins: int = 336
@@ -381,12 +382,21 @@ class MERT(nn.Module):
 
     @staticmethod
     def per_frame(sums: Mapping[str, float | torch.Tensor]) -> dict[str, float]:
-        """Per-masked-frame means of `forward`'s sums, summed over steps and ranks first: fairseq logs
-        sum / sample_size, which does not depend on the batch split. Adds mask_frac; {} if none masked."""
+        """Means of `forward`'s sums, summed over steps and ranks first (so they do not depend on the batch
+        split), each over the frames it sums: `loss` and `feature_pen` per sample_size, as fairseq logs them;
+        accuracies, masked cross-entropies and the CQT error per masked frame; `loss_*_u` per unmasked
+        frame. Adds mask_frac; {} if none masked."""
         masked = float(sums.get("masked", 0.0))
         if not masked:
             return {}
-        means = {k: float(v) / masked for k, v in sums.items() if k not in ("masked", "frames")}
+        size = float(sums.get("sample_size", masked))
+        unmasked = max(size - masked, 1.0)
+        means = {}
+        for key, value in sums.items():
+            if key in ("masked", "frames", "sample_size"):
+                continue
+            divisor = size if key in ("loss", "feature_pen") else unmasked if key.endswith("_u") else masked
+            means[key] = float(value) / divisor
         means["mask_frac"] = masked / float(sums["frames"])
         return means
 
@@ -409,8 +419,10 @@ class MERT(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """Summed losses and metrics of one batch, as fairseq's hubert criterion sums them: `loss` = cross-
         entropy summed over masked frames and codebooks + feature_pen_weight x penalty x masked frames +
-        cqt_weight x CQT squared error (a mean over bins) summed over masked frames; `masked` the masked
-        frame count (sample_size) that the trainer divides by, `frames` all frames (per_frame: means).
+        cqt_weight x CQT squared error (a mean over bins) summed over masked frames, and with
+        pred_nomask_weight > 0 that weight x the cross-entropy summed over unmasked frames; `sample_size`
+        what the trainer divides by (the masked frames, plus the unmasked ones when they are predicted, as
+        fairseq counts), `masked` the masked frames, `frames` all frames (per_frame: means).
         `audio` (B, N) clean 24 kHz audio, N a multiple of the hop; `labels[teacher]` (B, n_q, >= T) codes;
         `mask` (B, T) fixes the masked frames (default: drawn by span_mask). Training mode mixes noise."""
         cfg = self.cfg
@@ -432,7 +444,8 @@ class MERT(nn.Module):
         out: dict[str, torch.Tensor] = {}
         # fairseq: penalty x sample_size; per clip it is the same when rows mask equally (require_same_masks)
         # and splits exactly over ranks when they do not
-        pen_sum = (penalty * per_clip).sum()
+        predicted = torch.full_like(per_clip, frames) if cfg.pred_nomask_weight > 0 else per_clip
+        pen_sum = (penalty * predicted).sum()
         loss = cfg.feature_pen_weight * pen_sum
         for (name, q), chunk, emb in zip(self.heads, chunks, embeddings, strict=True):
             logits = F.normalize(chunk, dim=-1) @ emb.T / cfg.logit_temp  # cosine similarity / temperature
@@ -441,6 +454,16 @@ class MERT(nn.Module):
             loss = loss + ce
             out[f"loss_{name}"] = out.get(f"loss_{name}", 0.0) + ce.detach()
             out[f"acc_{name}_{q}"] = (logits.argmax(-1) == target).sum().float().detach()
+        sample_size = count
+        if cfg.pred_nomask_weight > 0:  # fairseq: the unmasked frames' loss, and sample_size counts them too
+            kept = hidden[~mask]
+            sample_size = count + kept.shape[0]
+            chunks_u = self.final_proj(kept).float().chunk(len(self.heads), dim=-1)
+            for (name, q), chunk, emb in zip(self.heads, chunks_u, embeddings, strict=True):
+                logits = F.normalize(chunk, dim=-1) @ emb.T / cfg.logit_temp
+                ce = F.cross_entropy(logits, labels[name][:, q, :frames][~mask].long(), reduction="sum")
+                loss = loss + cfg.pred_nomask_weight * ce
+                out[f"loss_{name}_u"] = out.get(f"loss_{name}_u", 0.0) + ce.detach()
         if self.cqt is not None and self.cqt_head is not None:
             target = self.cqt(clean, frames)[mask]
             sq_err = F.mse_loss(self.cqt_head(masked).float(), target, reduction="sum") / cfg.cqt_bins
@@ -448,6 +471,7 @@ class MERT(nn.Module):
             out["cqt_mse"] = sq_err.detach()
         out["feature_pen"] = pen_sum.detach()
         out["masked"] = count.detach()
+        out["sample_size"] = torch.as_tensor(sample_size, dtype=torch.float32).detach()
         out["frames"] = torch.tensor(float(mask.numel()), device=count.device)
         out["loss"] = loss
         return out

@@ -105,6 +105,17 @@ def load_config(path: str | Path, overrides: list[str]) -> tuple[ModelConfig, Tr
         raise ValueError(f"unknown config keys {unknown}")
     tuples = {k for k, f in {**model_keys, **train_keys}.items() if str(f.type).startswith("tuple")}
     values = {k: tuple(v) if k in tuples and isinstance(v, list) else v for k, v in values.items()}
+    for key, value in values.items():  # yaml reads 2e-3 (no dot) as a string: numbers by the field's type
+        kind = str({**model_keys, **train_keys}[key].type) if key != "codebooks" else ""
+        if kind in ("float", "int") and isinstance(value, str | int | float) and not isinstance(value, bool):
+            try:
+                number = float(value)
+                if kind == "int" and not number.is_integer():
+                    raise ValueError
+                values[key] = number if kind == "float" else int(number)
+            except ValueError:
+                what = "a whole number" if kind == "int" else "a number"
+                raise ValueError(f"config key {key} is {what}, not {value!r}") from None
     model = ModelConfig(**{k: v for k, v in values.items() if k in model_keys and k != "codebooks"})
     train = TrainConfig(**{k: v for k, v in values.items() if k in train_keys})
     return model, train
@@ -198,19 +209,51 @@ def evaluate(
     device = next(model.parameters()).device
     sums: dict[str, torch.Tensor] = {}
     for batch in valid_batches(index, spec, rank, world, tcfg.eval_batches):
+        audio = batch["audio"].to(device)
         with autocast:
-            out = model(batch["audio"].to(device), {k: v.to(device) for k, v in batch["labels"].items()})
+            out = model(audio, {k: v.to(device) for k, v in batch["labels"].items()})
+            if "collapse" not in sums:
+                sums["collapse"] = cross_clip_cosine(model.encode(audio, None)[0]).double()
+                sums["collapse_batches"] = torch.ones((), dtype=torch.float64, device=device)
         for key, value in out.items():
             sums[key] = sums.get(key, 0.0) + value.detach().double()
     model.train()
     if not sums:  # this rank had no valid batch: still join the all_reduce with zeros
         sums = {k: torch.zeros((), dtype=torch.float64, device=device) for k in metric_names(model)}
-    return mean_over_ranks(sums, device)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    packed = torch.stack([sums.pop("collapse", zero), sums.pop("collapse_batches", zero)])
+    if dist.is_initialized():
+        dist.all_reduce(packed)
+    means = mean_over_ranks(sums, device)
+    if means and packed[1] > 0:
+        means["collapse"] = float(packed[0] / packed[1])
+    return means
+
+
+COLLAPSE_WARN = 0.9  # cross-clip cosine of the last layer above which the trainer warns
+
+
+def cross_clip_cosine(hidden: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity between frames of *different* clips of a (B, T, D) batch of the last layer's
+    states: about 0.3 at random init, 1.0 when every frame of every clip maps to one vector (a collapsed
+    model, whose layers a probe finds worse than its random init). 0 for a batch of one clip."""
+    if hidden.shape[0] < 2:
+        return torch.zeros((), device=hidden.device)
+    x = torch.nn.functional.normalize(hidden.float(), dim=-1)
+    total = x.sum(dim=1)  # (B, D): cos summed over a clip's frames
+    same = (total * total).sum()  # pairs within a clip (and of a frame with itself)
+    every = total.sum(0).pow(2).sum()  # all pairs
+    frames = hidden.shape[1]
+    pairs = (hidden.shape[0] * frames) ** 2 - hidden.shape[0] * frames**2
+    return (every - same) / pairs
 
 
 def metric_names(model: MERT) -> list[str]:
     """The keys of the model's sums (each rank must all_reduce the same ones)."""
-    names = ["loss", "feature_pen", "masked", "frames"] + [f"loss_{t}" for t, _, _ in model.cfg.codebooks]
+    names = ["loss", "feature_pen", "masked", "frames", "sample_size"]
+    names += [f"loss_{t}" for t, _, _ in model.cfg.codebooks]
+    if model.cfg.pred_nomask_weight > 0:
+        names += [f"loss_{t}_u" for t, _, _ in model.cfg.codebooks]
     names += [f"acc_{t}_{q}" for t, q in model.heads]
     return names + (["cqt_mse"] if model.cqt is not None else [])
 
@@ -228,7 +271,7 @@ CONFIGS = Path(__file__).resolve().parent / "configs"  # the shipped configs, in
 
 
 def config_path(text: str | Path) -> Path:
-    """--config: a yaml file, or the name of a shipped config (tiny, mert_95m, mert_330m)."""
+    """--config: a yaml file, or the name of a shipped config (tiny, small, mert_95m, mert_330m)."""
     path = Path(text)
     if path.is_file():
         return path
@@ -298,7 +341,7 @@ def check_run_dir(out: str | Path, resume: bool) -> Path:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--config", required=True, help="a yaml file, or a shipped config: tiny, mert_95m, mert_330m"
+        "--config", required=True, help="a yaml file, or a shipped config: tiny, small, mert_95m, mert_330m"
     )
     parser.add_argument("--shards", required=True, help="folder with index.json and {train,valid}/ shards")
     parser.add_argument("--out", required=True, help="run folder: checkpoints and logs")
@@ -453,7 +496,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
                 result["loss"].backward()  # a sum over masked frames; scale_gradients divides below
             for key, value in result.items():
                 window[key] = window.get(key, 0.0) + value.detach().double()
-            masked += result["masked"]
+            masked += result["sample_size"]  # fairseq's sample_size: the masked frames (+ unmasked ones)
             window_clips += audio.shape[0]
             window_audio += audio.numel() / mcfg.sample_rate
             window_flops += audio.shape[0] * flops_per_clip(mcfg, audio.shape[1])
@@ -484,6 +527,13 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
             metrics = evaluate(raw, index, spec, tcfg, rank, world, autocast)
             if metrics:
                 log({"kind": "valid", "step": step, **metrics})
+                if master and metrics.get("collapse", 0.0) > COLLAPSE_WARN:
+                    print(
+                        f"[warn] step {step}: the model is collapsing (frames of different clips have "
+                        f"cosine {metrics['collapse']:.2f} at the last layer, about 0.3 at init): its layers "
+                        "are losing what tells clips apart; see 'Collapse' in docs/training.md",
+                        flush=True,
+                    )
             elif master and not warned_no_valid:
                 warned_no_valid = True
                 print(

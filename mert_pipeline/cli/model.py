@@ -27,7 +27,9 @@ def train(
     config: Annotated[
         str,
         typer.Option(
-            "--config", metavar="YAML", help="A config file, or a shipped one: tiny, mert_95m or mert_330m."
+            "--config",
+            metavar="YAML",
+            help="A config file, or a shipped one: tiny, small, mert_95m or mert_330m.",
         ),
     ],
     shards: Annotated[
@@ -180,22 +182,41 @@ def probe(
     data: Annotated[
         str,
         typer.Option(
-            "--data", help="builtin:pitch, builtin:timbre, a CSV (path,label) or a folder per class."
+            "--data",
+            help="builtin:pitch, builtin:timbre, a CSV (path,label[,group]) or a folder per class. With a "
+            "group column (recording, instrument...) no group has clips on both sides of a fold.",
         ),
     ] = "builtin:pitch",
     out: Annotated[Path, typer.Option("--out", help="Folder for probe.json and probe.png.")] = Path("probe"),
     baseline: Annotated[
-        bool, typer.Option("--baseline/--no-baseline", help="Also probe a random init of the same model.")
+        bool,
+        typer.Option(
+            "--baseline/--no-baseline", help="Also probe a random init of the same model and MFCC features."
+        ),
     ] = True,
+    mfcc: Annotated[
+        bool,
+        typer.Option(
+            "--mfcc/--no-mfcc", help="The MFCC baseline: MFCC-13 + deltas, mean and std over frames per clip."
+        ),
+    ] = True,
+    folds: Annotated[
+        int,
+        typer.Option(
+            "--folds",
+            min=2,
+            help="Folds of the stratified cross-validation (fewer if a class has fewer groups or clips).",
+        ),
+    ] = 4,
     per_class: Annotated[int, typer.Option("--per-class", min=2, help="builtin: clips per class.")] = 16,
-    test_fraction: Annotated[float, typer.Option("--test-fraction", min=0.05, max=0.9)] = 0.25,
     seed: Annotated[
-        int, typer.Option("--seed", help="Seed of the split, the builtin data, the baseline.")
+        int, typer.Option("--seed", help="Seed of the folds, the builtin data, the baseline.")
     ] = 0,
     device: DeviceOpt = "auto",
 ) -> None:
-    """MARBLE-style linear probe: mean-pooled embeddings of every layer, a logistic regression per layer on
-    a stratified held-out split; accuracy per layer, best layer, OUT/probe.png and OUT/probe.json."""
+    """MARBLE-style linear probe: mean-pooled embeddings of every layer, a logistic regression per layer,
+    accuracy the mean over stratified folds (by group when the CSV has one); against a random init and an
+    MFCC baseline; best layer, OUT/probe.png and OUT/probe.json."""
     from mert_pipeline.probe import run_probe
 
     try:
@@ -205,8 +226,9 @@ def probe(
                 data,
                 out,
                 baseline=baseline,
+                mfcc=mfcc,
+                folds=folds,
                 per_class=per_class,
-                test_fraction=test_fraction,
                 seed=seed,
                 device=device,
                 on_status=console.status,
@@ -215,17 +237,36 @@ def probe(
         raise fail(str(exc)) from exc
     for reject in summary["rejects"][:10]:
         console.print(f"[yellow]reject:[/] {reject['path']}: {reject['detail']}", highlight=False)
-    for name, result in summary["results"].items():
-        layers = " ".join(f"{a:.2f}" for a in result["accuracy"])
-        note(
-            f"probe {summary['data']} ({name}): best layer {result['best_layer']} accuracy "
-            f"{result['best_accuracy']:.3f} (chance {result['chance']:.3f}); by layer: {layers}"
+    results = summary["results"]
+    first = next(iter(results.values()))
+    k = summary["folds"]
+    if k < summary["folds_requested"]:
+        console.print(
+            f"[bold yellow]warning:[/] --folds {summary['folds_requested']} reduced to {k}: a class has only "
+            f"{k} {'clips' if summary['groups'] is None else 'groups'}",
+            highlight=False,
+            soft_wrap=True,
         )
-    held_out = next(iter(summary["results"].values()))["test"]
+    by = "" if summary["groups"] is None else f", by group ({summary['groups']} groups)"
     note(
-        f"probe: {summary['clips']} clips ({held_out} held out: one clip is {100 / held_out:.1f} points of "
-        f"accuracy), {len(summary['rejects'])} rejects, {summary['seconds']:.1f} s -> "
-        f"{out / 'probe.json'}, {out / 'probe.png'}"
+        f"probe {summary['data']}: held-out accuracy, mean of {k} folds{by}; chance {first['chance']:.3f}, "
+        f"majority class {first['majority']:.3f}"
+    )
+    width = max(len(name) for name in results)
+    trained = results["trained"]["best_accuracy"]
+    for name, result in results.items():
+        line = (
+            f"  {name:<{width}}  best layer {result['best_layer']:>2}  accuracy {result['best_accuracy']:.3f}"
+        )
+        if name == "trained":
+            line += "  by layer: " + " ".join(f"{a:.2f}" for a in result["accuracy"])
+        else:
+            line += f"  trained {100 * (trained - result['best_accuracy']):+.1f} points"
+        note(line)
+    note(
+        f"probe: {summary['clips']} clips, each held out once (one clip is about "
+        f"{100 / max(1, summary['clips']):.1f} points of accuracy), {len(summary['rejects'])} rejects, "
+        f"{summary['seconds']:.1f} s -> {out / 'probe.json'}, {out / 'probe.png'}"
     )
 
 

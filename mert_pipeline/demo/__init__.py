@@ -25,8 +25,8 @@ from mert_pipeline.layout import Workdir
 from mert_pipeline.pipeline import PipelineConfig, PipelineError, PipelineReport, check_workdir, run_pipeline
 from mert_pipeline.progress import Progress
 
-# builtin:pitch has 12 classes: 16 clips each gives 192 clips, 48 of them held out, so one clip more or less
-# moves the probe's accuracy by 2 points, not 8
+# builtin:pitch has 12 classes: 16 clips each gives 192 clips, each held out once over the probe's 4 folds, so
+# one clip more or less moves the mean accuracy by half a point
 PROBE_PER_CLASS = 16
 
 
@@ -179,10 +179,12 @@ def train_export_probe(
     results = probed["results"]
     trained, baseline = results["trained"]["best_accuracy"], results["random init"]["best_accuracy"]
     verdict = "beats" if trained > baseline else "does not beat (train longer: --train-steps)"
+    mfcc = results.get("MFCC", {}).get("best_accuracy")
     progress.note(
-        f"probe {probed['data']}: on {results['trained']['test']} held-out clips (of {probed['clips']}), the "
-        f"trained model's best layer ({trained:.2f}) {verdict} its random init ({baseline:.2f}); chance "
-        f"{results['trained']['chance']:.2f}"
+        f"probe {probed['data']}: {probed['clips']} clips, {probed['folds']}-fold accuracy: the trained "
+        f"model's best layer ({trained:.2f}) {verdict} its random init ({baseline:.2f})"
+        + (f"; MFCC mean+std {mfcc:.2f}" if mfcc is not None else "")
+        + f"; chance {results['trained']['chance']:.2f}"
     )
     report = write_report(workdir, Workdir(workdir).report_dir)
     progress.note(f"stats: {report['hours']:.3f} h, {len(report['teachers'])} teachers")

@@ -295,12 +295,13 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     result = mert_pipe(*demo)
     assert result.returncode == 0, result.stderr
     assert "demo finished" in result.stderr
-    # the model part: trained (20 steps), exported, probed against a random init, stats report
+    # the model part: trained (20 steps), exported, probed against a random init and MFCC, stats report
     assert json.loads((tmp_path / "demo/hf/config.json").read_text())["architectures"] == ["HubertModel"]
     assert (tmp_path / "demo/hf/export.json").exists()
     assert "round trip max |diff|" in " ".join(result.stderr.split())  # rich wraps lines
     probe = json.loads((tmp_path / "demo/probe/probe.json").read_text())["results"]
-    assert set(probe) == {"trained", "random init"} and (tmp_path / "demo/probe/probe.png").stat().st_size
+    assert set(probe) == {"trained", "random init", "MFCC"} and probe["MFCC"]["folds"] == 4
+    assert (tmp_path / "demo/probe/probe.png").stat().st_size
     assert (tmp_path / "demo/work/stats/report/codebooks.png").stat().st_size > 5000
     assert "stats_report" in result.stderr
     work = tmp_path / "demo" / "work"
@@ -321,7 +322,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert "no problems" in result.stderr  # the demo ends with a verify of its shards
     shown = " ".join(result.stderr.split())
     assert "train: 20 steps of the tiny model" in shown and "at step 20" in shown  # first and last loss
-    assert "held-out clips (of 192)" in shown  # the probe says how many clips its verdict rests on
+    assert "192 clips, 4-fold accuracy" in shown and "MFCC mean+std" in shown  # what the verdict rests on
     assert "TEST CODEC" in (work / "stats/report/report.md").read_text()
     assert index["teachers"]["rvq"]["config"]["weights"] == "test"
     again = mert_pipe(*demo)

@@ -160,3 +160,35 @@ def test_flops_estimate_scale() -> None:
     flops = flops_per_clip(cfg, 120000)
     # 95M: ~85M transformer params x 374 frames x 6 is ~0.2 TFLOP, plus the conv front end
     assert 2.0e11 < flops < 6.0e11
+
+
+def test_pred_nomask_weight_adds_the_unmasked_frames_loss_and_counts_them_as_fairseq_does() -> None:
+    """0 (MERT's recipe): only masked frames are predicted and sample_size is their count. w > 0: the
+    unmasked frames' cross-entropy joins the loss with weight w, and sample_size (what the trainer divides
+    by) counts every frame, as fairseq's hubert criterion does; the masked part is unchanged."""
+    audio = torch.randn(3, 16000) * 0.1
+    frames = conv_frames(16000, tiny_model().cfg)
+    labels = {
+        "rvq": torch.randint(0, 8, (3, 2, frames + 1)),
+        "kmeans": torch.randint(0, 4, (3, 1, frames + 1)),
+    }
+    mask = span_mask(3, frames, 0.8, 5, 2)
+    outs = {}
+    for weight in (0.0, 0.5, 1.0):
+        model = tiny_model(noise_prob=0.0, pred_nomask_weight=weight).eval()
+        with torch.no_grad():
+            outs[weight] = model(audio, labels, mask=mask)
+    plain, half, full = outs[0.0], outs[0.5], outs[1.0]
+    assert plain["sample_size"] == plain["masked"] == mask.sum() and "loss_rvq_u" not in plain
+    assert full["sample_size"] == half["sample_size"] == mask.numel()
+    assert torch.allclose(full["loss_rvq"], plain["loss_rvq"])  # the masked part is the same
+    unmasked_ce = full["loss_rvq_u"] + full["loss_kmeans_u"]
+    assert unmasked_ce > 0
+    # w scales the unmasked cross-entropy only (the feature penalty is per predicted frame in both)
+    assert torch.allclose(full["loss"] - half["loss"], 0.5 * unmasked_ce, rtol=1e-4)
+    means = MERT.per_frame({k: float(v) for k, v in full.items()})  # each figure over the frames it sums
+    assert means["loss"] == pytest.approx(float(full["loss"]) / mask.numel())
+    assert means["loss_rvq"] == pytest.approx(float(full["loss_rvq"]) / float(mask.sum()))
+    assert means["acc_rvq_0"] == pytest.approx(float(full["acc_rvq_0"]) / float(mask.sum()))
+    assert means["loss_rvq_u"] == pytest.approx(float(full["loss_rvq_u"]) / float((~mask).sum()))
+    assert means["mask_frac"] == pytest.approx(float(mask.float().mean()))

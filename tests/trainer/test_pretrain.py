@@ -80,6 +80,7 @@ def test_loss_falls_and_accuracy_beats_chance(reference: Path) -> None:
         late = sum(train[s][head] for s in range(STEPS - 19, STEPS + 1)) / 20
         assert late > max(1.3 * chance, early + 0.1), (head, early, late)
         assert valid[STEPS][head] > 1.1 * chance, (head, valid[STEPS])
+    assert 0.0 < valid[STEPS]["collapse"] < 0.9  # a model that learns keeps its clips apart
     assert {"lr", "grad_norm", "samples_per_s", "audio_s_per_s", "cqt_mse"} <= set(train[STEPS])
     assert [p.name for p in sorted(reference.glob("ckpt-*.pt"))] == [
         f"ckpt-{s:08d}.pt" for s in (40, 80, 100)
@@ -190,3 +191,30 @@ def test_a_shipped_config_is_named_by_its_name(shards: Path) -> None:
     mcfg, tcfg, index = check_inputs("tiny", str(shards), ["batch_size=3"])
     assert config_path("tiny") == config_path("trainer/configs/tiny.yaml").resolve()
     assert tcfg.batch_size == 3 and mcfg.codebooks and index.samples("train")
+
+
+def test_numbers_in_overrides_are_read_by_the_key_s_type() -> None:
+    """YAML reads `2e-3` (no dot) as a string and the run used to crash on its first step: a number key takes
+    any number spelling, a whole-number key refuses a fraction, and either refuses words, in one line."""
+    from mert_pipeline.trainer.pretrain import load_config
+
+    mcfg, tcfg = load_config(config_path("small"), ["lr=2e-3", "warmup_steps=1e3", "noise_prob=0"])
+    assert (tcfg.lr, tcfg.warmup_steps, mcfg.noise_prob) == (0.002, 1000, 0.0)
+    assert isinstance(tcfg.warmup_steps, int) and isinstance(mcfg.noise_prob, float)
+    with pytest.raises(ValueError, match="config key max_steps is a whole number, not 1.5"):
+        load_config(config_path("small"), ["max_steps=1.5"])
+    with pytest.raises(ValueError, match="config key lr is a number, not 'fast'"):
+        load_config(config_path("small"), ["lr=fast"])
+
+
+def test_cross_clip_cosine_is_the_mean_over_pairs_of_frames_of_different_clips() -> None:
+    from mert_pipeline.trainer.pretrain import cross_clip_cosine
+
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16)
+    unit = torch.nn.functional.normalize(hidden, dim=-1).reshape(-1, 16)
+    clip = torch.arange(21) // 7
+    brute = (unit @ unit.T)[clip[:, None] != clip[None]].mean()
+    assert torch.allclose(cross_clip_cosine(hidden), brute, atol=1e-6)
+    collapsed = torch.ones(4, 5, 16) + 1e-3 * torch.randn(4, 5, 16)
+    assert cross_clip_cosine(collapsed) > 0.999 and cross_clip_cosine(hidden[:1]) == 0

@@ -1,0 +1,254 @@
+"""Do the teachers teach? End to end on real recorded music: pipeline, `small.yaml` on the CPU, probes.
+
+Run from the repository root (after `pip install -e .`; Debian's apt-get and fluidsynth on the machine):
+
+    .venv/bin/python benchmarks/learning.py                     # both teachers, figures for RESULTS.md
+    .venv/bin/python benchmarks/learning.py --teachers kmeans100 # the MFCC k-means teacher only
+    .venv/bin/python benchmarks/learning.py --name lr3e-3 lr=3e-3 # another run of small.yaml, overridden
+
+Every step is kept in --dir and skipped when done, so an interrupted benchmark resumes:
+1. **data** (benchmarks/learning_data.py): about 2.6 hours of Debian's game soundtracks, fetched with
+   `apt-get download`, as the pretraining corpus; probe tasks on real recorded sound held out of it
+   (instrument family and pitch class of notes played through the Fluid R3 soundfont by fluidsynth, and
+   which game a 10 s clip of a held-out track comes from), grouped by instrument or track.
+2. **pipeline**: `mert-pipe run` with each teacher (`kmeans100`: MFCC k-means; `rvq`: EnCodec on the test
+   codec, random weights of the real architecture, since the real weights cannot be fetched here).
+3. **label quality**: the teacher's frame labels on the probe notes against their instrument family and
+   pitch class (mutual information over the class's entropy, as `kmeans report` measures it).
+4. **train**: `mert-pipe train --config small` on the teacher's shards; wall time and loss curve.
+5. **probe**: `mert-pipe probe` on every task for several checkpoints of the run (so the trend over
+   training shows), each against its random init and MFCC mean+std through the same classifier and folds.
+6. **report**: DIR/RUN/learning.json and a markdown table to paste into benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import learning_data  # noqa: E402
+
+TASKS = ("instrument", "pitch", "soundtrack")
+MERT_PIPE = [sys.executable, "-m", "mert_pipeline"]
+
+
+def step(name: str) -> None:
+    print(f"\n== {name} ({time.strftime('%H:%M:%S')})", flush=True)
+
+
+def pipeline(root: Path, teacher: str) -> dict[str, float]:
+    """`mert-pipe run` on the corpus with one teacher; its own timing from WORKDIR/stats/run.json."""
+    work = root / f"work-{teacher}"
+    done = work / "stats" / "run.json"
+    if not done.exists():
+        extra = []
+        if teacher == "rvq":
+            from mert_pipeline.demo.test_codec import make_test_codec
+
+            codec = root / "test_codec.pt"
+            if not codec.exists():
+                make_test_codec(codec)
+            extra = ["--codec-checkpoint", str(codec)]
+        cmd = [*MERT_PIPE, "run", str(root / "corpus"), "--out", str(work), "--teachers", teacher, *extra]
+        subprocess.run(cmd, check=True)
+    stats = json.loads(done.read_text())
+    return {"seconds": round(float(stats.get("seconds", 0.0)), 1), "hours": stats.get("hours")}
+
+
+def note_labels(root: Path, teacher: str) -> tuple[list[np.ndarray], int]:
+    """The teacher's frame labels (its first codebook) of every probe note, in instrument.csv + pitch.csv
+    order, and its number of classes."""
+    from mert_pipeline.embed import read_audio
+
+    paths = [root / "probes" / row["path"] for task in ("instrument", "pitch") for row in _rows(root, task)]
+    if teacher.startswith("kmeans"):
+        from mert_pipeline.teachers.features import MFCC
+        from mert_pipeline.teachers.kmeans import assign, last_centroids
+
+        centroids = np.load(last_centroids(root / f"work-{teacher}"))
+        mfcc = MFCC()
+        return [assign(mfcc(read_audio(p)), centroids) for p in paths], len(centroids)
+    from mert_pipeline.teachers.rvq import encode_whole, load_codec
+
+    model, _ = load_codec(root / "test_codec.pt")
+    return [encode_whole(model, read_audio(p))[0].astype(np.int64) for p in paths], 1024
+
+
+def label_quality(root: Path, teacher: str) -> dict[str, dict[str, float]]:
+    """MI(teacher label; class) / H(class) and class purity over the probe notes' frames, per task."""
+    from mert_pipeline.teachers.kmeans import JointCounts
+
+    labels, k = note_labels(root, teacher)
+    out, offset = {}, 0
+    for task in ("instrument", "pitch"):
+        rows = _rows(root, task)
+        names = sorted({row["label"] for row in rows})
+        counts = JointCounts(len(names), k)
+        for row, frames in zip(rows, labels[offset : offset + len(rows)], strict=True):
+            counts.update(np.full(len(frames), names.index(row["label"])), frames)
+        offset += len(rows)
+        m = counts.metrics()
+        out[task] = {
+            "mi_over_h_class": round(m["mi_over_entropy_a"], 4),
+            "purity_class_given_label": round(m["purity_a_given_b"], 4),
+        }
+    return out
+
+
+def _rows(root: Path, task: str) -> list[dict[str, str]]:
+    with (root / "probes" / f"{task}.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def train(root: Path, teacher: str, run: Path, overrides: list[str]) -> float:
+    """`mert-pipe train --config small` on the teacher's shards; its wall time in seconds."""
+    timing = run / "wall_seconds.json"
+    if not timing.exists():
+        start = time.perf_counter()
+        cmd = [*MERT_PIPE, "train", "--config", "small", "--shards", str(root / f"work-{teacher}" / "shards")]
+        cmd += ["--out", str(run), f"teachers=[{teacher}]", *overrides]
+        subprocess.run(cmd, check=True)
+        timing.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    return float(json.loads(timing.read_text())["seconds"])
+
+
+def probe(root: Path, run: Path, checkpoint: Path, baselines: bool) -> dict[str, dict]:
+    """Every task on one checkpoint (with the random-init and MFCC baselines when `baselines`)."""
+    from mert_pipeline.probe import run_probe
+
+    results = {}
+    for task in TASKS:
+        out = run / "probe" / checkpoint.stem / task
+        if not (out / "probe.json").exists():
+            run_probe(checkpoint, str(root / "probes" / f"{task}.csv"), out, baseline=baselines, device="cpu")
+        results[task] = json.loads((out / "probe.json").read_text())["results"]
+    results["collapse"] = collapse(root, checkpoint)
+    return results
+
+
+def collapse(root: Path, checkpoint: Path) -> dict[str, float]:
+    """The trainer's collapse figure (cross-clip cosine of the last layer) of the checkpoint and of its
+    random init, on the first 2 s of 16 soundtrack clips."""
+    import torch
+
+    from mert_pipeline.embed import load_embedder, read_audio
+    from mert_pipeline.trainer.pretrain import cross_clip_cosine
+
+    rows = _rows(root, "soundtrack")[:: max(1, len(_rows(root, "soundtrack")) // 16)][:16]
+    audio = torch.from_numpy(np.stack([read_audio(root / "probes" / r["path"])[:48000] for r in rows]))
+    out = {}
+    for name, random_init in (("trained", False), ("random init", True)):
+        states = load_embedder(checkpoint, "cpu", random_init=random_init).hidden_states(audio)
+        out[name] = round(float(cross_clip_cosine(states[-1])), 3)
+    return out
+
+
+def curve(run: Path) -> dict[str, list[dict[str, float]]]:
+    """The logged points: training (step, loss, masked-prediction accuracy, CQT error) and validation (the
+    same, and `collapse`, the cross-clip cosine of the last layer)."""
+    points: dict[str, list[dict[str, float]]] = {"train": [], "valid": []}
+    for line in (run / "log.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if row.get("kind") in points and "loss" in row:
+            keep = {
+                k: v
+                for k, v in row.items()
+                if k in ("step", "collapse") or k.startswith(("loss", "acc_", "cqt"))
+            }
+            points[row["kind"]].append(keep)
+    return points
+
+
+def table(teacher: str, summary: dict) -> str:
+    """Markdown: per task, each probed checkpoint's best layer against random init and MFCC."""
+    by_step = []
+    for v in summary["curve"]["valid"]:
+        acc = next((a for k, a in v.items() if k.startswith("acc_")), 0.0)
+        by_step.append(f"{v['step']}: {acc:.3f}")
+    final = summary["probes"][summary["final"]]
+    collapsed = ", ".join(f"{name} {r['collapse']['trained']:.2f}" for name, r in summary["probes"].items())
+    lines = [
+        f"**{teacher}**: pipeline {summary['pipeline']['seconds']} s, "
+        f"training {summary['train_seconds'] / 60:.1f} min",
+        "",
+        f"- label quality on the probe notes (MI / H(class)): {summary['label_quality']}",
+        "- validation masked accuracy by step: "
+        + (", ".join(by_step) or "none logged (valid split too small)"),
+        "- collapse, the cross-clip cosine of the last layer "
+        f"(random init {final['collapse']['random init']:.2f}): {collapsed}",
+        "",
+        "| task | checkpoint | trained, by layer | best | random init best | MFCC | vs random | vs MFCC |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for task in TASKS:
+        base = final[task]
+        rand, mfcc = base["random init"]["best_accuracy"], base["MFCC"]["best_accuracy"]
+        for name, results in summary["probes"].items():
+            r = results[task]["trained"]
+            layers = " ".join(f"{a:.2f}" for a in r["accuracy"])
+            best = r["best_accuracy"]
+            lines.append(
+                f"| {task} | {name} | {layers} | {best:.3f} | {rand:.3f} | {mfcc:.3f} | "
+                f"{100 * (best - rand):+.1f} | {100 * (best - mfcc):+.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "mert-pipeline" / "learning")
+    parser.add_argument("--teachers", default="kmeans100,rvq", help="comma-separated: kmeans100, rvq")
+    parser.add_argument("--name", default="small", help="the run's name (a folder per teacher)")
+    parser.add_argument("--probe-steps", default="250,500,1000,last", help="checkpoints to probe")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of small.yaml")
+    args = parser.parse_args()
+    root = args.dir.resolve()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+    step("data: Debian's game soundtracks and the probe tasks")
+    corpus = learning_data.build_corpus(root)
+    notes = learning_data.build_note_probes(root)
+    print(json.dumps({**corpus, **notes}))
+    for teacher in args.teachers.split(","):
+        step(f"pipeline: mert-pipe run --teachers {teacher}")
+        timing = pipeline(root, teacher)
+        step(f"label quality of {teacher} on the probe notes")
+        quality = label_quality(root, teacher)
+        print(json.dumps(quality))
+        run = root / "runs" / f"{args.name}-{teacher}"
+        step(f"train: small.yaml on the {teacher} shards -> {run}")
+        seconds = train(root, teacher, run, args.overrides)
+        from mert_pipeline.trainer.pretrain import checkpoints
+
+        ckpts = {int(p.stem.split("-")[1]): p for p in checkpoints(run)}
+        wanted = [max(ckpts) if s == "last" else int(s) for s in args.probe_steps.split(",")]
+        probes = {}
+        for s in sorted({s for s in wanted if s in ckpts}):
+            step(f"probe: {run.name} step {s}")
+            probes[f"step {s}"] = probe(root, run, ckpts[s], baselines=s == max(ckpts))
+        summary = {
+            "teacher": teacher,
+            "overrides": args.overrides,
+            "corpus": corpus,
+            "pipeline": timing,
+            "label_quality": quality,
+            "train_seconds": round(seconds, 1),
+            "curve": curve(run),
+            "final": f"step {max(ckpts)}",
+            "probes": probes,
+        }
+        (run / "learning.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(table(teacher, summary))
+
+
+if __name__ == "__main__":
+    main()
