@@ -439,16 +439,22 @@ class MERT(nn.Module):
         per_clip = mask.sum(dim=1).float()
         count = per_clip.sum()
         masked = hidden[mask]  # (M, D): the losses are on masked frames only
-        chunks = self.final_proj(masked).float().chunk(len(self.heads), dim=-1)
         embeddings = F.normalize(self.label_embs_concat.float(), dim=-1).split(self.classes)
+
+        def head_logits(rows: torch.Tensor) -> list[torch.Tensor]:
+            """Each head's logits for these frames: cosine to its label embeddings / temperature."""
+            chunks = self.final_proj(rows).float().chunk(len(self.heads), dim=-1)
+            return [
+                F.normalize(c, dim=-1) @ e.T / cfg.logit_temp for c, e in zip(chunks, embeddings, strict=True)
+            ]
+
         out: dict[str, torch.Tensor] = {}
         # fairseq: penalty x sample_size; per clip it is the same when rows mask equally (require_same_masks)
         # and splits exactly over ranks when they do not
         predicted = torch.full_like(per_clip, frames) if cfg.pred_nomask_weight > 0 else per_clip
         pen_sum = (penalty * predicted).sum()
         loss = cfg.feature_pen_weight * pen_sum
-        for (name, q), chunk, emb in zip(self.heads, chunks, embeddings, strict=True):
-            logits = F.normalize(chunk, dim=-1) @ emb.T / cfg.logit_temp  # cosine similarity / temperature
+        for (name, q), logits in zip(self.heads, head_logits(masked), strict=True):
             target = labels[name][:, q, :frames][mask].long()
             ce = F.cross_entropy(logits, target, reduction="sum")
             loss = loss + ce
@@ -458,9 +464,7 @@ class MERT(nn.Module):
         if cfg.pred_nomask_weight > 0:  # fairseq: the unmasked frames' loss, and sample_size counts them too
             kept = hidden[~mask]
             sample_size = count + kept.shape[0]
-            chunks_u = self.final_proj(kept).float().chunk(len(self.heads), dim=-1)
-            for (name, q), chunk, emb in zip(self.heads, chunks_u, embeddings, strict=True):
-                logits = F.normalize(chunk, dim=-1) @ emb.T / cfg.logit_temp
+            for (name, q), logits in zip(self.heads, head_logits(kept), strict=True):
                 ce = F.cross_entropy(logits, labels[name][:, q, :frames][~mask].long(), reduction="sum")
                 loss = loss + cfg.pred_nomask_weight * ce
                 out[f"loss_{name}_u"] = out.get(f"loss_{name}_u", 0.0) + ce.detach()
