@@ -16,6 +16,7 @@ Every step is kept in --dir and skipped when done, so an interrupted benchmark r
 3. **train**: `mert-pipe train --config small` on the teacher's shards; wall time and loss curve.
 4. **probe**: `mert-pipe probe` on every task for several checkpoints of the run (so the trend over
    training shows), each against its random init and MFCC mean+std through the same classifier and folds,
+   with each layer pooled two ways (`--pool mean`, MARBLE's; `--pool meanstd`, as the MFCC baseline is),
    and each checkpoint's collapse figure (the trainer's cross-clip cosine of the last layer).
 5. **label quality**: the teacher's frame labels on the probe notes against their instrument family and
    pitch class (mutual information over the class's entropy, as `kmeans report` measures it; for the RVQ
@@ -129,16 +130,23 @@ def train(root: Path, teacher: str, run: Path, overrides: list[str]) -> float:
     return float(json.loads(timing.read_text())["seconds"])
 
 
+POOLS = ("mean", "meanstd")  # the probe's pooling of a layer's frames: MARBLE's mean; mean and std as MFCC's
+
+
 def probe(root: Path, run: Path, checkpoint: Path, baselines: bool) -> dict[str, dict]:
-    """Every task on one checkpoint (with the random-init and MFCC baselines when `baselines`)."""
+    """Every task on one checkpoint with each pooling (with the random-init and MFCC baselines when
+    `baselines`); {pool: {task: probe.json's results}, "collapse": ...}."""
     from mert_pipeline.probe import run_probe
 
-    results = {}
-    for task in TASKS:
-        out = run / "probe" / checkpoint.stem / task
-        if not (out / "probe.json").exists():
-            run_probe(checkpoint, str(root / "probes" / f"{task}.csv"), out, baseline=baselines, device="cpu")
-        results[task] = json.loads((out / "probe.json").read_text())["results"]
+    results: dict[str, dict] = {}
+    for pool in POOLS:
+        results[pool] = {}
+        for task in TASKS:
+            out = run / "probe" / checkpoint.stem / (task if pool == "mean" else f"{task}-{pool}")
+            if not (out / "probe.json").exists():
+                data = str(root / "probes" / f"{task}.csv")
+                run_probe(checkpoint, data, out, baseline=baselines, pool=pool, device="cpu")
+            results[pool][task] = json.loads((out / "probe.json").read_text())["results"]
     results["collapse"] = collapse(root, checkpoint)
     return results
 
@@ -194,20 +202,21 @@ def table(teacher: str, summary: dict) -> str:
         "- collapse, the cross-clip cosine of the last layer "
         f"(random init {final['collapse']['random init']:.2f}): {collapsed}",
         "",
-        "| task | checkpoint | trained, by layer | best | random init best | MFCC | vs random | vs MFCC |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        "| task | pool | checkpoint | trained, by layer | best | random init | MFCC | vs random | vs MFCC |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|",
     ]
-    for task in TASKS:
-        base = final[task]
-        rand, mfcc = base["random init"]["best_accuracy"], base["MFCC"]["best_accuracy"]
-        for name, results in summary["probes"].items():
-            r = results[task]["trained"]
-            layers = " ".join(f"{a:.2f}" for a in r["accuracy"])
-            best = r["best_accuracy"]
-            lines.append(
-                f"| {task} | {name} | {layers} | {best:.3f} | {rand:.3f} | {mfcc:.3f} | "
-                f"{100 * (best - rand):+.1f} | {100 * (best - mfcc):+.1f} |"
-            )
+    for pool in POOLS:
+        for task in TASKS:
+            base = final[pool][task]
+            rand, mfcc = base["random init"]["best_accuracy"], base["MFCC"]["best_accuracy"]
+            for name, results in summary["probes"].items():
+                r = results[pool][task]["trained"]
+                layers = " ".join(f"{a:.2f}" for a in r["accuracy"])
+                best = r["best_accuracy"]
+                lines.append(
+                    f"| {task} | {pool} | {name} | {layers} | {best:.3f} | {rand:.3f} | {mfcc:.3f} | "
+                    f"{100 * (best - rand):+.1f} | {100 * (best - mfcc):+.1f} |"
+                )
     return "\n".join(lines)
 
 

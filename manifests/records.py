@@ -45,6 +45,7 @@ REJECT_REASONS: dict[str, str] = {
     # teachers
     "label_mismatch": "teacher labels are not int16 of shape (n_q, ceil(num_samples / hop))",
     # shard and export
+    "bad_record": "a manifest row no writer makes (an id not of 16 lowercase hex digits, an unknown split)",
     "no_labels": "a selected teacher has no labels for the file (it rejected the file or did not run on it)",
     "unshardable": "the audio's sample format cannot go into a FLAC shard sample for sample (float WAV)",
 }

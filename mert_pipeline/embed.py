@@ -165,6 +165,7 @@ class PooledStates:
     def __init__(self, pool: str, scratch: Path) -> None:
         self.pool, self.scratch, self.frames = pool, scratch, 0
         self.total: np.ndarray | None = None  # (layers, D) float64 sum over frames
+        self.total_sq: np.ndarray | None = None  # (layers, D) float64 sum of squares over frames
         self.parts: list[Any] = []  # pool none: a binary file per layer
         self.shape: tuple[int, int] | None = None  # (layers, D)
 
@@ -175,7 +176,9 @@ class PooledStates:
         self.frames += array.shape[1]
         if self.pool == "mean":
             summed = array.sum(axis=1, dtype=np.float64)
+            squared = np.square(array, dtype=np.float64).sum(axis=1)
             self.total = summed if self.total is None else self.total + summed
+            self.total_sq = squared if self.total_sq is None else self.total_sq + squared
             return
         if not self.parts:
             self.scratch.mkdir(parents=True, exist_ok=True)
@@ -187,6 +190,12 @@ class PooledStates:
         """(layers, D) float32: the frame-weighted mean of every state added (pool `mean`)."""
         assert self.total is not None
         return (self.total / self.frames).astype(np.float32)
+
+    def std(self) -> np.ndarray:
+        """(layers, D) float32: the frame-weighted standard deviation of every state added (pool `mean`)."""
+        assert self.total is not None and self.total_sq is not None
+        mean = self.total / self.frames
+        return np.sqrt(np.maximum(self.total_sq / self.frames - mean * mean, 0.0)).astype(np.float32)
 
     def write(self, path: Path) -> list[int]:
         """OUT/<id>.npy (float32): (layers, D) or (layers, T, D); the shape written."""

@@ -41,19 +41,21 @@ def fsync_path(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path | str) -> Iterator[Path]:
+def atomic_path(final: Path | str, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path; rename it to `final` if the block succeeds, delete it if not. The file is
     fsynced before the rename and its directory after, so a file under its final name is on the disk
-    before anything written later (the task's marker, index.json) can say it is done."""
+    before anything written later (the task's marker, index.json) can say it is done. `durable=False`
+    skips both, for scratch that every run rewrites before reading it (task listings)."""
+    durable = durable and DURABLE
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = tmp_name(final)
     try:
         yield tmp
-        if DURABLE and tmp.exists():
+        if durable and tmp.exists():
             fsync_path(tmp)
         os.replace(tmp, final)
-        if DURABLE:
+        if durable:
             fsync_path(final.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -61,8 +63,8 @@ def atomic_path(final: Path | str) -> Iterator[Path]:
         raise
 
 
-def atomic_write_bytes(final: Path | str, data: bytes) -> None:
-    with atomic_path(final) as tmp:
+def atomic_write_bytes(final: Path | str, data: bytes, durable: bool = True) -> None:
+    with atomic_path(final, durable) as tmp:
         tmp.write_bytes(data)
 
 

@@ -10,15 +10,18 @@ imports it.
 
 from __future__ import annotations
 
+from typing import Any
+
 SAMPLE_RATE = 24000  # MERT's audio rate, and EnCodec 24 kHz's
 HOP = 320  # samples per label frame: EnCodec's total stride, and the MERT conv front end's
 FRAME_RATE = SAMPLE_RATE / HOP  # 75.0 label frames per second
 RECEPTIVE_FIELD = 400  # samples one frame of the MERT conv front end sees: [320 i, 320 i + 400)
 
 
-def num_frames(num_samples: int, hop: int = HOP) -> int:
-    """Label frames of `num_samples` samples: one per started hop, ceil(num_samples / hop)."""
-    if num_samples < 0:
+def num_frames(num_samples: Any, hop: int = HOP) -> Any:
+    """Label frames of `num_samples` samples (an int, or a numpy array of them): one per started hop,
+    ceil(num_samples / hop)."""
+    if (num_samples < 0) if isinstance(num_samples, int) else (num_samples < 0).any():
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
     return -(-num_samples // hop)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pyarrow.parquet as pq
 
 from mert_pipeline.fs import atomic_write_json
 from mert_pipeline.grid import num_frames
-from mert_pipeline.layout import LabelSet, Workdir
+from mert_pipeline.layout import LabelSet, Workdir, id_numbers
 from mert_pipeline.shards import ShardError
 from mert_pipeline.teachers.kmeans import JointCounts, usage_from_counts
 
@@ -71,6 +72,58 @@ def load_labels(label_set: LabelSet) -> dict[str, tuple[str, str, int]]:
     table = pq.read_table(label_set.manifest, columns=columns)
     columns = [table.column(name).to_pylist() for name in ("id", "relpath", "config_hash", "num_samples")]
     return {row[0]: (row[1], row[2], row[3]) for row in zip(*columns, strict=True)}
+
+
+@dataclass(frozen=True)
+class LabelIndex:
+    """One label set's labels.parquet as columns sorted by id, joined to manifest rows by id: a few dozen
+    bytes a file where a dict of rows took several hundred, so a 3M-file corpus plans on one driver."""
+
+    ids: np.ndarray  # uint64 (`layout.id_numbers`), sorted; rows with an invalid id are left out
+    relpath_ok: np.ndarray  # bool: the row's .npy is a relative path that stays inside the folder
+    relpath: Any  # pyarrow strings, in `ids` order (for messages)
+    config_hash: Any  # pyarrow strings, in `ids` order
+    num_samples: np.ndarray  # int64
+
+    def find(self, ids: np.ndarray) -> np.ndarray:
+        """The row of each id (uint64) in this index, or -1; of rows with one id, the last counts."""
+        at = np.searchsorted(self.ids, ids, side="right") - 1
+        found = at >= 0
+        found[found] = self.ids[at[found]] == ids[found]
+        return np.where(found, at, -1)
+
+    def matches(self, at: np.ndarray, num_samples: np.ndarray, config_hash: str) -> np.ndarray:
+        """Whether the labels at rows `at` (from `find`; -1 is no match) are of `num_samples` samples, of
+        the teacher configuration `config_hash`, and inside their folder."""
+        import pyarrow.compute as pc
+
+        if not len(self.ids):
+            return np.zeros(len(at), dtype=bool)
+        hit = np.maximum(at, 0)
+        same_hash = pc.fill_null(pc.equal(self.config_hash.take(hit), config_hash), False)
+        same = np.asarray(same_hash.to_numpy(zero_copy_only=False), dtype=bool)
+        return (at >= 0) & same & self.relpath_ok[hit] & (self.num_samples[hit] == num_samples)
+
+
+def label_index(label_set: LabelSet) -> LabelIndex:
+    """`LabelIndex` of a label set. A relpath that is absolute or climbs out of the folder (a crafted
+    labels.parquet) is kept but marked, so the file that names it is rejected before a path is built."""
+    import pyarrow.compute as pc
+
+    table = pq.read_table(label_set.manifest, columns=["id", "relpath", "config_hash", "num_samples"])
+    numbers, valid = id_numbers(table.column("id"))
+    relpath = table.column("relpath")
+    outside = pc.match_substring_regex(relpath, r"^$|^/|(^|/)\.\.(/|$)")
+    relpath_ok = ~np.asarray(pc.fill_null(outside, True).to_numpy(zero_copy_only=False), dtype=bool)
+    keep = np.flatnonzero(valid)
+    order = keep[np.argsort(numbers[keep], kind="stable")]
+    return LabelIndex(
+        ids=numbers[order],
+        relpath_ok=relpath_ok[order],
+        relpath=relpath.take(order).combine_chunks(),  # one chunk each: `take` on them is fast
+        config_hash=table.column("config_hash").take(order).combine_chunks(),
+        num_samples=table.column("num_samples").to_numpy()[order],
+    )
 
 
 def load_aligned(path: Path, n_q: int, num_samples: int, hop: int) -> np.ndarray:

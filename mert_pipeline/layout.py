@@ -25,7 +25,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from mert_pipeline.grid import SAMPLE_RATE
 
@@ -46,6 +46,25 @@ def id_relpath(file_id: str, suffix: str) -> str:
     if not isinstance(file_id, str) or not _ID.match(file_id):
         raise ValueError(f"id {file_id!r} is not 16 lowercase hex digits")
     return f"{file_id[:2]}/{file_id}{suffix}"
+
+
+def id_numbers(ids: Any) -> tuple[Any, Any]:
+    """Ids (a pyarrow string array) as uint64 numbers, which sort as the ids do, and a mask of the valid
+    ones (16 lowercase hex digits; an invalid id's number is 0): a manifest's ids compared, joined and
+    sorted as 8 bytes each instead of a Python string per row."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    valid = pc.fill_null(pc.match_substring_regex(ids, r"^[0-9a-f]{16}$"), False)
+    mask = np.asarray(valid.to_numpy(zero_copy_only=False), dtype=bool)
+    good = pc.filter(ids, valid)
+    parts = []
+    for start in range(0, len(good), 1 << 20):  # a million Python strings at a time
+        text = "".join(good.slice(start, 1 << 20).to_pylist())
+        parts.append(np.frombuffer(bytes.fromhex(text), dtype=">u8"))
+    numbers = np.zeros(len(mask), np.uint64)
+    numbers[mask] = np.concatenate(parts) if parts else np.zeros(0, np.uint64)
+    return numbers, mask
 
 
 def check_name(name: str, what: str = "--name") -> str:

@@ -35,13 +35,15 @@ def write_listings(
     (the input shrank), so they cannot leak into a merge. With `task_key`, a row whose key differs from
     the previous row's starts a new task (one task per output file, e.g. a shard)."""
     tasks: list[Task] = []
+    encode = json.JSONEncoder(ensure_ascii=True, sort_keys=True).encode  # json.dumps's bytes, one encoder
     chunk: list[str] = []
     current: list[Any] = []
 
     def flush() -> None:
         data = "".join(chunk).encode()
         rank = len(tasks)
-        atomic_write_bytes(rank_path(stage, "listing", rank, ".jsonl"), data)
+        # not fsynced: every plan rewrites every listing before any task of that run reads one
+        atomic_write_bytes(rank_path(stage, "listing", rank, ".jsonl"), data, durable=False)
         fingerprint = hashlib.sha256(config_fingerprint.encode() + data).hexdigest()
         tasks.append(Task(rank=rank, fingerprint=fingerprint, size=len(chunk)))
         chunk.clear()
@@ -52,7 +54,7 @@ def write_listings(
             if chunk and current[0] != key:
                 flush()
             current[:] = [key]
-        chunk.append(json.dumps(row, ensure_ascii=True, sort_keys=True) + "\n")
+        chunk.append(encode(row) + "\n")
         if len(chunk) >= files_per_task:
             flush()
     if chunk:

@@ -1,4 +1,5 @@
-"""MARBLE-style linear probe: mean-pooled embeddings of every layer, one logistic regression per layer.
+"""MARBLE-style linear probe: pooled embeddings of every layer (the frame mean, or mean and std), one
+logistic regression per layer.
 
 Data: a CSV (`path,label` columns, paths relative to the CSV, and an optional `group` column: the recording,
 the instrument... a clip comes from), a folder with one sub-folder per class, or a built-in synthetic task
@@ -133,8 +134,24 @@ def load_probe_data(spec: str, per_class: int = 16, seed: int = 0) -> ProbeData:
 LONG_CLIP = 30 * RATE  # longer clips are embedded in chunks of this many samples
 
 
-def pooled_features(embedder: Embedder, audio: list[np.ndarray], batch: int = 16) -> np.ndarray:
-    """(clips, L + 1, D): each clip's frame-mean per layer; equal-length clips are batched together."""
+POOLS = ("mean", "meanstd")  # per layer: the frame mean, or the frame mean and std side by side
+
+
+def _pool(states: torch.Tensor, pool: str) -> np.ndarray:
+    """(L + 1, T, D) states of one clip -> (L + 1, D) frame means, or (L + 1, 2D) means and stds."""
+    mean = states.mean(1)
+    if pool == "mean":
+        return mean.numpy()
+    return torch.cat([mean, states.std(1, correction=0)], dim=-1).numpy()
+
+
+def pooled_features(
+    embedder: Embedder, audio: list[np.ndarray], batch: int = 16, pool: str = "mean"
+) -> np.ndarray:
+    """(clips, L + 1, D), or (clips, L + 1, 2D) with pool "meanstd": each clip's frame mean per layer (and
+    its std over frames, as the MFCC baseline has); equal-length clips are batched together."""
+    if pool not in POOLS:
+        raise ValueError(f"pool is one of {', '.join(POOLS)}, not {pool!r}")
     out: list[np.ndarray | None] = [None] * len(audio)
     by_length: dict[int, list[int]] = {}
     for i, clip in enumerate(audio):
@@ -145,15 +162,16 @@ def pooled_features(embedder: Embedder, audio: list[np.ndarray], batch: int = 16
             if 400 <= length <= LONG_CLIP:
                 states = embedder.hidden_states(torch.from_numpy(np.stack([audio[i] for i in group])))
                 for j, i in enumerate(group):
-                    out[i] = states[:, j].mean(1).numpy()
+                    out[i] = _pool(states[:, j], pool)
             elif length < 400:
                 for i in group:
-                    out[i] = embed_array(embedder, audio[i], None, "mean", 400, 1)
+                    states = torch.from_numpy(embed_array(embedder, audio[i], None, "none", 400, 1))
+                    out[i] = _pool(states, pool)
             else:  # a long clip: in 30 s chunks, so the model's memory does not grow with its length
                 for i in group:
                     sink = PooledStates("mean", Path("."))
                     embed_stream(embedder, [audio[i]], None, LONG_CLIP, 1, sink)
-                    out[i] = sink.mean()
+                    out[i] = sink.mean() if pool == "mean" else np.concatenate([sink.mean(), sink.std()], -1)
     return np.stack(out)  # type: ignore[arg-type]
 
 
@@ -307,13 +325,15 @@ def run_probe(
     baseline: bool = True,
     mfcc: bool = True,
     folds: int = 4,
+    pool: str = "mean",
     per_class: int = 16,
     seed: int = 0,
     device: str = "auto",
     on_status: Any = None,
 ) -> dict[str, Any]:
     """The probe of `mert-pipe probe`: every layer of the model, of its random init and the MFCC baseline
-    (`baseline=False` skips both baselines, `mfcc=False` the MFCC one) on `data`, over `folds` folds (fewer
+    (`baseline=False` skips both baselines, `mfcc=False` the MFCC one) on `data`, each layer pooled by `pool`
+    ("mean", or "meanstd": the mean and std over frames, as the MFCC baseline is), over `folds` folds (fewer
     when a class has fewer groups or clips), written to OUT/probe.json and OUT/probe.png; returns
     probe.json's content. A dataset or checkpoint that cannot be used is a ValueError in one line."""
     import contextlib
@@ -325,6 +345,8 @@ def run_probe(
     from mert_pipeline.hf_export import CheckpointError
 
     status = on_status or (lambda text: contextlib.nullcontext())
+    if pool not in POOLS:
+        raise ValueError(f"--pool is one of {', '.join(POOLS)}, not {pool!r}")
     try:
         dataset = load_probe_data(data, per_class=per_class, seed=seed)
     except OSError as exc:
@@ -345,7 +367,7 @@ def run_probe(
     results = {}
     for name, embedder in models.items():
         with status(f"probe: embedding {len(dataset.audio)} clips ({name})"):
-            features = pooled_features(embedder, dataset.audio)  # once per model, reused by every fold
+            features = pooled_features(embedder, dataset.audio, pool=pool)  # once per model, for every fold
         results[name] = linear_probe(features, dataset.labels, seed=seed, splits=splits)
     if baseline and mfcc:
         with status(f"probe: MFCC of {len(dataset.audio)} clips"):
@@ -360,6 +382,7 @@ def run_probe(
         "groups": None if dataset.groups is None else len(set(dataset.groups)),
         "folds": len(splits),
         "folds_requested": folds,
+        "pool": pool,
         "rejects": dataset.rejects,
         "results": results,
         "seconds": time.perf_counter() - start,

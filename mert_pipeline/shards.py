@@ -93,6 +93,21 @@ def segment_bounds(num_samples: int, max_units: int, unit: int) -> list[tuple[in
     return [(start, end - start) for start, end in zip(starts, ends, strict=True)]
 
 
+def segment_columns(num_samples: np.ndarray, max_units: int, unit: int) -> dict[str, np.ndarray]:
+    """`segment_bounds` of many files at once, as int64 columns over all their segments: `file` (the
+    file's position in `num_samples`), `index` (the segment's number in its file), `offset` and `n`."""
+    total = np.asarray(num_samples, dtype=np.int64)
+    units = -(-total // unit)
+    count = -(-units // max_units)
+    file = np.repeat(np.arange(len(total), dtype=np.int64), count)
+    index = np.arange(len(file), dtype=np.int64) - np.repeat(np.cumsum(count) - count, count)
+    per_file_units, per_file_count = units[file], count[file]
+    start = index * per_file_units // per_file_count * unit
+    last = index == per_file_count - 1
+    end = np.where(last, total[file], (index + 1) * per_file_units // per_file_count * unit)
+    return {"file": file, "index": index, "offset": start, "n": end - start}
+
+
 def segment_key(file_id: str, index: int) -> str:
     """WebDataset keys end at the first dot, so a key holds none."""
     return f"{file_id}_{index:04d}"

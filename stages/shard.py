@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import xxhash
 
 from mert_pipeline import storage
@@ -45,8 +47,8 @@ from mert_pipeline.executor import Resources, Task, marker_path, rank_path, stag
 from mert_pipeline.flac_frames import FLAC_BLOCK, NotCopyable, cut_segment
 from mert_pipeline.fs import atomic_write_json, remove_stale_tmp
 from mert_pipeline.grid import SAMPLE_RATE, frame_span, num_frames
-from mert_pipeline.labels import label_columns, load_labels, teacher_facts
-from mert_pipeline.layout import AudioDir, Workdir
+from mert_pipeline.labels import LabelIndex, label_columns, label_index, load_labels, teacher_facts
+from mert_pipeline.layout import AudioDir, Workdir, id_numbers, id_relpath
 from mert_pipeline.listing import read_listing, write_listings
 from mert_pipeline.manifests.io import RejectsWriter, iter_batches, iter_rejects
 from mert_pipeline.manifests.records import DEFAULT_SEED, Reject
@@ -66,7 +68,7 @@ from mert_pipeline.shards import (
     npy_bytes,
     read_index,
     read_segment,
-    segment_bounds,
+    segment_columns,
     segment_key,
     shard_name,
     sidecar_name,
@@ -79,6 +81,7 @@ SUBDIRS = ("listing", "parts", "completions", "stats", "errors")
 AUDIO_COLUMNS = ["id", "path", "relpath", "subtype", "sampling_rate", "num_samples", "size_bytes"]
 AUDIO_COLUMNS += ["content_hash", "split", "format"]
 LABEL_COLUMNS = ["id", "relpath", "config_hash", "num_samples", "n_q", "frames"]
+_OK, _BAD_RECORD, _UNSHARDABLE, _NO_LABELS, _LABEL_MISMATCH = range(5)  # the shard plan's verdicts on a file
 TAR_OVERHEAD = 1024  # bytes per member: its 512-byte header and, on average, half a block of padding
 _BITS = {"PCM_16": 16, "PCM_24": 24}
 
@@ -191,57 +194,78 @@ class ShardStage(_WritesShards):
         if max_units < 1:
             raise ValueError(f"--segment-seconds {config.segment_seconds} is shorter than one frame")
         layout = Workdir(config.workdir)
-        labels = {name: load_labels(layout.labels(name)) for name in self.facts}
+        labels = {name: label_index(layout.labels(name)) for name in self.facts}
         for split in SPLITS:
             _remove_stale_tmp(config.out, split)
-        files: list[dict[str, Any]] = []
-        segments: dict[str, list[tuple[str, int, int, int, int]]] = {split: [] for split in SPLITS}
+        # Columns, never a Python object per file or segment: the admitted files as an Arrow table and
+        # numpy columns (id number, split, first segment), the segments as numpy columns (file, index in
+        # the file, offset, length, estimated bytes): about 25 bytes a segment.
+        files: list[pa.Table] = []
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in ("file", "index", "offset", "n", "est")}
+        per_file: dict[str, list[np.ndarray]] = {"id": [], "split": [], "segments": []}
+        label_rows: dict[str, list[np.ndarray]] = {name: [] for name in self.facts}  # per admitted file
         counts: Counter = Counter()
+        admitted = 0
         with RejectsWriter(stage_dir(self) / REJECTS) as rejects:
             for batch in iter_batches(manifest, columns=AUDIO_COLUMNS):
-                for row in batch.to_pylist():
-                    counts["files_seen"] += 1
-                    reject = self._admit(row, labels, rate)
-                    if reject is not None:
-                        rejects.write(reject)
-                        counts[f"rejected.{reject.reason}"] += 1
-                        continue
-                    file_index = len(files)
-                    files.append(row)
-                    counts["files"] += 1
-                    for index, (offset, n) in enumerate(segment_bounds(row["num_samples"], max_units, unit)):
-                        est = row["size_bytes"] * n // row["num_samples"] + self._label_bytes(n, hop)
-                        segments[row["split"]].append(
-                            (segment_key(row["id"], index), file_index, offset, n, est)
-                        )
-        shards: dict[str, list[tuple[str, int, int, int, int]]] = {}
+                counts["files_seen"] += batch.num_rows
+                keep, ids, found = self._admit(batch, labels, rate, rejects, counts)
+                kept = pa.Table.from_batches([batch]).filter(pa.array(keep))
+                if kept.num_rows == 0:
+                    continue
+                files.append(kept)
+                for name in self.facts:
+                    label_rows[name].append(found[name][keep])
+                num_samples = kept.column("num_samples").to_numpy()
+                segments = segment_columns(num_samples, max_units, unit)
+                file = segments["file"]
+                n = segments["n"]
+                size = kept.column("size_bytes").to_numpy()[file]
+                is_valid = pc.equal(kept.column("split"), "valid").to_numpy(zero_copy_only=False)
+                # int32 where a value is bounded (files < 2**31, segments of at most a few minutes)
+                per_file["id"].append(ids[keep])
+                per_file["split"].append(np.asarray(is_valid, dtype=np.int8))  # SPLITS.index
+                per_file["segments"].append(np.bincount(file, minlength=kept.num_rows))
+                parts["file"].append((file + admitted).astype(np.int32))
+                parts["index"].append(segments["index"].astype(np.int32))
+                parts["offset"].append(segments["offset"])
+                parts["n"].append(n.astype(np.int32))
+                est = size * n // num_samples[file] + self._label_bytes(n, hop)
+                parts["est"].append(est.astype(np.int32))
+                admitted += kept.num_rows
+        counts["files"] = admitted
+        table = pa.concat_tables(files).combine_chunks() if files else None  # one chunk: `take` is fast
+        column = {k: _concatenate(parts.pop(k)) for k in list(parts)}
+        label_at = {k: _concatenate(label_rows.pop(k)) for k in list(label_rows)}
+        file_of = {k: _concatenate(per_file.pop(k)) for k in list(per_file)}
+        first = np.cumsum(file_of["segments"]) - file_of["segments"]  # each file's first segment
+        del files
+        shards: list[tuple[str, np.ndarray]] = []  # (name, its segments in order)
         for split_index, split in enumerate(SPLITS):
-            made = 0
-            ordered = sorted(segments[split])  # by key: independent of the manifest's row order
-            order = np.random.default_rng([config.seed, split_index]).permutation(len(ordered))
-            current: list[tuple[str, int, int, int, int]] = []
-            size = 0
-            for position in order:
-                segment = ordered[position]
-                full = config.shard_samples is not None and len(current) >= config.shard_samples
-                if current and (full or size + segment[4] > config.shard_bytes):
-                    shards[shard_name(split, made)], made = current, made + 1
-                    current, size = [], 0
-                current.append(segment)
-                size += segment[4]
-            if current:
-                shards[shard_name(split, made)] = current
-        counts["segments"] = sum(len(v) for v in shards.values())
-        atomic_write_json(stage_dir(self) / "plan.json", {"counts": dict(counts), "shards": sorted(shards)})
-        self._claim(config.take_over, sorted(shards))
+            mine = np.flatnonzero(file_of["split"] == split_index)
+            by_id = mine[np.argsort(file_of["id"][mine], kind="stable")]  # segment keys sort as (id, index)
+            ordered = _expand(first[by_id], file_of["segments"][by_id])
+            order = ordered[np.random.default_rng([config.seed, split_index]).permutation(len(ordered))]
+            del ordered
+            bounds = deal(column["est"][order], config.shard_bytes, config.shard_samples)
+            shards += [(shard_name(split, k), order[a:b]) for k, (a, b) in enumerate(bounds)]
+        counts["segments"] = sum(len(members) for _, members in shards)
+        names = [name for name, _ in shards]
+        atomic_write_json(stage_dir(self) / "plan.json", {"counts": dict(counts), "shards": sorted(names)})
+        self._claim(config.take_over, sorted(names))
 
         def rows() -> Any:
-            for shard, members in shards.items():
-                for key, file_index, offset, n, _ in members:
-                    row = files[file_index]
+            assert table is not None or not shards
+            for shard, members in shards:
+                file = column["file"][members]
+                npys = {name: labels[name].relpath.take(label_at[name][file]).to_pylist() for name in labels}
+                indexes, offsets = column["index"][members].tolist(), column["offset"][members].tolist()
+                lengths = column["n"][members].tolist()
+                for j, row in enumerate(table.take(file).to_pylist()):
+                    index = indexes[j]
                     yield {
                         "shard": shard,
-                        "key": key,
+                        "key": segment_key(row["id"], index),
                         "id": row["id"],
                         "path": row["path"],
                         "relpath": row["relpath"],
@@ -249,49 +273,106 @@ class ShardStage(_WritesShards):
                         "subtype": row["subtype"],
                         "format": row["format"],
                         "split": row["split"],
-                        "segment": int(key.rsplit("_", 1)[1]),
-                        "offset": offset,
-                        "num_samples": n,
+                        "segment": index,
+                        "offset": offsets[j],
+                        "num_samples": lengths[j],
                         "source_num_samples": row["num_samples"],
                         "size_bytes": row["size_bytes"],
-                        "labels": {name: labels[name][row["id"]][0] for name in self.facts},
+                        "labels": {name: npys[name][j] for name in labels},
                     }
 
         fingerprint = json.dumps(
             {"teachers": self.facts, "rate": rate, "hop": hop, "version": 2}, sort_keys=True, default=str
         )
         tasks = write_listings(self, rows(), sys.maxsize, fingerprint, SUBDIRS, task_key=lambda r: r["shard"])
-        _redo_missing(self, tasks, list(shards))
+        _redo_missing(self, tasks, names)
         return tasks
 
-    def _label_bytes(self, num_samples: int, hop: int) -> int:
+    def _label_bytes(self, num_samples: np.ndarray, hop: int) -> np.ndarray:
         frames = num_frames(num_samples, hop)
         per_teacher = sum(128 + 2 * facts["n_q"] * frames for facts in self.facts.values())
         return per_teacher + 300 + TAR_OVERHEAD * (2 + len(self.facts))
 
-    def _admit(self, row: dict[str, Any], labels: dict[str, dict], rate: int) -> Reject | None:
-        """Why a file of the audio manifest cannot be sharded, or None."""
-        if row["subtype"] not in FLAC_SUBTYPES or row["sampling_rate"] != rate:
+    def _admit(
+        self, batch: pa.RecordBatch, labels: dict[str, LabelIndex], rate: int, rejects: Any, counts: Counter
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Which rows of a manifest batch can be sharded, their ids as numbers, and each teacher's row of
+        their labels (`LabelIndex.find`). Every other row goes to `rejects`, in manifest order, for its
+        first failing check: a row no writer makes (`bad_record`: an id that is not 16 hex digits, an
+        unknown split), a sample format FLAC cannot hold (`unshardable`), then per teacher: no labels
+        (`no_labels`), labels of another length or configuration, or at a path outside their folder
+        (`label_mismatch`)."""
+        ids, valid = id_numbers(batch.column("id"))
+        split = pc.fill_null(pc.is_in(batch.column("split"), pa.array(SPLITS)), False)
+        valid &= np.asarray(split.to_numpy(zero_copy_only=False), dtype=bool)
+        subtype = pc.fill_null(pc.is_in(batch.column("subtype"), pa.array(FLAC_SUBTYPES)), False)
+        flac = np.asarray(subtype.to_numpy(zero_copy_only=False), dtype=bool)
+        flac &= batch.column("sampling_rate").to_numpy(zero_copy_only=False) == rate
+        num_samples = batch.column("num_samples").to_numpy(zero_copy_only=False)
+        reason = np.where(valid, np.where(flac, _OK, _UNSHARDABLE), _BAD_RECORD)
+        found = {}
+        for name, facts in self.facts.items():
+            found[name] = at = labels[name].find(ids)
+            same = labels[name].matches(at, num_samples, facts["config_hash"])
+            verdict = np.where(at < 0, _NO_LABELS, np.where(same, _OK, _LABEL_MISMATCH))
+            reason = np.where(reason != _OK, reason, verdict)
+        for i in np.flatnonzero(reason != _OK).tolist():
+            row = {
+                key: batch.column(key)[i].as_py()
+                for key in ("id", "path", "subtype", "sampling_rate", "split")
+            }
+            reject = self._reject(
+                int(reason[i]), row, int(num_samples[i]), labels, {k: int(v[i]) for k, v in found.items()}
+            )
+            rejects.write(reject)
+            counts[f"rejected.{reject.reason}"] += 1
+        return reason == _OK, ids, found
+
+    def _reject(
+        self,
+        code: int,
+        row: dict[str, Any],
+        num_samples: int,
+        labels: dict[str, LabelIndex],
+        found: dict[str, int],
+    ) -> Reject:
+        """The reject of one row for its first failing check (`code`, as `_admit` found it)."""
+        path = str(row["path"])
+        if code == _BAD_RECORD:
+            try:
+                id_relpath(row["id"], "")  # the layout's own check of an id, and its message
+                why = f"split {row['split']!r} is not one of {', '.join(SPLITS)}"
+            except ValueError as exc:
+                why = str(exc)
+            return Reject(path, "bad_record", why)
+        if code == _UNSHARDABLE:
             return Reject(
-                row["path"],
+                path,
                 "unshardable",
                 f"{row['subtype']} at {row['sampling_rate']} Hz; shards hold "
-                f"{' or '.join(FLAC_SUBTYPES)} at {rate} Hz (resample with --format flac)",
+                f"{' or '.join(FLAC_SUBTYPES)} at {self.config.sample_rate} Hz (resample with --format flac)",
             )
-        for name, facts in self.facts.items():
-            found = labels[name].get(row["id"])
-            if found is None:
-                return Reject(row["path"], "no_labels", f"teacher {name!r} has no labels for this file")
-            relpath, config_hash, num_samples = found
-            npy = Workdir(self.config.workdir).labels(name).npy(relpath)
-            if config_hash != facts["config_hash"] or num_samples != row["num_samples"]:
+        for name, facts in self.facts.items():  # the first teacher that fails, as `_admit` ordered them
+            at, index = found[name], labels[name]
+            if at < 0:
+                return Reject(path, "no_labels", f"teacher {name!r} has no labels for this file")
+            relpath, config_hash = index.relpath[at].as_py(), index.config_hash[at].as_py()
+            folder = Workdir(self.config.workdir).labels(name)
+            if not index.relpath_ok[at]:
                 return Reject(
-                    row["path"],
+                    path,
                     "label_mismatch",
-                    f"{npy} was made for {num_samples} samples with config {config_hash}; the audio "
-                    f"has {row['num_samples']} and the teacher is {facts['config_hash']}",
+                    f"teacher {name!r}'s labels.parquet names {relpath!r} for this file: outside "
+                    f"{folder.path}",
                 )
-        return None
+            if config_hash != facts["config_hash"] or int(index.num_samples[at]) != num_samples:
+                return Reject(
+                    path,
+                    "label_mismatch",
+                    f"{folder.npy(relpath)} was made for {int(index.num_samples[at])} samples with config "
+                    f"{config_hash}; the audio has {num_samples} and the teacher is {facts['config_hash']}",
+                )
+        raise AssertionError(f"{path}: reject code {code}, but it passes every check")
 
     def run(self, task: Task, stats: Counter) -> None:
         rows = read_listing(self, task.rank)
@@ -388,6 +469,42 @@ class ShardStage(_WritesShards):
             "totals": index["totals"],
             "outputs": {"shards": str(config.out), "index": str(join(config.out, INDEX))},
         }
+
+
+def _concatenate(pieces: list[np.ndarray]) -> np.ndarray:
+    """One array of the pieces (int64 when there are none), which are released as they are copied."""
+    if not pieces:
+        return np.zeros(0, np.int64)
+    out = np.empty(sum(len(p) for p in pieces), dtype=pieces[0].dtype)
+    at = 0
+    while pieces:
+        piece = pieces.pop(0)
+        out[at : at + len(piece)] = piece
+        at += len(piece)
+    return out
+
+
+def _expand(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The runs [start, start + count) one after another: the segments of files taken in a given order."""
+    ends = np.cumsum(counts)
+    return np.repeat(starts - (ends - counts), counts) + np.arange(ends[-1] if len(ends) else 0)
+
+
+def deal(est: np.ndarray, shard_bytes: int, shard_samples: int | None) -> list[tuple[int, int]]:
+    """Cut segments (their estimated bytes, in dealing order) into consecutive shards, each closing before
+    the segment that would take it past `shard_bytes`, or at `shard_samples` segments: (start, end) of
+    each. Read a million at a time, so no Python list of every segment is made."""
+    starts, size, count = [0], 0, 0
+    block = 1 << 20
+    for first in range(0, len(est), block):
+        for i, bytes_ in enumerate(est[first : first + block].tolist(), first):
+            full = shard_samples is not None and count >= shard_samples
+            if count and (full or size + bytes_ > shard_bytes):
+                starts.append(i)
+                size = count = 0
+            size += bytes_
+            count += 1
+    return list(zip(starts, [*starts[1:], len(est)], strict=True)) if len(est) else []
 
 
 def segment_unit(max_samples: int, hop: int) -> int:

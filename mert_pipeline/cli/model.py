@@ -208,13 +208,21 @@ def probe(
             help="Folds of the stratified cross-validation (fewer if a class has fewer groups or clips).",
         ),
     ] = 4,
+    pool: Annotated[
+        str,
+        typer.Option(
+            "--pool",
+            help="How a layer's frames become one vector per clip: mean (MARBLE's), or meanstd (mean and std "
+            "side by side, as the MFCC baseline has).",
+        ),
+    ] = "mean",
     per_class: Annotated[int, typer.Option("--per-class", min=2, help="builtin: clips per class.")] = 16,
     seed: Annotated[
         int, typer.Option("--seed", help="Seed of the folds, the builtin data, the baseline.")
     ] = 0,
     device: DeviceOpt = "auto",
 ) -> None:
-    """MARBLE-style linear probe: mean-pooled embeddings of every layer, a logistic regression per layer,
+    """MARBLE-style linear probe: pooled embeddings of every layer (--pool), a logistic regression per layer,
     accuracy the mean over stratified folds (by group when the CSV has one); against a random init and an
     MFCC baseline; best layer, OUT/probe.png and OUT/probe.json."""
     from mert_pipeline.probe import run_probe
@@ -228,6 +236,7 @@ def probe(
                 baseline=baseline,
                 mfcc=mfcc,
                 folds=folds,
+                pool=pool,
                 per_class=per_class,
                 seed=seed,
                 device=device,

@@ -13,6 +13,7 @@ from mert_pipeline.layout import (
     audio_dir_name,
     bookkeeping_dir,
     check_name,
+    id_numbers,
     id_relpath,
     stage_stats,
 )
@@ -68,3 +69,23 @@ def test_label_sets_are_the_folders_with_a_teacher(tmp_path: Path) -> None:
         work.labels(name).teacher.write_text("{}")
     (work.labels_root / "stray").mkdir()
     assert [s.name for s in work.label_sets()] == ["kmeans500", "rvq"]
+
+
+def test_id_numbers_sort_as_the_ids_and_mark_invalid_ones() -> None:
+    import numpy as np
+    import pyarrow as pa
+
+    ids = [
+        "ffffffffffffffff",
+        "0123456789abcdef",
+        "../../pwned",
+        None,
+        "0123456789ABCDEF",
+        "00000000000000ff",
+    ]
+    numbers, valid = id_numbers(pa.chunked_array([ids[:3], ids[3:]]))
+    assert valid.tolist() == [True, True, False, False, False, True]
+    assert numbers.dtype == np.uint64 and numbers[0] == 2**64 - 1 and numbers[1] == 0x0123456789ABCDEF
+    good = [i for i, ok in zip(ids, valid, strict=True) if ok]
+    assert [good[i] for i in np.argsort(numbers[valid])] == sorted(good)
+    assert numbers[~valid].tolist() == [0, 0, 0]

@@ -213,6 +213,8 @@ def test_probe_command_keeps_recordings_apart(tmp_path: Path) -> None:
     assert all(len(r["fold_accuracy"][0]) == 4 and r["test"] == 48 for r in summary["results"].values())
     assert list(probe("plain.csv", "--no-mfcc")[0]["results"]) == ["trained", "random init"]
     assert list(probe("plain.csv", "--no-baseline")[0]["results"]) == ["trained"]
+    summary, _ = probe("plain.csv", "--no-mfcc", "--pool", "meanstd")
+    assert summary["pool"] == "meanstd" and list(summary["results"]) == ["trained", "random init"]
 
     one = [r[: r.rindex(",")] + ",tape" if r.split(",")[1] == "b" else r for r in rows]  # b: one recording
     (tmp_path / "one.csv").write_text("path,label,group\n" + "\n".join(one) + "\n")
@@ -220,3 +222,28 @@ def test_probe_command_keeps_recordings_apart(tmp_path: Path) -> None:
         app, ["probe", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "one.csv")]
     )
     assert bad.exit_code == 2 and "class 'b' has 1 group;" in " ".join(bad.output.split())
+
+
+def test_meanstd_pooling_is_each_layers_frame_mean_and_std_on_every_path(tmp_path: Path) -> None:
+    """Batched clips, a clip shorter than a frame and one embedded in 30 s chunks all pool to the mean and
+    the std over the clip's frames."""
+    from mert_pipeline.embed import embed_array, load_embedder
+    from mert_pipeline.probe import LONG_CLIP, pooled_features
+
+    write_tiny_checkpoint(tmp_path / "run", pre_ln=False)
+    embedder = load_embedder(tmp_path / "run", "cpu")
+    rng = np.random.default_rng(0)
+    lengths = [24000, 24000, 200, LONG_CLIP + 12000]
+    clips = [(0.1 * rng.standard_normal(n)).astype(np.float32) for n in lengths]
+    mean = pooled_features(embedder, clips, pool="mean")
+    both = pooled_features(embedder, clips, pool="meanstd")
+    dim = mean.shape[-1]
+    assert both.shape == (4, mean.shape[1], 2 * dim)
+    np.testing.assert_allclose(both[..., :dim], mean, rtol=1e-5, atol=1e-6)
+    for i, clip in enumerate(clips):
+        frames = embed_array(embedder, clip, None, "none", LONG_CLIP, 1)  # (L + 1, T, D)
+        np.testing.assert_allclose(both[i, :, dim:], frames.std(1), rtol=1e-3, atol=1e-5)
+        if frames.shape[1] > 1:
+            assert both[i, :, dim:].min() > 0  # a real spread, not zeros
+    with pytest.raises(ValueError, match="pool is one of mean, meanstd"):
+        pooled_features(embedder, clips[:1], pool="max")

@@ -30,6 +30,7 @@ from mert_pipeline.shards import (
     read_samples,
     read_segment,
     segment_bounds,
+    segment_columns,
     segment_key,
     shard_name,
     sidecar_name,
@@ -205,6 +206,19 @@ def test_segment_bounds_fall_on_label_frames_and_balance() -> None:
     assert parse_size("256MB") == 256 * 10**6 and parse_size("1GiB") == 2**30 and parse_size("4096") == 4096
     with pytest.raises(ValueError, match="cannot read the size"):
         parse_size("lots")
+
+
+def test_segment_columns_are_segment_bounds_of_every_file_at_once() -> None:
+    lengths = np.array([320, 321, 72000, 72017, 720000, 720001, 1_500_000, 9_999_999])
+    columns = segment_columns(lengths, 35, 20480)
+    expected = [
+        (f, i, o, n)
+        for f, total in enumerate(lengths.tolist())
+        for i, (o, n) in enumerate(segment_bounds(total, 35, 20480))
+    ]
+    got = list(zip(*(columns[k].tolist() for k in ("file", "index", "offset", "n")), strict=True))
+    assert got == expected
+    assert all(len(v) == 0 for v in segment_columns(np.zeros(0, np.int64), 35, 20480).values())
 
 
 def test_deterministic_tar_writes_the_bytes_tarfile_writes() -> None:

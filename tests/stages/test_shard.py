@@ -388,3 +388,37 @@ def test_a_shard_set_belongs_to_one_workdir(workdir: Path, tmp_path: Path) -> No
     forced = pipeline.ExecutorConfig(kind="local", workers=1, force=True)
     pipeline.shard(other, out, teachers=("rvq",), executor=forced)
     assert (out / ".owner").read_text() == f"{other.resolve()}\n"
+
+
+def test_crafted_ids_splits_and_label_paths_are_rejects_that_say_why(workdir: Path, tmp_path: Path) -> None:
+    """The plan builds no path from what a file says before checking it: a manifest row with the id
+    `../../pwned`, one with the split `test`, and labels.parquet naming `../../../outside.npy` for a file
+    are three rejects that name the value; the other files are sharded, nothing outside is touched."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    work = tmp_path / "work"
+    shutil.copytree(workdir, work)
+    manifest = work / "audio_24k" / "manifest.parquet"
+    table = pq.read_table(manifest)
+    rows = table.to_pylist()
+    crafted = [{**rows[0], "id": "../../pwned"}, {**rows[0], "split": "test"}]
+    out = pa.Table.from_pylist(rows + crafted, schema=table.schema)
+    pq.write_table(out.replace_schema_metadata(table.schema.metadata), manifest)
+    labels = work / "labels" / "rvq" / "labels.parquet"
+    table = pq.read_table(labels)
+    relpaths = table.column("relpath").to_pylist()
+    victim = table.column("id").to_pylist().index(rows[2]["id"])
+    relpaths[victim] = "../../../outside.npy"
+    column = table.schema.get_field_index("relpath")
+    pq.write_table(table.set_column(column, "relpath", pa.array(relpaths)), labels)
+    summary = shard(work, tmp_path / "shards", teachers=("rvq",))
+    rejects = [(r.reason, r.detail) for r in iter_rejects(tmp_path / "shards" / "rejects.jsonl")]
+    assert [reason for reason, _ in rejects] == ["label_mismatch", "bad_record", "bad_record"]
+    assert "'../../../outside.npy' for this file: outside" in rejects[0][1]
+    assert "id '../../pwned' is not 16 lowercase hex digits" == rejects[1][1]
+    assert "split 'test' is not one of train, valid" == rejects[2][1]
+    counts = summary["counts"]
+    assert counts["accepted"] == 2 and counts["rejected"] == 3 and counts["files_seen"] == 5
+    assert verify_all(tmp_path / "shards").ok
+    assert not list(tmp_path.rglob("*pwned*")) and not list(tmp_path.rglob("outside*"))
