@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +31,30 @@ from mert_pipeline.embed import (
     embed_stream,
     list_inputs,
     read_audio,
+    stream_audio,
 )
 
 BUILTIN = ("pitch", "timbre")
 
 
+Clip = np.ndarray | Path  # in memory (the built-in tasks), or a file decoded when its turn comes
+
+
 @dataclass
 class ProbeData:
+    """The clips of a probe task: synthesized ones in memory; files as their paths and 24 kHz lengths
+    (checked to decode when listed), read again batch by batch, so a dataset's audio is never all held."""
+
     name: str
-    audio: list[np.ndarray]
+    clips: list[Clip]
     labels: list[str]
     rejects: list[dict[str, str]]
     groups: list[str] | None = None  # per clip, from a CSV's `group` column; None: every clip on its own
+    lengths: list[int] = field(default_factory=list)  # samples at 24 kHz, per clip
+
+    def __post_init__(self) -> None:
+        if not self.lengths:
+            self.lengths = [len(clip) for clip in self.clips if isinstance(clip, np.ndarray)]
 
 
 def _note(rng: np.random.Generator, freq: float, harmonics: np.ndarray, seconds: float) -> np.ndarray:
@@ -120,7 +132,9 @@ def load_probe_data(spec: str, per_class: int = 16, seed: int = 0) -> ProbeData:
     data = ProbeData(str(source), [], [], [], [] if grouped else None)
     for path, label, group in items:
         try:
-            data.audio.append(read_audio(path))
+            length = sum(len(block) for block in stream_audio(path))  # decodes to the end: no surprise later
+            data.clips.append(Path(path))
+            data.lengths.append(length)
             data.labels.append(label)
             if data.groups is not None:
                 data.groups.append(group)
@@ -145,34 +159,87 @@ def _pool(states: torch.Tensor, pool: str) -> np.ndarray:
     return torch.cat([mean, states.std(1, correction=0)], dim=-1).numpy()
 
 
+def _pool_batch(embedder: Embedder, audio: list[np.ndarray], pool: str) -> list[np.ndarray]:
+    """Pooled states of clips of one length, at most LONG_CLIP samples, in one forward pass (a clip
+    shorter than a frame is padded to one, as `embed_array` pads it)."""
+    if len(audio[0]) >= 400:
+        states = embedder.hidden_states(torch.from_numpy(np.stack(audio)))
+        return [_pool(states[:, j], pool) for j in range(len(audio))]
+    return [
+        _pool(torch.from_numpy(embed_array(embedder, clip, None, "none", 400, 1)), pool) for clip in audio
+    ]
+
+
+def _pool_stream(embedder: Embedder, blocks: Any, pool: str) -> np.ndarray:
+    """Pooled states of a long clip fed block by block in 30 s chunks: memory does not grow with it."""
+    sink = PooledStates("mean", Path("."))
+    embed_stream(embedder, blocks, None, LONG_CLIP, 1, sink)
+    return sink.mean() if pool == "mean" else np.concatenate([sink.mean(), sink.std()], -1)
+
+
+def _mfcc_stream(blocks: Any) -> np.ndarray:
+    """`mfcc_features` of one long clip, its frames' mean and std gathered block by block."""
+    from mert_pipeline.teachers.features import MFCC, RunningStats
+
+    extractor, stats = MFCC(), None
+    for frames in extractor.stream(blocks):
+        stats = stats or RunningStats(frames.shape[1])
+        stats.update(frames)
+    assert stats is not None  # a long clip has frames
+    return np.concatenate([stats.mean, stats.std])[None, :]
+
+
+def probe_features(
+    models: dict[str, Embedder],
+    clips: list[Clip],
+    lengths: list[int],
+    *,
+    pool: str = "mean",
+    mfcc: bool = False,
+    batch: int = 16,
+) -> dict[str, np.ndarray]:
+    """Every model's features (clips, L + 1, D or 2D with pool "meanstd") and, with `mfcc`, the MFCC
+    baseline's (clips, 1, 78), each clip read once for all of them. Clips of one length go through a model
+    together, `batch` at a time; a clip longer than LONG_CLIP is streamed in 30 s chunks. Memory holds one
+    batch of clips or one block of a long one, whatever the dataset's size or a clip's length."""
+    if pool not in POOLS:
+        raise ValueError(f"pool is one of {', '.join(POOLS)}, not {pool!r}")
+    names = [*models, *([MFCC_NAME] if mfcc else [])]
+    out: dict[str, list[np.ndarray | None]] = {name: [None] * len(clips) for name in names}
+    by_length: dict[int, list[int]] = {}
+    for i, length in enumerate(lengths):
+        by_length.setdefault(length, []).append(i)
+    for length, indices in sorted(by_length.items()):
+        if length > LONG_CLIP:
+            for i in indices:
+                for name, embedder in models.items():
+                    out[name][i] = _pool_stream(embedder, _blocks(clips[i]), pool)
+                if mfcc:
+                    out[MFCC_NAME][i] = _mfcc_stream(_blocks(clips[i]))
+            continue
+        for start in range(0, len(indices), batch):
+            group = indices[start : start + batch]
+            audio = [read_audio(c) if isinstance(c, Path) else c for c in (clips[i] for i in group)]
+            for name, embedder in models.items():
+                for i, pooled in zip(group, _pool_batch(embedder, audio, pool), strict=True):
+                    out[name][i] = pooled
+            if mfcc:
+                for i, pooled in zip(group, mfcc_features(audio), strict=True):
+                    out[MFCC_NAME][i] = pooled
+    return {name: np.stack(features) for name, features in out.items()}  # type: ignore[arg-type]
+
+
+def _blocks(clip: Clip) -> Any:
+    return stream_audio(clip) if isinstance(clip, Path) else [clip]
+
+
 def pooled_features(
     embedder: Embedder, audio: list[np.ndarray], batch: int = 16, pool: str = "mean"
 ) -> np.ndarray:
     """(clips, L + 1, D), or (clips, L + 1, 2D) with pool "meanstd": each clip's frame mean per layer (and
-    its std over frames, as the MFCC baseline has); equal-length clips are batched together."""
-    if pool not in POOLS:
-        raise ValueError(f"pool is one of {', '.join(POOLS)}, not {pool!r}")
-    out: list[np.ndarray | None] = [None] * len(audio)
-    by_length: dict[int, list[int]] = {}
-    for i, clip in enumerate(audio):
-        by_length.setdefault(len(clip), []).append(i)
-    for length, indices in sorted(by_length.items()):
-        for start in range(0, len(indices), batch):
-            group = indices[start : start + batch]
-            if 400 <= length <= LONG_CLIP:
-                states = embedder.hidden_states(torch.from_numpy(np.stack([audio[i] for i in group])))
-                for j, i in enumerate(group):
-                    out[i] = _pool(states[:, j], pool)
-            elif length < 400:
-                for i in group:
-                    states = torch.from_numpy(embed_array(embedder, audio[i], None, "none", 400, 1))
-                    out[i] = _pool(states, pool)
-            else:  # a long clip: in 30 s chunks, so the model's memory does not grow with its length
-                for i in group:
-                    sink = PooledStates("mean", Path("."))
-                    embed_stream(embedder, [audio[i]], None, LONG_CLIP, 1, sink)
-                    out[i] = sink.mean() if pool == "mean" else np.concatenate([sink.mean(), sink.std()], -1)
-    return np.stack(out)  # type: ignore[arg-type]
+    its std over frames, as the MFCC baseline has), of clips in memory (`probe_features` of one model)."""
+    lengths = [len(clip) for clip in audio]
+    return probe_features({"model": embedder}, list(audio), lengths, pool=pool, batch=batch)["model"]
 
 
 def mfcc_features(audio: list[np.ndarray]) -> np.ndarray:
@@ -364,21 +431,18 @@ def run_probe(
     except (CheckpointError, OSError) as exc:
         raise ValueError(str(exc).splitlines()[0]) from exc
     start = time.perf_counter()
-    results = {}
-    for name, embedder in models.items():
-        with status(f"probe: embedding {len(dataset.audio)} clips ({name})"):
-            features = pooled_features(embedder, dataset.audio, pool=pool)  # once per model, for every fold
-        results[name] = linear_probe(features, dataset.labels, seed=seed, splits=splits)
-    if baseline and mfcc:
-        with status(f"probe: MFCC of {len(dataset.audio)} clips"):
-            features = mfcc_features(dataset.audio)
-        results[MFCC_NAME] = linear_probe(features, dataset.labels, seed=seed, splits=splits)
-    title = f"linear probe: {dataset.name}, {len(dataset.audio)} clips, {len(splits)} folds"
+    what = " and ".join([*models, *(["MFCC"] if baseline and mfcc else [])])
+    with status(f"probe: {len(dataset.clips)} clips through {what}"):  # once each, then every fold
+        features = probe_features(models, dataset.clips, dataset.lengths, pool=pool, mfcc=baseline and mfcc)
+    results = {
+        name: linear_probe(f, dataset.labels, seed=seed, splits=splits) for name, f in features.items()
+    }
+    title = f"linear probe: {dataset.name}, {len(dataset.clips)} clips, {len(splits)} folds"
     plot_accuracy(results, out / "probe.png", title + ("" if dataset.groups is None else " by group"))
     summary = {
         "checkpoint": str(checkpoint),
         "data": dataset.name,
-        "clips": len(dataset.audio),
+        "clips": len(dataset.clips),
         "groups": None if dataset.groups is None else len(set(dataset.groups)),
         "folds": len(splits),
         "folds_requested": folds,

@@ -258,3 +258,41 @@ def test_an_hour_long_file_is_embedded_in_bounded_memory(tmp_path: Path) -> None
     assert np.isfinite(states[:, ::1000]).all()
     assert peak_mb < 900, f"peak {peak_mb:.0f} MB"
     assert not list((tmp_path / "emb").rglob("layer*.f32")), "the per-layer scratch files are gone"
+
+
+def test_probe_streams_a_long_clip_instead_of_decoding_it_whole(tmp_path: Path) -> None:
+    """`probe` reads a clip longer than 30 s block by block (for the model, its random init and the MFCC
+    baseline), and short clips a batch at a time, never the whole dataset. A 20-minute clip then peaks
+    where a 1-minute one does; decoding it whole would add 109 MB of float32 audio (twice that while the
+    blocks are joined) and its MFCC windows."""
+    import numpy as np
+    import soundfile as sf
+
+    from tests.mert_pipeline.test_hf_export import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "run", pre_ln=False, seed=3)
+    rng = np.random.default_rng(0)
+    for minutes in (1, 20):
+        with sf.SoundFile(
+            tmp_path / f"{minutes}min.wav", "w", samplerate=24000, channels=1, subtype="PCM_16"
+        ) as f:
+            for _ in range(minutes):  # one minute at a time
+                f.write((0.05 * rng.standard_normal(24000 * 60)).astype(np.float32))
+        (tmp_path / f"{minutes}min.csv").write_text(
+            f"path,label\n{minutes}min.wav,a\na.wav,a\nb1.wav,b\nb2.wav,b\n"
+        )
+    for name in ("a", "b1", "b2"):
+        sf.write(tmp_path / f"{name}.wav", (0.05 * rng.standard_normal(24000)).astype(np.float32), 24000)
+    peak = "[x.split()[1] for x in open('/proc/self/status') if x.startswith('VmHWM')][0]"
+    out, peak_mb = run_measured(
+        "from pathlib import Path\n"
+        "from mert_pipeline.probe import run_probe\n"
+        f"def probe(data): return run_probe(Path({str(checkpoint)!r}), data, Path({str(tmp_path)!r}) / "
+        "Path(data).stem, folds=2, device='cpu')\n"
+        f"probe({str(tmp_path / '1min.csv')!r})\n"
+        f"print('one', {peak})\n"
+        f"print('clips', probe({str(tmp_path / '20min.csv')!r})['clips'])\n"
+    )
+    one_mb = int(out.split("one")[1].split()[0]) / 1024
+    assert "clips 4" in out
+    assert peak_mb - one_mb < 40, f"20 minutes peaked {peak_mb - one_mb:.0f} MB above 1 minute"

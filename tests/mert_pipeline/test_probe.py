@@ -119,9 +119,9 @@ def test_mfcc_baseline_separates_low_from_high_noise_and_takes_short_clips() -> 
 
 def test_builtin_tasks_are_deterministic_and_balanced() -> None:
     a, b = builtin_task("pitch", per_class=2, seed=3), builtin_task("pitch", per_class=2, seed=3)
-    assert len(a.audio) == 24 and sorted(set(a.labels))[:2] == ["A", "A#"]
-    assert all(np.array_equal(x, y) for x, y in zip(a.audio, b.audio, strict=True))
-    assert all(len(x) == 24000 and np.abs(x).max() < 1 for x in a.audio)
+    assert len(a.clips) == 24 and sorted(set(a.labels))[:2] == ["A", "A#"] and a.lengths == [24000] * 24
+    assert all(np.array_equal(x, y) for x, y in zip(a.clips, b.clips, strict=True))
+    assert all(len(x) == 24000 and np.abs(x).max() < 1 for x in a.clips)
     assert {a.labels.count(label) for label in set(a.labels)} == {2}
 
 
