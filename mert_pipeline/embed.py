@@ -354,10 +354,16 @@ def embed_files(
     """Write OUT/<id>.npy per input (float32); yields (id, {"seconds", "shape"} or {"reject": reason,
     "detail", "path"}). Empty and NaN/Inf audio are rejected; audio shorter than one frame is padded."""
     from mert_pipeline.audio import ProbeFailure
+    from mert_pipeline.layout import check_stem
 
     out.mkdir(parents=True, exist_ok=True)
     chunk = max(MIN_SAMPLES, int(round(chunk_seconds * RATE)))
     for file_id, path in inputs:
+        try:
+            check_stem(file_id)  # before it names OUT/<id>.npy or a scratch folder
+        except ValueError as exc:
+            yield file_id, {"reject": "bad_record", "detail": str(exc), "path": str(path)}
+            continue
         sink = PooledStates(pool, out / ".work" / "embed" / "scratch" / file_id)
         try:
             samples = embed_stream(embedder, stream_audio(path), layers, chunk, batch, sink)

@@ -74,6 +74,14 @@ def check_name(name: str, what: str = "--name") -> str:
     return name
 
 
+def check_stem(name: str) -> str:
+    """A file name without its suffix read from an input (embed's ids: a manifest's id, a file's relative
+    path with '/' as '__'): one path component, not hidden, so OUT/<name>.npy stays in OUT."""
+    if not isinstance(name, str) or not name or name.startswith(".") or any(c in name for c in "/\\\0"):
+        raise ValueError(f"id {name!r} cannot name a file in the output folder (one name, not hidden)")
+    return name
+
+
 def audio_dir_name(sample_rate: int) -> str:
     """`audio_24k` for 24000 Hz, `audio_22050hz` where the rate is not a whole number of kHz."""
     return f"audio_{sample_rate // 1000}k" if sample_rate % 1000 == 0 else f"audio_{sample_rate}hz"

@@ -208,6 +208,38 @@ def test_a_crafted_manifest_id_never_becomes_a_path_outside_workdir(tmp_path: Pa
     assert not (tmp_path / "outside").exists() and not list(tmp_path.rglob("pwned*"))
 
 
+def test_embed_rejects_a_crafted_manifest_id_and_writes_nothing_outside_out(tmp_path: Path) -> None:
+    """`embed` of a manifest.parquet whose id is `../outside/pwned`: that row is a `bad_record` reject
+    naming the id, the other file is embedded, and nothing is written outside OUT."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    from mert_pipeline import pipeline
+    from mert_pipeline.executor import ExecutorConfig
+    from mert_pipeline.manifests import iter_rejects
+    from tests.mert_pipeline.test_hf_export import write_tiny_checkpoint
+
+    checkpoint = write_tiny_checkpoint(tmp_path / "run", pre_ln=False, seed=3)
+    for name in ("a", "b"):
+        sf.write(tmp_path / f"{name}.wav", (0.1 * np.sin(np.arange(24000) / 7)).astype(np.float32), 24000)
+    ids = ["0123456789abcdef", "../outside/pwned"]
+    paths = [str(tmp_path / "a.wav"), str(tmp_path / "b.wav")]
+    pq.write_table(pa.table({"id": ids, "path": paths}), tmp_path / "manifest.parquet")
+    out = tmp_path / "deep" / "emb"
+    report = pipeline.embed(
+        str(tmp_path / "manifest.parquet"), str(checkpoint), str(out),
+        executor=ExecutorConfig(kind="local", workers=1),
+    )  # fmt: skip
+    assert report.ok
+    rejects = list(iter_rejects(out / "rejects.jsonl"))
+    assert [(r.reason, r.path) for r in rejects] == [("bad_record", paths[1])]
+    assert "'../outside/pwned' cannot name a file" in rejects[0].detail
+    assert (out / "0123456789abcdef.npy").exists()
+    assert not list(tmp_path.rglob("*pwned*")) and not (tmp_path / "deep" / "outside").exists()
+
+
 @pytest.mark.parametrize("url", ["s3://AKIA:s3cr3t@bucket/music", "https://user:tok3n@example.com/a.flac"])
 def test_urls_with_credentials_are_refused_without_showing_them(url: str, tmp_path: Path) -> None:
     from mert_pipeline import pipeline
