@@ -65,6 +65,7 @@ from mert_pipeline.shards import (
     ShardError,
     encode_flac,
     iter_samples,
+    member_limits,
     npy_bytes,
     read_index,
     read_segment,
@@ -678,8 +679,10 @@ class SidecarStage(_WritesShards):
         table = self._labels()
         label_set = Workdir(self.config.workdir).labels(teacher)
         seconds, samples = 0.0, 0
+        limits = member_limits(read_index(self.config.out))  # no member is read past what it may hold
         with storage.open_read(join(self.config.out, base)) as source:
-            metas = [SegmentMeta.from_bytes(sample.get("json", b"")) for _, sample in iter_samples(source)]
+            samples_read = iter_samples(source, limits)
+            metas = [SegmentMeta.from_bytes(sample.get("json", b"")) for _, sample in samples_read]
         missing = [m.id for m in metas if m.id not in table]
         if missing:
             raise ShardError(

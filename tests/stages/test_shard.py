@@ -243,6 +243,24 @@ def test_verify_passes_clean_shards_and_names_a_flipped_byte(shards: Path, tmp_p
     assert any("samples, index.json says" in p for p in problems)
 
 
+def test_sidecars_read_the_audio_shards_within_their_member_limits(
+    workdir: Path, shards: Path, tmp_path: Path
+) -> None:
+    """An audio shard replaced by a tar whose FLAC member is larger than any 4 s segment can be: the
+    sidecar task fails on it, naming it, before reading it (the member limits index.json implies, as
+    `verify` and the trainer's reader apply them)."""
+    from tests.test_hostile import tar_of
+
+    out = tmp_path / "s"
+    shutil.copytree(shards, out)
+    (out / "train" / "shard-000000.tar").write_bytes(tar_of(("k_0000.flac", b"\0" * 2**20)))
+    add_label_set(workdir, "km3")
+    report = execute(SidecarStage(SidecarConfig(workdir=workdir, out=out, teacher="km3")), LOCAL)
+    failed = [f for f in report.failed if "train/shard-000000" in f.error or "k_0000.flac" in f.error]
+    assert failed and "such a member can hold" in failed[0].error, [f.error for f in report.failed]
+    assert not (out / "train" / "shard-000000.km3.tar").exists()
+
+
 def test_sidecar_shards_add_a_teacher_with_the_same_keys(workdir: Path, shards: Path, tmp_path: Path) -> None:
     shutil.copytree(shards, tmp_path / "lacking")
     report = execute(
