@@ -261,33 +261,25 @@ def embed_stream(
     return samples
 
 
-def chunks(samples: int, chunk: int) -> list[tuple[int, int]]:
-    """Equal chunks of `chunk` samples, then the tail if it holds at least one frame."""
-    bounds = [(s, s + chunk) for s in range(0, samples - chunk + 1, chunk)]
-    tail = bounds[-1][1] if bounds else 0
-    if samples - tail >= MIN_SAMPLES or not bounds:
-        bounds.append((tail, samples))
-    return bounds
+class _InMemory:
+    """A sink for `embed_stream` that keeps every chunk's states: the whole file's frames in memory."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, states: torch.Tensor) -> None:
+        self.parts.append(states)
 
 
 def embed_array(
     embedder: Embedder, audio: np.ndarray, layers: list[int] | None, pool: str, chunk: int, batch: int
 ) -> np.ndarray:
     """(layers, D) with pool "mean" (frame-weighted mean over the whole file) or (layers, T, D) with "none"
-    (chunks' frames concatenated). Audio shorter than one frame is zero-padded to one frame."""
-    if len(audio) < MIN_SAMPLES:
-        audio = np.pad(audio, (0, MIN_SAMPLES - len(audio)))
-    bounds = chunks(len(audio), chunk)
-    pieces: list[torch.Tensor] = []
-    full = [b for b in bounds if b[1] - b[0] == chunk]
-    rest = [b for b in bounds if b[1] - b[0] != chunk]
-    for group in [full[i : i + batch] for i in range(0, len(full), batch)] + [[b] for b in rest]:
-        x = torch.from_numpy(np.stack([audio[s:e] for s, e in group]))
-        states = embedder.hidden_states(x)  # (L + 1, b, T, D)
-        if layers is not None:
-            states = states[layers]
-        pieces.extend(states[:, i] for i in range(len(group)))
-    frames = torch.cat(pieces, dim=1)  # chunks in order: full ones first, the tail last
+    (chunks' frames concatenated) of audio in memory, chunked as `embed_stream` chunks a file. Audio shorter
+    than one frame is zero-padded to one frame."""
+    sink = _InMemory()
+    embed_stream(embedder, [audio], layers, chunk, batch, sink)  # type: ignore[arg-type]
+    frames = torch.cat(sink.parts, dim=1)
     return (frames.mean(1) if pool == "mean" else frames).numpy()
 
 

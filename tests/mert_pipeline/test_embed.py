@@ -11,7 +11,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from mert_pipeline.cli import app
-from mert_pipeline.embed import chunks, load_embedder
+from mert_pipeline.embed import load_embedder
 from mert_pipeline.hf_export import export_hf
 from mert_pipeline.trainer.model import ModelConfig, conv_frames
 from tests.helpers import visible_files
@@ -80,11 +80,19 @@ def test_checkpoint_and_hf_directory_give_the_same_embeddings(model_dir: Path) -
     assert ours.shape[1] == 2 * conv_frames(12000, ModelConfig()) + conv_frames(6000, ModelConfig())
 
 
-def test_chunks_cover_the_file_without_padding() -> None:
-    assert chunks(1000, 400) == [(0, 400), (400, 800)]  # a 200-sample tail holds no frame
-    assert chunks(1300, 400) == [(0, 400), (400, 800), (800, 1200)]
-    assert chunks(1450, 500) == [(0, 500), (500, 1000), (1000, 1450)]
-    assert chunks(300, 500) == [(0, 300)]
+def test_chunks_cover_the_file_and_a_tail_without_a_frame_is_dropped(model_dir: Path) -> None:
+    from mert_pipeline.embed import embed_array
+
+    embedder = load_embedder(model_dir / "run", "cpu")
+    frames = {n: conv_frames(n, ModelConfig()) for n in (300, 400, 450, 500)}
+    for samples, chunk, expected in [
+        (1000, 400, 2 * frames[400]),  # a 200-sample tail holds no frame
+        (1300, 400, 3 * frames[400]),
+        (1450, 500, 2 * frames[500] + frames[450]),
+        (300, 500, frames[400]),  # shorter than a frame: padded to one
+    ]:
+        audio = (0.1 * np.random.default_rng(samples).standard_normal(samples)).astype(np.float32)
+        assert embed_array(embedder, audio, None, "none", chunk, 2).shape[1] == expected
 
 
 def test_list_inputs_reads_fairseq_tsv_and_path_lists(tmp_path: Path) -> None:
