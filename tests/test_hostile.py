@@ -208,6 +208,43 @@ def test_a_crafted_manifest_id_never_becomes_a_path_outside_workdir(tmp_path: Pa
     assert not (tmp_path / "outside").exists() and not list(tmp_path.rglob("pwned*"))
 
 
+@pytest.mark.parametrize("stage", ["tokenize", "features"])
+def test_tokenize_and_features_refuse_a_crafted_id_before_it_names_a_file(
+    stage: str, tmp_path: Path, test_codec_file: Path
+) -> None:
+    """An id of `../../outside/pwned` in `audio_24k/manifest.parquet`: the stage's task fails with the id
+    named (its other files are retried by a rerun once the manifest is fixed), and nothing is written
+    outside WORKDIR."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import soundfile as sf
+
+    from mert_pipeline import pipeline
+    from mert_pipeline.executor import ExecutorConfig
+
+    local = ExecutorConfig(kind="local", workers=1)
+    music = tmp_path / "music"
+    music.mkdir()
+    sf.write(music / "a.wav", (0.1 * np.sin(np.arange(24000 * 4) / 9)).astype(np.float32), 24000)
+    work = tmp_path / "w" / "work"
+    pipeline.manifest([str(music)], work, executor=local)
+    pipeline.resample(work, executor=local)
+    manifest = work / "audio_24k" / "manifest.parquet"
+    table = pq.read_table(manifest)
+    crafted = table.set_column(table.schema.get_field_index("id"), "id", pa.array(["../../outside/pwned"]))
+    pq.write_table(crafted.replace_schema_metadata(table.schema.metadata), manifest)
+    with pytest.raises(pipeline.StageFailed) as caught:
+        if stage == "tokenize":
+            rvq = pipeline.rvq_teacher(work, checkpoint=test_codec_file, device="cpu", bandwidth=1.5)
+            pipeline.tokenize(work, rvq, executor=local)
+        else:
+            pipeline.features(work, kind="mfcc", executor=local)
+    errors = " ".join(o.error or "" for o in caught.value.report.failed)
+    assert "'../../outside/pwned' is not 16 lowercase hex digits" in errors
+    assert not (tmp_path / "w" / "outside").exists() and not list(tmp_path.rglob("*pwned*"))
+
+
 def test_embed_rejects_a_crafted_manifest_id_and_writes_nothing_outside_out(tmp_path: Path) -> None:
     """`embed` of a manifest.parquet whose id is `../outside/pwned`: that row is a `bad_record` reject
     naming the id, the other file is embedded, and nothing is written outside OUT."""
