@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from mert_pipeline.fs import atomic_write_json
 from mert_pipeline.grid import num_frames
-from mert_pipeline.layout import LabelSet, Workdir, id_numbers
+from mert_pipeline.layout import LabelSet, Workdir, id_numbers, id_relpath
 from mert_pipeline.shards import ShardError
 from mert_pipeline.teachers.kmeans import JointCounts, usage_from_counts
 
@@ -91,6 +91,17 @@ class LabelIndex:
         found = at >= 0
         found[found] = self.ids[at[found]] == ids[found]
         return np.where(found, at, -1)
+
+    def get(self, file_id: str) -> tuple[str, str, int] | None:
+        """(relpath, config_hash, num_samples) of one id's labels, or None (no such id, or not an id)."""
+        try:
+            id_relpath(file_id, "")  # 16 lowercase hex digits
+        except ValueError:
+            return None
+        at = int(self.find(np.array([int(file_id, 16)], dtype=np.uint64))[0])
+        if at < 0:
+            return None
+        return self.relpath[at].as_py(), self.config_hash[at].as_py(), int(self.num_samples[at])
 
     def matches(self, at: np.ndarray, num_samples: np.ndarray, config_hash: str) -> np.ndarray:
         """Whether the labels at rows `at` (from `find`; -1 is no match) are of `num_samples` samples, of

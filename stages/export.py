@@ -33,7 +33,7 @@ from typing import Any, TextIO
 
 from mert_pipeline.fs import atomic_path, atomic_write_json
 from mert_pipeline.grid import SAMPLE_RATE
-from mert_pipeline.labels import load_aligned, load_labels, teacher_facts
+from mert_pipeline.labels import LabelIndex, label_index, load_aligned, teacher_facts
 from mert_pipeline.layout import Workdir
 from mert_pipeline.manifests.io import RejectsWriter, iter_batches
 from mert_pipeline.manifests.records import Reject
@@ -109,7 +109,7 @@ def export_fairseq(
     facts = teacher_facts(workdir, teachers)
     names = label_names(facts)
     labels_all = [label for labels in names.values() for label in labels]
-    tables = {name: load_labels(layout.labels(name)) for name in facts}
+    tables = {name: label_index(layout.labels(name)) for name in facts}  # columns, not a dict per file
     if sharding:
         train_rows = _count_rows(manifest, "train", facts, tables, workdir)
         if sharding > train_rows:
@@ -147,7 +147,9 @@ def export_fairseq(
                     shard_rows[shard] += 1
                 handles[f"{stem}.tsv"].write(f"{row['relpath']}\t{row['num_samples']}\n")
                 for teacher, fact in facts.items():
-                    path = layout.labels(teacher).npy(tables[teacher][row["id"]][0])
+                    found = tables[teacher].get(row["id"])
+                    assert found is not None  # `_missing` passed the row
+                    path = layout.labels(teacher).npy(found[0])
                     labels = load_aligned(path, fact["n_q"], row["num_samples"], hop)
                     table = words[teacher]
                     for codebook, label in enumerate(names[teacher]):
@@ -223,7 +225,7 @@ def _allow_open_files(needed: int) -> None:
 
 
 def _missing(
-    row: dict[str, Any], facts: dict[str, dict[str, Any]], tables: dict[str, dict], workdir: Path
+    row: dict[str, Any], facts: dict[str, dict[str, Any]], tables: dict[str, LabelIndex], workdir: Path
 ) -> Reject | None:
     for name, fact in facts.items():
         found = tables[name].get(row["id"])

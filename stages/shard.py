@@ -47,7 +47,7 @@ from mert_pipeline.executor import Resources, Task, marker_path, rank_path, stag
 from mert_pipeline.flac_frames import FLAC_BLOCK, NotCopyable, cut_segment
 from mert_pipeline.fs import atomic_write_json, remove_stale_tmp
 from mert_pipeline.grid import SAMPLE_RATE, frame_span, num_frames
-from mert_pipeline.labels import LabelIndex, label_columns, label_index, load_labels, teacher_facts
+from mert_pipeline.labels import LabelIndex, label_columns, label_index, teacher_facts
 from mert_pipeline.layout import AudioDir, Workdir, id_numbers, id_relpath
 from mert_pipeline.listing import read_listing, write_listings
 from mert_pipeline.manifests.io import RejectsWriter, iter_batches, iter_rejects
@@ -624,7 +624,7 @@ class SidecarConfig:
     teacher: str
 
 
-_LABEL_CACHE: dict[tuple[str, float], dict[str, tuple[str, str, int]]] = {}
+_LABEL_CACHE: dict[tuple[str, float], LabelIndex] = {}
 
 
 @dataclass
@@ -662,13 +662,13 @@ class SidecarStage(_WritesShards):
         _redo_missing(self, tasks, [sidecar_name(base, teacher) for base in bases])
         return tasks
 
-    def _labels(self) -> dict[str, tuple[str, str, int]]:
+    def _labels(self) -> LabelIndex:
         """The teacher's label table, read once per worker process."""
         label_set = Workdir(self.config.workdir).labels(self.config.teacher)
         key = (str(label_set.manifest), label_set.manifest.stat().st_mtime)
         if key not in _LABEL_CACHE:
             _LABEL_CACHE.clear()
-            _LABEL_CACHE[key] = load_labels(label_set)
+            _LABEL_CACHE[key] = label_index(label_set)
         return _LABEL_CACHE[key]
 
     def run(self, task: Task, stats: Counter) -> None:
@@ -683,7 +683,7 @@ class SidecarStage(_WritesShards):
         with storage.open_read(join(self.config.out, base)) as source:
             samples_read = iter_samples(source, limits)
             metas = [SegmentMeta.from_bytes(sample.get("json", b"")) for _, sample in samples_read]
-        missing = [m.id for m in metas if m.id not in table]
+        missing = [m.id for m in metas if table.get(m.id) is None]
         if missing:
             raise ShardError(
                 f"teacher {teacher!r} has no labels for {len(missing)} tracks of {base} (e.g. {missing[0]}); "
@@ -692,7 +692,9 @@ class SidecarStage(_WritesShards):
         with self._output(sidecar_name(base, teacher)) as tmp, open(tmp, "wb") as handle:
             tar = DeterministicTar(handle)
             for meta in metas:
-                relpath, config_hash, num_samples = table[meta.id]
+                found = table.get(meta.id)
+                assert found is not None  # every id was checked above
+                relpath, config_hash, num_samples = found
                 path = label_set.npy(relpath)
                 if config_hash != facts["config_hash"] or num_samples != meta.source_num_samples:
                     raise ShardError(

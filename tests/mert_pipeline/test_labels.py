@@ -38,3 +38,5 @@ def test_label_index_finds_ids_marks_paths_outside_and_keeps_the_last_of_duplica
     same = index.matches(at, np.array([500, 100, 400, 0]), "h1")
     assert same.tolist() == [False, True, False, False]  # aa: other config; cc: outside; dd: no labels
     assert index.matches(at, np.array([500, 100, 400, 0]), "h2").tolist() == [True, False, False, False]
+    assert index.get("00000000000000aa") == ("00/a2.npy", "h2", 500)
+    assert index.get("00000000000000dd") is None and index.get("../../pwned") is None
