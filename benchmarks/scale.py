@@ -12,7 +12,7 @@ segments of 30 s a track, as MERT-v1-330M's 3M tracks and 20M segments. No audio
 opens a file.
 
 Measured per size, each in a fresh process (its peak RSS is VmHWM, its own):
-- `resample` plan: the manifest streamed into task listings;
+- `resample`, `features` (MFCC) and `tokenize` (k-means) plans: the manifest streamed into task listings;
 - `shard` plan: admission against the labels, segmentation, the seeded shuffle per split, dealing into
   shards, task listings; and `shard` finalize (index.json from every shard's part, rejects, pruning), with
   the parts written beforehand as the workers would.
@@ -29,12 +29,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 RATE = 24000
 TEACHER = "kmeans100"
 GOAL_TRACKS, GOAL_SEGMENTS = 3_000_000, 20_000_000
+STAGES = ("resample", "features", "tokenize", "shard")  # every stage whose plan reads the manifests
 
 
 def build_workdir(work: Path, tracks: int, seed: int = 0) -> dict[str, int]:
@@ -112,10 +114,8 @@ def measure(stage: str, work: Path) -> dict[str, float]:
         return int(line.split()[1]) / 1024
 
     out: dict[str, float] = {}
-    if stage == "resample":
-        from mert_pipeline.stages.resample import ResampleConfig, ResampleStage
-
-        step = ResampleStage(ResampleConfig(workdir=work))
+    if stage != "shard":
+        step = _streaming_stage(stage, work)
         out["base_mb"] = rss("VmRSS")
         start = time.perf_counter()
         tasks = step.plan()
@@ -124,7 +124,7 @@ def measure(stage: str, work: Path) -> dict[str, float]:
         from mert_pipeline.stages.shard import ShardConfig, ShardStage
 
         shards = work / "shards"
-        step = ShardStage(ShardConfig(workdir=work, out=str(shards)))
+        step = ShardStage(ShardConfig(workdir=work, out=str(shards), teachers=(TEACHER,)))
         out["base_mb"] = rss("VmRSS")
         start = time.perf_counter()
         tasks = step.plan()
@@ -149,6 +149,26 @@ def measure(stage: str, work: Path) -> dict[str, float]:
     out["tasks"] = len(tasks)
     out["peak_mb"] = rss("VmHWM")
     return out
+
+
+def _streaming_stage(stage: str, work: Path) -> Any:
+    """The file-by-file stage `stage` on WORKDIR: resample, features (MFCC) or tokenize (k-means on
+    centroids made here: the plan reads only their hash)."""
+    if stage == "resample":
+        from mert_pipeline.stages.resample import ResampleConfig, ResampleStage
+
+        return ResampleStage(ResampleConfig(workdir=work))
+    if stage == "features":
+        from mert_pipeline.stages.features import FeaturesConfig, FeaturesStage
+
+        return FeaturesStage(FeaturesConfig(workdir=work))
+    from mert_pipeline.stages.tokenize import TokenizeConfig, TokenizeStage
+    from mert_pipeline.teachers.kmeans import KMeansTeacher
+
+    centroids = work / "scale_centroids.npy"
+    np.save(centroids, np.random.default_rng(0).standard_normal((100, 39)).astype(np.float32))
+    teacher = KMeansTeacher(centroids=str(centroids), threads=1).resolve()
+    return TokenizeStage(TokenizeConfig(workdir=work, teacher=teacher, name="scale_k100"))
 
 
 def fit(xs: list[float], ys: list[float], at: float) -> float:
@@ -176,7 +196,7 @@ def main() -> None:
         made = build_workdir(work, tracks)
         print(f"{tracks} tracks ({made['hours']} h) built in {time.perf_counter() - start:.0f} s", flush=True)
         row = {**made}
-        for stage in ("resample", "shard"):
+        for stage in STAGES:
             cmd = [sys.executable, __file__, "--measure", stage, str(work)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if done.returncode != 0:
@@ -199,10 +219,10 @@ def main() -> None:
             "shard_finalize_s": fit(
                 sizes, [results[str(s)]["shard"]["finalize_s"] for s in sizes], GOAL_TRACKS
             ),
-            "resample_plan_s": fit(
-                sizes, [results[str(s)]["resample"]["plan_s"] for s in sizes], GOAL_TRACKS
-            ),
         }
+        for stage in STAGES[:-1]:
+            times = [results[str(s)][stage]["plan_s"] for s in sizes]
+            report["extrapolated_3M"][f"{stage}_plan_s"] = fit(sizes, times, GOAL_TRACKS)
     (root / "scale.json").write_text(json.dumps(report, indent=1) + "\n")
     print(table(report))
 
@@ -210,13 +230,15 @@ def main() -> None:
 def table(report: dict) -> str:
     """Markdown: per size, each measure, and its growth from the size before."""
     lines = [
-        "| tracks | segments | resample plan s | shard plan s | shard plan peak MB | shard finalize s | "
-        "growth (tracks x) |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        "| tracks | segments | resample plan s | features plan s | tokenize plan s | their peak MB | "
+        "shard plan s | shard plan peak MB | shard finalize s | growth (tracks x) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     previous = None
     for size, row in sorted(report["sizes"].items(), key=lambda kv: int(kv[0])):
-        shard, resample = row["shard"], row["resample"]
+        shard = row["shard"]
+        streaming = " | ".join(f"{row[stage]['plan_s']:.1f}" for stage in STAGES[:-1])
+        streaming += f" | {max(row[stage]['peak_mb'] for stage in STAGES[:-1]):.0f}"
         growth = ""
         if previous is not None:
             ratio = int(size) / int(previous[0])
@@ -227,7 +249,7 @@ def table(report: dict) -> str:
                 f"finalize x{shard['finalize_s'] / p['shard']['finalize_s']:.1f}"
             )
         lines.append(
-            f"| {int(size):,} | {shard['segments']:,} | {resample['plan_s']:.1f} | {shard['plan_s']:.1f} | "
+            f"| {int(size):,} | {shard['segments']:,} | {streaming} | {shard['plan_s']:.1f} | "
             f"{shard['plan_peak_mb']:.0f} | {shard['finalize_s']:.1f} | {growth} |"
         )
         previous = (size, row)
@@ -236,7 +258,7 @@ def table(report: dict) -> str:
         lines.append(
             f"\nExtrapolated to 3M tracks / 20M segments: shard plan {e['shard_plan_s'] / 60:.1f} min, "
             f"{e['shard_plan_peak_mb'] / 1024:.2f} GB peak; shard finalize {e['shard_finalize_s']:.0f} s; "
-            f"resample plan {e['resample_plan_s'] / 60:.1f} min"
+            + "; ".join(f"{stage} plan {e[stage + '_plan_s'] / 60:.1f} min" for stage in STAGES[:-1])
         )
     return "\n".join(lines)
 

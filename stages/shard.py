@@ -194,13 +194,17 @@ class ShardStage(_WritesShards):
         max_units = int(config.segment_seconds * rate) // unit
         if max_units < 1:
             raise ValueError(f"--segment-seconds {config.segment_seconds} is shorter than one frame")
+        if max_units * unit >= 2**31:
+            raise ValueError(
+                f"--segment-seconds {config.segment_seconds} is longer than a shard sample can be"
+            )
         layout = Workdir(config.workdir)
         labels = {name: label_index(layout.labels(name)) for name in self.facts}
         for split in SPLITS:
             _remove_stale_tmp(config.out, split)
         # Columns, never a Python object per file or segment: the admitted files as an Arrow table and
-        # numpy columns (id number, split, first segment), the segments as numpy columns (file, index in
-        # the file, offset, length, estimated bytes): about 25 bytes a segment.
+        # numpy columns (id number, split, segment count), the segments as numpy columns (file, index in
+        # the file, offset, length, estimated bytes): 28 bytes a segment.
         files: list[pa.Table] = []
         parts: dict[str, list[np.ndarray]] = {k: [] for k in ("file", "index", "offset", "n", "est")}
         per_file: dict[str, list[np.ndarray]] = {"id": [], "split": [], "segments": []}
@@ -223,7 +227,7 @@ class ShardStage(_WritesShards):
                 n = segments["n"]
                 size = kept.column("size_bytes").to_numpy()[file]
                 is_valid = pc.equal(kept.column("split"), "valid").to_numpy(zero_copy_only=False)
-                # int32 where a value is bounded (files < 2**31, segments of at most a few minutes)
+                # int32 where a value is bounded: files < 2**31, a segment's samples (checked above)
                 per_file["id"].append(ids[keep])
                 per_file["split"].append(np.asarray(is_valid, dtype=np.int8))  # SPLITS.index
                 per_file["segments"].append(np.bincount(file, minlength=kept.num_rows))
@@ -232,7 +236,7 @@ class ShardStage(_WritesShards):
                 parts["offset"].append(segments["offset"])
                 parts["n"].append(n.astype(np.int32))
                 est = size * n // num_samples[file] + self._label_bytes(n, hop)
-                parts["est"].append(est.astype(np.int32))
+                parts["est"].append(est.astype(np.int64))
                 admitted += kept.num_rows
         counts["files"] = admitted
         table = pa.concat_tables(files).combine_chunks() if files else None  # one chunk: `take` is fast
