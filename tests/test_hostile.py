@@ -1,5 +1,11 @@
 """Hostile and careless inputs: each is a clean reject, a refusal or a reported problem; nothing crashes,
-nothing unbounded is read, nothing outside the output is touched."""
+nothing unbounded is read, nothing outside the output is touched.
+
+In order: shards that would exhaust memory (verify, the trainer's reader, sidecars) and index.json names
+outside the set; trainer run folders (reuse, lock); ids and paths from manifests and label tables (every
+stage, embed); credentials in URLs; hour-long inputs (embed, probe); shard outputs that are not this
+WORKDIR's (a user's tars, another WORKDIR's set); `--force` against a held WORKDIR lock. A second run on a
+busy WORKDIR is refused in tests/mert_pipeline/test_cli.py, and fsync ordering is in test_fs.py."""
 
 from __future__ import annotations
 
@@ -7,6 +13,7 @@ import gzip
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -14,9 +21,20 @@ from pathlib import Path
 
 import pytest
 
-from mert_pipeline.shards import ShardError, iter_samples, load_index, member_limits, read_samples, verify_all
+from mert_pipeline.executor import ExecutorConfig
+from mert_pipeline.shards import (
+    ShardError,
+    iter_samples,
+    load_index,
+    member_limits,
+    read_index,
+    read_samples,
+    verify_all,
+)
 from tests.helpers import REPO
 from tests.trainer.shardgen import write_shards
+
+LOCAL = ExecutorConfig(kind="local", workers=1)
 
 
 @pytest.fixture
@@ -140,6 +158,21 @@ def test_the_trainer_reader_skips_a_damaged_shard_counts_it_and_stops_past_the_l
         ValueError, match=r"3 bad samples of 0 read in .*, and no usable clip in the others: .* verify"
     ):
         list(batches)
+
+
+@pytest.mark.parametrize(
+    "name", ["../outside.tar", "/etc/shard-000000.tar", "train/../../x.tar", "train/a.tar"]
+)
+def test_index_json_naming_a_file_outside_the_shard_set_is_refused_before_any_open(
+    shards: Path, name: str
+) -> None:
+    index = json.loads((shards / "index.json").read_text())
+    index["shards"][name] = index["shards"].pop(next(iter(index["shards"])))
+    (shards / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ShardError, match="index.json names a shard"):
+        read_index(shards)
+    with pytest.raises(ShardError, match="index.json names a shard"):
+        load_index(shards)
 
 
 def test_a_non_empty_run_folder_without_resume_is_refused(shards: Path, tmp_path: Path) -> None:
@@ -365,3 +398,142 @@ def test_probe_streams_a_long_clip_instead_of_decoding_it_whole(tmp_path: Path) 
     one_mb = int(out.split("one")[1].split()[0]) / 1024
     assert "clips 4" in out
     assert peak_mb - one_mb < 40, f"20 minutes peaked {peak_mb - one_mb:.0f} MB above 1 minute"
+
+
+def test_crafted_ids_splits_and_label_paths_are_rejects_that_say_why(
+    labelled_workdir: Path, tmp_path: Path
+) -> None:
+    """The plan builds no path from what a file says before checking it: a manifest row with the id
+    `../../pwned`, one with the split `test`, and labels.parquet naming `../../../outside.npy` for a file
+    are three rejects that name the value; the other files are sharded, nothing outside is touched."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    work = tmp_path / "work"
+    shutil.copytree(labelled_workdir, work)
+    manifest = work / "audio_24k" / "manifest.parquet"
+    table = pq.read_table(manifest)
+    rows = table.to_pylist()
+    crafted = [{**rows[0], "id": "../../pwned"}, {**rows[0], "split": "test"}]
+    out = pa.Table.from_pylist(rows + crafted, schema=table.schema)
+    pq.write_table(out.replace_schema_metadata(table.schema.metadata), manifest)
+    labels = work / "labels" / "rvq" / "labels.parquet"
+    table = pq.read_table(labels)
+    relpaths = table.column("relpath").to_pylist()
+    victim = table.column("id").to_pylist().index(rows[2]["id"])
+    relpaths[victim] = "../../../outside.npy"
+    column = table.schema.get_field_index("relpath")
+    pq.write_table(table.set_column(column, "relpath", pa.array(relpaths)), labels)
+    from mert_pipeline import pipeline
+    from mert_pipeline.manifests import iter_rejects
+
+    options = {"segment_seconds": 4.0, "shard_samples": 3, "seed": 7}
+    summary = pipeline.shard(work, tmp_path / "shards", teachers=("rvq",), executor=LOCAL, **options).summary
+    rejects = [(r.reason, r.detail) for r in iter_rejects(tmp_path / "shards" / "rejects.jsonl")]
+    assert [reason for reason, _ in rejects] == ["label_mismatch", "bad_record", "bad_record"]
+    assert "'../../../outside.npy' for this file: outside" in rejects[0][1]
+    assert "id '../../pwned' is not 16 lowercase hex digits" == rejects[1][1]
+    assert "split 'test' is not one of train, valid" == rejects[2][1]
+    counts = summary["counts"]
+    assert counts["accepted"] == 2 and counts["rejected"] == 3 and counts["files_seen"] == 5
+    assert verify_all(tmp_path / "shards").ok
+    assert not list(tmp_path.rglob("*pwned*")) and not list(tmp_path.rglob("outside*"))
+
+
+def test_sidecars_read_the_audio_shards_within_their_member_limits(
+    labelled_workdir: Path, tmp_path: Path
+) -> None:
+    """An audio shard replaced by a tar whose FLAC member is larger than any 4 s segment can be: the
+    sidecar task fails on it, naming it, before reading it (the member limits index.json implies, as
+    `verify` and the trainer's reader apply them)."""
+    from mert_pipeline import pipeline
+    from mert_pipeline.executor import execute
+    from mert_pipeline.stages.shard import SidecarConfig, SidecarStage
+    from tests.helpers import add_label_set
+
+    out = tmp_path / "s"
+    pipeline.shard(labelled_workdir, out, teachers=("rvq",), segment_seconds=4.0, executor=LOCAL)
+    (out / "train" / "shard-000000.tar").write_bytes(tar_of(("k_0000.flac", b"\0" * 2**20)))
+    add_label_set(labelled_workdir, "km3")
+    report = execute(SidecarStage(SidecarConfig(workdir=labelled_workdir, out=out, teacher="km3")), LOCAL)
+    failed = [f for f in report.failed if "train/shard-000000" in f.error or "k_0000.flac" in f.error]
+    assert failed and "such a member can hold" in failed[0].error, [f.error for f in report.failed]
+    assert not (out / "train" / "shard-000000.km3.tar").exists()
+
+
+def test_a_users_own_tar_in_out_is_never_overwritten_or_pruned(
+    labelled_workdir: Path, tmp_path: Path
+) -> None:
+    """SHARDS that holds shard-named tars this shard set did not write is refused (--force overwrites);
+    a reshard prunes only tars of this set's own earlier plans."""
+    from mert_pipeline import pipeline
+
+    out = tmp_path / "mine"
+    (out / "train").mkdir(parents=True)
+    (out / "train/shard-000000.tar").write_bytes(b"a user's own tar")
+    with pytest.raises(
+        pipeline.PipelineError, match=r"holds train/shard-000000.tar, which this shard set did"
+    ):
+        pipeline.shard(labelled_workdir, out, teachers=("rvq",), shard_samples=2, executor=LOCAL)
+    assert (out / "train/shard-000000.tar").read_bytes() == b"a user's own tar"
+    (out / "train/shard-000000.tar").unlink()
+    pipeline.shard(labelled_workdir, out, teachers=("rvq",), shard_samples=1, executor=LOCAL)
+    many = sorted(p.name for p in (out / "train").glob("*.tar"))
+    (out / "valid/shard-000099.tar").write_bytes(b"another of the user's")
+    with pytest.raises(pipeline.PipelineError, match="valid/shard-000099.tar, which this shard set did not"):
+        pipeline.shard(labelled_workdir, out, teachers=("rvq",), shard_samples=8, executor=LOCAL)
+    (out / "valid/shard-000099.tar").rename(out / "users.tar")
+    pipeline.shard(labelled_workdir, out, teachers=("rvq",), shard_samples=8, executor=LOCAL)
+    few = sorted(p.name for p in (out / "train").glob("*.tar"))
+    assert len(many) > len(few) >= 1, "the earlier plan's extra tars, all its own, were pruned"
+    assert (out / "users.tar").read_bytes() == b"another of the user's"
+    assert verify_all(out).ok
+
+
+def test_a_shard_set_belongs_to_one_workdir(labelled_workdir: Path, tmp_path: Path) -> None:
+    """SHARDS/.owner names its WORKDIR; another WORKDIR writing into it is refused unless --force."""
+    from mert_pipeline import pipeline
+
+    out = tmp_path / "shared"
+    pipeline.shard(labelled_workdir, out, teachers=("rvq",), executor=LOCAL)
+    assert (out / ".owner").read_text() == f"{labelled_workdir.resolve()}\n"
+    other = tmp_path / "other_work"
+    shutil.copytree(labelled_workdir, other, ignore=shutil.ignore_patterns(".lock"))
+    with pytest.raises(
+        pipeline.PipelineError, match=r"holds the shards of WORKDIR .* \(.owner\); give another --out, or"
+    ):
+        pipeline.shard(other, out, teachers=("rvq",), executor=LOCAL)
+    forced = pipeline.ExecutorConfig(kind="local", workers=1, force=True)
+    pipeline.shard(other, out, teachers=("rvq",), executor=forced)
+    assert (out / ".owner").read_text() == f"{other.resolve()}\n"
+
+
+def test_force_deletes_nothing_while_another_run_holds_the_workdir(
+    labelled_workdir: Path, test_codec_file: Path
+) -> None:
+    """`tokenize --force` of another teacher configuration clears the old labels only once it holds the
+    WORKDIR lock: while another process holds it, the command is refused and every label file stays."""
+    from mert_pipeline import pipeline
+
+    audio = labelled_workdir
+    before = {p: p.read_bytes() for p in (audio / "labels" / "rvq").rglob("*") if p.is_file()}
+    holder = "import sys, time; from pathlib import Path; from mert_pipeline.fs import workdir_lock\n"
+    holder += "with workdir_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder, str(audio)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
+        with pytest.raises(pipeline.PipelineError, match=f"another mert-pipe run \\(pid {proc.pid}\\)"):
+            pipeline.tokenize(
+                audio,
+                pipeline.rvq_teacher(audio, checkpoint=test_codec_file, device="cpu", bandwidth=3.0),
+                name="rvq",
+                replace=True,
+                executor=ExecutorConfig(kind="local", force=True),
+            )
+    finally:
+        proc.kill()
+        proc.wait()
+    after = {p: p.read_bytes() for p in (audio / "labels" / "rvq").rglob("*") if p.is_file()}
+    assert after == before and len(before) > 5

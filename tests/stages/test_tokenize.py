@@ -154,37 +154,6 @@ def test_force_replaces_labels_of_another_teacher(audio: Path, codec: Path, tmp_
         assert np.load(audio / "labels/swap" / record.relpath).shape[0] == 4
 
 
-def test_force_deletes_nothing_while_another_run_holds_the_workdir(
-    audio: Path, codec: Path, tmp_path: Path
-) -> None:
-    """`tokenize --force` of another teacher configuration clears the old labels only once it holds the
-    WORKDIR lock: while another process holds it, the command is refused and every label file stays."""
-    from mert_pipeline import pipeline
-
-    tokenize(audio, teacher(codec, bandwidth=1.5), name="held")
-    before = {p: p.read_bytes() for p in (audio / "labels" / "held").rglob("*") if p.is_file()}
-    holder = "import sys, time; from pathlib import Path; from mert_pipeline.fs import workdir_lock\n"
-    holder += "with workdir_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)\n"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", holder, str(audio)], cwd=REPO, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None and proc.stdout.readline() == "held\n"
-        with pytest.raises(pipeline.PipelineError, match=f"another mert-pipe run \\(pid {proc.pid}\\)"):
-            pipeline.tokenize(
-                audio,
-                teacher(codec, bandwidth=3.0),
-                name="held",
-                replace=True,
-                executor=ExecutorConfig(kind="local", force=True),
-            )
-    finally:
-        proc.kill()
-        proc.wait()
-    after = {p: p.read_bytes() for p in (audio / "labels" / "held").rglob("*") if p.is_file()}
-    assert after == before and len(before) > 5
-
-
 def test_a_broken_file_is_rejected_and_the_others_go_on(audio: Path, codec: Path, tmp_path: Path) -> None:
     workdir = tmp_path / "w"
     (workdir / "audio_24k").mkdir(parents=True)
