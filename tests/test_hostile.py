@@ -5,7 +5,8 @@ In order: shards that would exhaust memory (verify, the trainer's reader, sideca
 outside the set; trainer run folders (reuse, lock); ids and paths from manifests and label tables (every
 stage, embed); credentials in URLs; hour-long inputs (embed, probe); shard outputs that are not this
 WORKDIR's (a user's tars, another WORKDIR's set); `--force` against a held WORKDIR lock. A second run on a
-busy WORKDIR is refused in tests/mert_pipeline/test_cli.py, and fsync ordering is in test_fs.py."""
+busy WORKDIR is refused in tests/mert_pipeline/test_cli.py. Last, the order of fsyncs, renames, markers
+and index.json."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -537,3 +539,40 @@ def test_force_deletes_nothing_while_another_run_holds_the_workdir(
         proc.wait()
     after = {p: p.read_bytes() for p in (audio / "labels" / "rvq").rglob("*") if p.is_file()}
     assert after == before and len(before) > 5
+
+
+def test_outputs_reach_the_disk_before_the_marker_or_index_that_vouches_for_them(
+    labelled_workdir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shard run, in process, with every fsync and rename recorded: each tar is fsynced under its
+    temporary name before the rename that publishes it and its folder after, and index.json and every
+    task's completion marker are renamed only after the tars they vouch for are on the disk."""
+    from mert_pipeline import fs, pipeline
+
+    events: list[tuple[str, Path]] = []
+    real_fsync, real_replace = fs.fsync_path, os.replace
+
+    def fsync(path: Path) -> None:
+        events.append(("fsync", Path(path)))
+        real_fsync(path)
+
+    def replace(src: Any, dst: Any) -> None:
+        events.append(("rename", Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(fs, "fsync_path", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = tmp_path / "shards"
+    options = {"segment_seconds": 4.0, "shard_samples": 2}
+    pipeline.shard(labelled_workdir, out, teachers=("rvq",), executor=LOCAL, **options)
+    renames = {path: i for i, (kind, path) in enumerate(events) if kind == "rename"}
+    tars = [path for path in renames if path.suffix == ".tar"]
+    assert len(tars) >= 3
+    for tar in tars:
+        at = renames[tar]
+        assert any(k == "fsync" and p.name.startswith(f".{tar.name}") for k, p in events[:at]), tar
+        assert ("fsync", tar.parent) in events[at:], f"{tar.parent} not fsynced after the rename"
+        dir_synced = at + events[at:].index(("fsync", tar.parent))
+        assert renames[out / "index.json"] > dir_synced, "index.json named a tar before it was on the disk"
+    markers = [i for path, i in renames.items() if path.parent.name == "completions"]
+    assert markers and min(markers) > min(renames[t] for t in tars)
