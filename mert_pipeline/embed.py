@@ -159,8 +159,9 @@ class NonFinite(ValueError):
 
 class PooledStates:
     """Where a file's hidden states go as they are computed, chunk by chunk: a running frame-weighted sum
-    (`mean`), or one temporary file per layer appended to (`none`), so memory holds one batch of chunks
-    whatever the file's length. `write` then makes OUT/<id>.npy."""
+    (`mean`; `meanstd` adds the sum of squares, for the probe's std), or one temporary file per layer
+    appended to (`none`), so memory holds one batch of chunks whatever the file's length. `write` then
+    makes OUT/<id>.npy (pool `mean` or `none`)."""
 
     def __init__(self, pool: str, scratch: Path) -> None:
         self.pool, self.scratch, self.frames = pool, scratch, 0
@@ -174,11 +175,12 @@ class PooledStates:
         array = states.numpy()
         self.shape = (array.shape[0], array.shape[2])
         self.frames += array.shape[1]
-        if self.pool == "mean":
+        if self.pool in ("mean", "meanstd"):
             summed = array.sum(axis=1, dtype=np.float64)
-            squared = np.square(array, dtype=np.float64).sum(axis=1)
             self.total = summed if self.total is None else self.total + summed
-            self.total_sq = squared if self.total_sq is None else self.total_sq + squared
+            if self.pool == "meanstd":  # only the probe asks: embed's hot path does not square
+                squared = np.square(array, dtype=np.float64).sum(axis=1)
+                self.total_sq = squared if self.total_sq is None else self.total_sq + squared
             return
         if not self.parts:
             self.scratch.mkdir(parents=True, exist_ok=True)
@@ -187,12 +189,12 @@ class PooledStates:
             handle.write(np.ascontiguousarray(layer, dtype=np.float32).tobytes())
 
     def mean(self) -> np.ndarray:
-        """(layers, D) float32: the frame-weighted mean of every state added (pool `mean`)."""
+        """(layers, D) float32: the frame-weighted mean of every state added (pool `mean` or `meanstd`)."""
         assert self.total is not None
         return (self.total / self.frames).astype(np.float32)
 
     def std(self) -> np.ndarray:
-        """(layers, D) float32: the frame-weighted standard deviation of every state added (pool `mean`)."""
+        """(layers, D) float32: the frame-weighted std of every state added (pool `meanstd`)."""
         assert self.total is not None and self.total_sq is not None
         mean = self.total / self.frames
         return np.sqrt(np.maximum(self.total_sq / self.frames - mean * mean, 0.0)).astype(np.float32)

@@ -55,7 +55,7 @@ def id_numbers(ids: Any) -> tuple[Any, Any]:
     import numpy as np
     import pyarrow.compute as pc
 
-    valid = pc.fill_null(pc.match_substring_regex(ids, r"^[0-9a-f]{16}$"), False)
+    valid = pc.fill_null(pc.match_substring_regex(ids, _ID.pattern), False)  # id_relpath's own rule
     mask = np.asarray(valid.to_numpy(zero_copy_only=False), dtype=bool)
     good = pc.filter(ids, valid)
     parts = []

@@ -24,6 +24,7 @@ import torch
 
 from mert_pipeline.audio import ProbeFailure
 from mert_pipeline.embed import (
+    MIN_SAMPLES,
     RATE,
     Embedder,
     PooledStates,
@@ -162,17 +163,18 @@ def _pool(states: torch.Tensor, pool: str) -> np.ndarray:
 def _pool_batch(embedder: Embedder, audio: list[np.ndarray], pool: str) -> list[np.ndarray]:
     """Pooled states of clips of one length, at most LONG_CLIP samples, in one forward pass (a clip
     shorter than a frame is padded to one, as `embed_array` pads it)."""
-    if len(audio[0]) >= 400:
+    if len(audio[0]) >= MIN_SAMPLES:
         states = embedder.hidden_states(torch.from_numpy(np.stack(audio)))
         return [_pool(states[:, j], pool) for j in range(len(audio))]
     return [
-        _pool(torch.from_numpy(embed_array(embedder, clip, None, "none", 400, 1)), pool) for clip in audio
+        _pool(torch.from_numpy(embed_array(embedder, clip, None, "none", MIN_SAMPLES, 1)), pool)
+        for clip in audio
     ]
 
 
 def _pool_stream(embedder: Embedder, blocks: Any, pool: str) -> np.ndarray:
     """Pooled states of a long clip fed block by block in 30 s chunks: memory does not grow with it."""
-    sink = PooledStates("mean", Path("."))
+    sink = PooledStates("mean" if pool == "mean" else "meanstd", Path("."))
     embed_stream(embedder, blocks, None, LONG_CLIP, 1, sink)
     return sink.mean() if pool == "mean" else np.concatenate([sink.mean(), sink.std()], -1)
 

@@ -85,12 +85,9 @@ def segment_bounds(num_samples: int, max_units: int, unit: int) -> list[tuple[in
     each, of equal length to a unit, cut on multiples of `unit`. The shard stage's unit is a multiple of
     the label hop (labels slice exactly) and of the FLAC block size (the segment is a run of whole FLAC
     frames, copied without decoding). Equal lengths mean no track ends in a useless sliver: the shortest
-    segment of a long track is about half a full one."""
-    units = -(-num_samples // unit)
-    count = -(-units // max_units)
-    starts = [index * units // count * unit for index in range(count)]
-    ends = starts[1:] + [num_samples]
-    return [(start, end - start) for start, end in zip(starts, ends, strict=True)]
+    segment of a long track is about half a full one. (`segment_columns` of one file: one rule.)"""
+    columns = segment_columns(np.array([num_samples], dtype=np.int64), max_units, unit)
+    return list(zip(columns["offset"].tolist(), columns["n"].tolist(), strict=True))
 
 
 def segment_columns(num_samples: np.ndarray, max_units: int, unit: int) -> dict[str, np.ndarray]:

@@ -81,7 +81,6 @@ from mert_pipeline.storage import Location, is_url, join
 SUBDIRS = ("listing", "parts", "completions", "stats", "errors")
 AUDIO_COLUMNS = ["id", "path", "relpath", "subtype", "sampling_rate", "num_samples", "size_bytes"]
 AUDIO_COLUMNS += ["content_hash", "split", "format"]
-LABEL_COLUMNS = ["id", "relpath", "config_hash", "num_samples", "n_q", "frames"]
 _OK, _BAD_RECORD, _UNSHARDABLE, _NO_LABELS, _LABEL_MISMATCH = range(5)  # the shard plan's verdicts on a file
 TAR_OVERHEAD = 1024  # bytes per member: its 512-byte header and, on average, half a block of padding
 _BITS = {"PCM_16": 16, "PCM_24": 24}
