@@ -186,11 +186,12 @@ def mean_over_ranks(sums: dict[str, torch.Tensor], device: torch.device) -> dict
     return MERT.per_frame(dict(zip(keys, packed.tolist(), strict=True)))
 
 
-def scale_gradients(params: Iterator[torch.nn.Parameter], masked: torch.Tensor, world: int) -> None:
-    """Turn the gradients of summed losses into fairseq's: x world / (masked frames of all ranks and
-    micro-steps). DDP averaged them over the ranks, so the result is all ranks' summed gradients over all
-    their masked frames: what one process gets on the whole batch, however it is split (multiply_grads)."""
-    total = masked.detach().double().clone()
+def scale_gradients(params: Iterator[torch.nn.Parameter], sample_size: torch.Tensor, world: int) -> None:
+    """Turn the gradients of summed losses into fairseq's: x world / (sample_size of all ranks and
+    micro-steps: the masked frames, plus the unmasked ones when they are predicted too). DDP averaged them
+    over the ranks, so the result is all ranks' summed gradients over all their frames counted: what one
+    process gets on the whole batch, however it is split (multiply_grads)."""
+    total = sample_size.detach().double().clone()
     if dist.is_initialized():
         dist.all_reduce(total)
     grads = [p.grad for p in params if p.grad is not None]
@@ -485,7 +486,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
     last = min(tcfg.max_steps, tcfg.stop_after or tcfg.max_steps)
     while step < last:
         reseed(tcfg.seed, step, rank)
-        masked = torch.zeros((), dtype=torch.float64, device=device)  # this rank's, over the micro-steps
+        sample_size = torch.zeros((), dtype=torch.float64, device=device)  # this rank's, over the micro-steps
         for micro in range(tcfg.grad_accum):
             batch = next(batches)
             audio = batch["audio"].to(device, non_blocking=True)
@@ -496,11 +497,11 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
                 result["loss"].backward()  # a sum over masked frames; scale_gradients divides below
             for key, value in result.items():
                 window[key] = window.get(key, 0.0) + value.detach().double()
-            masked += result["sample_size"]  # fairseq's sample_size: the masked frames (+ unmasked ones)
+            sample_size += result["sample_size"]  # fairseq's: the masked frames (+ unmasked ones)
             window_clips += audio.shape[0]
             window_audio += audio.numel() / mcfg.sample_rate
             window_flops += audio.shape[0] * flops_per_clip(mcfg, audio.shape[1])
-        scale_gradients(raw.parameters(), masked, world)
+        scale_gradients(raw.parameters(), sample_size, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(raw.parameters(), tcfg.grad_clip or math.inf)
         window_grad_norm = window_grad_norm + grad_norm.detach().float()  # the same on every rank
         lr = scheduler.get_last_lr()[0]

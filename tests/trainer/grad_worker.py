@@ -36,7 +36,7 @@ def main(inputs: str, out: str) -> None:
         batch["audio"][rows], {k: v[rows] for k, v in batch["labels"].items()}, mask=batch["mask"][rows]
     )
     result["loss"].backward()
-    scale_gradients(model.parameters(), result["masked"], world)
+    scale_gradients(model.parameters(), result["sample_size"], world)
     if rank == 0:
         torch.save({name: p.grad for name, p in model.named_parameters() if p.grad is not None}, out)
     if world > 1:
