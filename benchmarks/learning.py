@@ -22,6 +22,10 @@ Every step is kept in --dir and skipped when done, so an interrupted benchmark r
    pitch class (mutual information over the class's entropy, as `kmeans report` measures it; for the RVQ
    teacher every 4th note, EnCodec being slow on the CPU).
 6. **report**: DIR/RUN/learning.json and a markdown table to paste into benchmarks/RESULTS.md.
+
+`benchmarks/learning_diagnose.py --dir DIR` then measures, on the same DIR, why a task falls short: how
+predictable the CQT target is, what the front end's frames hold of it, and what the teachers' labels hold
+about each probe task.
 """
 
 from __future__ import annotations
