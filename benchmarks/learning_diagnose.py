@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
@@ -32,8 +33,11 @@ import torch
 CROP = 48000  # small.yaml's crop_samples: 2 s at 24 kHz
 TASKS = ("instrument", "pitch", "soundtrack")
 
+if TYPE_CHECKING:
+    from mert_pipeline.trainer.model import ModelConfig
 
-def small_config(fmin: float | None = None):
+
+def small_config(fmin: float | None = None) -> ModelConfig:
     """small.yaml's model config (its CQT from `fmin` when given), with one 100-class teacher head."""
     from mert_pipeline.trainer.pretrain import load_config
 
@@ -60,7 +64,7 @@ def corpus_crops(root: Path, per_file: int) -> tuple[torch.Tensor, int]:
     return torch.from_numpy(np.stack(crops)), len(files)
 
 
-def cqt_targets(cfg, audio: torch.Tensor) -> np.ndarray:
+def cqt_targets(cfg: ModelConfig, audio: torch.Tensor) -> np.ndarray:
     """(clips, frames, bins): the trainer's own CQT target of each crop."""
     from mert_pipeline.trainer.model import CQT, conv_frames
 
@@ -69,6 +73,7 @@ def cqt_targets(cfg, audio: torch.Tensor) -> np.ndarray:
 
 
 def octave_shares(err: np.ndarray, bins_per_octave: int) -> str:
+    """Each octave's share of a squared error summed over bins, lowest octave first."""
     per_bin = err.reshape(-1, err.shape[-1]).mean(0)
     octaves = [per_bin[i : i + bins_per_octave].sum() for i in range(0, len(per_bin), bins_per_octave)]
     return " ".join(f"{o / per_bin.sum():.2f}" for o in octaves)
