@@ -22,7 +22,6 @@ WORKDIRs); each part prints its figures for benchmarks/RESULTS.md ("Third round"
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,7 +92,7 @@ def cqt_part(root: Path, fmin: float | None) -> None:
     print(f"  share of the average spectrum's error by octave, lowest first: {shares}")
 
 
-def _rows(a: np.ndarray) -> np.ndarray:
+def _flat(a: np.ndarray) -> np.ndarray:
     """(clips, frames, dims) -> (clips x frames, dims)."""
     return a.reshape(-1, a.shape[-1])
 
@@ -122,8 +121,8 @@ def readout_part(root: Path, checkpoints: list[Path]) -> None:
         feats = feats.transpose(1, 2)[:, :frames].numpy()
         context = np.concatenate([np.roll(feats, s, axis=1) for s in range(-k, k + 1)], -1)[:, k:-k]
         target = spec[:, k:-k]
-        x_train, y_train = _rows(context[:train]), _rows(target[:train])
-        x_test, y_test = _rows(context[train:]), _rows(target[train:])
+        x_train, y_train = _flat(context[:train]), _flat(target[:train])
+        x_test, y_test = _flat(context[train:]), _flat(target[train:])
         mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
         fit = Ridge(alpha=1.0).fit((x_train - mu) / sd, y_train)
         err = ((fit.predict((x_test - mu) / sd) - y_test) ** 2).mean()
@@ -133,6 +132,8 @@ def readout_part(root: Path, checkpoints: list[Path]) -> None:
 
 
 def teacher_part(root: Path, teacher: str) -> None:
+    from learning import _rows as probe_rows  # the benchmark's own reader of DIR/probes/TASK.csv
+
     from mert_pipeline.embed import read_audio
     from mert_pipeline.probe import linear_probe, mfcc_features, probe_folds
 
@@ -155,8 +156,7 @@ def teacher_part(root: Path, teacher: str) -> None:
             return np.concatenate([np.bincount(c, minlength=1024) / len(c) for c in codes])
 
     for task in TASKS:
-        with (root / "probes" / f"{task}.csv").open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = probe_rows(root, task)
         audio = [read_audio(root / "probes" / row["path"]) for row in rows]
         labels = [row["label"] for row in rows]
         splits = probe_folds(labels, [row["group"] for row in rows], 4, 0)

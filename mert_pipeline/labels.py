@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from mert_pipeline.fs import atomic_write_json
 from mert_pipeline.grid import num_frames
-from mert_pipeline.layout import LabelSet, Workdir, id_numbers, id_relpath
+from mert_pipeline.layout import LabelSet, Workdir, id_numbers, is_id
 from mert_pipeline.shards import ShardError
 from mert_pipeline.teachers.kmeans import JointCounts, usage_from_counts
 
@@ -94,9 +94,7 @@ class LabelIndex:
 
     def get(self, file_id: str) -> tuple[str, str, int] | None:
         """(relpath, config_hash, num_samples) of one id's labels, or None (no such id, or not an id)."""
-        try:
-            id_relpath(file_id, "")  # 16 lowercase hex digits
-        except ValueError:
+        if not is_id(file_id):
             return None
         at = int(self.find(np.array([int(file_id, 16)], dtype=np.uint64))[0])
         if at < 0:

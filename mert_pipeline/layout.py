@@ -40,10 +40,15 @@ _ID = re.compile(r"^[0-9a-f]{16}$")
 _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+def is_id(value: Any) -> bool:
+    """Whether `value` is a file id: 16 lowercase hex digits, what the manifest makes."""
+    return isinstance(value, str) and _ID.match(value) is not None
+
+
 def id_relpath(file_id: str, suffix: str) -> str:
     """`ab/<id><suffix>`: where a per-file output of `file_id` lives in its folder. The id must be 16
     lowercase hex digits (what the manifest makes), so no id read from a file can name another place."""
-    if not isinstance(file_id, str) or not _ID.match(file_id):
+    if not is_id(file_id):
         raise ValueError(f"id {file_id!r} is not 16 lowercase hex digits")
     return f"{file_id[:2]}/{file_id}{suffix}"
 

@@ -174,7 +174,7 @@ def _pool_batch(embedder: Embedder, audio: list[np.ndarray], pool: str) -> list[
 
 def _pool_stream(embedder: Embedder, blocks: Any, pool: str) -> np.ndarray:
     """Pooled states of a long clip fed block by block in 30 s chunks: memory does not grow with it."""
-    sink = PooledStates("mean" if pool == "mean" else "meanstd", Path("."))
+    sink = PooledStates(pool, Path("."))  # "mean" or "meanstd"
     embed_stream(embedder, blocks, None, LONG_CLIP, 1, sink)
     return sink.mean() if pool == "mean" else np.concatenate([sink.mean(), sink.std()], -1)
 

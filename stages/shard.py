@@ -686,7 +686,8 @@ class SidecarStage(_WritesShards):
         with storage.open_read(join(self.config.out, base)) as source:
             samples_read = iter_samples(source, limits)
             metas = [SegmentMeta.from_bytes(sample.get("json", b"")) for _, sample in samples_read]
-        missing = [m.id for m in metas if table.get(m.id) is None]
+        found = [table.get(m.id) for m in metas]
+        missing = [m.id for m, entry in zip(metas, found, strict=True) if entry is None]
         if missing:
             raise ShardError(
                 f"teacher {teacher!r} has no labels for {len(missing)} tracks of {base} (e.g. {missing[0]}); "
@@ -694,10 +695,9 @@ class SidecarStage(_WritesShards):
             )
         with self._output(sidecar_name(base, teacher)) as tmp, open(tmp, "wb") as handle:
             tar = DeterministicTar(handle)
-            for meta in metas:
-                found = table.get(meta.id)
-                assert found is not None  # every id was checked above
-                relpath, config_hash, num_samples = found
+            for meta, entry in zip(metas, found, strict=True):
+                assert entry is not None  # every id was checked above
+                relpath, config_hash, num_samples = entry
                 path = label_set.npy(relpath)
                 if config_hash != facts["config_hash"] or num_samples != meta.source_num_samples:
                     raise ShardError(
