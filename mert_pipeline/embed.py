@@ -57,11 +57,16 @@ class Embedder:
 def load_embedder(source: Path, device: str = "auto", random_init: bool = False, seed: int = 0) -> Embedder:
     """A trainer checkpoint (or run folder), an exported HF directory, or the released MERT-v1 (its HF
     directory or fairseq checkpoint, read by trainer.weights without remote code); `random_init` keeps
-    the architecture and draws fresh weights (the baseline of the probe)."""
+    the architecture and draws fresh weights (the baseline of the probe). `model_path` decides which."""
     from mert_pipeline.hf_export import CheckpointError, build_encoder, load_checkpoint
+    from mert_pipeline.model_path import NotAModel, identify_model
 
+    try:
+        found = identify_model(source)
+    except NotAModel as exc:
+        raise CheckpointError(str(exc)) from exc
     dev = resolve_device(device)
-    if _plain_hubert(source):
+    if found.kind == "hf_export":  # transformers loads it without remote code
         from transformers import AutoConfig, AutoModel
         from transformers.utils import logging
 
@@ -80,8 +85,8 @@ def load_embedder(source: Path, device: str = "auto", random_init: bool = False,
         return Embedder(
             model.eval().to(dev), "hf", cfg.num_hidden_layers, cfg.hidden_size, normalize, dev, str(source)
         )
-    if _is_trainer_checkpoint(source):
-        cfg, state, meta = load_checkpoint(source)
+    if found.is_trainer_checkpoint:
+        cfg, state, meta = load_checkpoint(found.file)
         model = build_encoder(cfg, None if random_init else state, seed=seed).to(dev)
         return Embedder(model, "checkpoint", cfg.num_layers, cfg.embed_dim, False, dev, meta["path"])
     # the released MERT-v1 (HF directory with remote code, or the fairseq checkpoint): read without it
@@ -89,7 +94,7 @@ def load_embedder(source: Path, device: str = "auto", random_init: bool = False,
     from mert_pipeline.trainer.weights import SHAPE_FIELDS, WeightsError, read_source
 
     try:
-        weights = read_source(source, with_state=not random_init)
+        weights = read_source(found.file, with_state=not random_init)
     except WeightsError as exc:
         raise CheckpointError(str(exc).replace("--init-from ", "")) from exc
     cfg = ModelConfig(**{k: v for k, v in weights.fields.items() if k in SHAPE_FIELDS})
@@ -97,37 +102,23 @@ def load_embedder(source: Path, device: str = "auto", random_init: bool = False,
     return Embedder(model, "checkpoint", cfg.num_layers, cfg.embed_dim, False, dev, str(weights.path))
 
 
-def _plain_hubert(source: Path) -> bool:
-    """A directory transformers loads without remote code (`export hf`), not the released MERT-v1."""
-    config = source / "config.json"
-    if not (config.exists() and (source / "model.safetensors").exists()):
-        return False
-    return json.loads(config.read_text()).get("model_type") != "mert_model"
-
-
-def _is_trainer_checkpoint(source: Path) -> bool:
-    """A run folder or one of our ckpt-*.pt files (anything else goes through trainer.weights)."""
-    if source.is_dir():
-        return not (source / "config.json").exists()
-    return source.name.startswith("ckpt-") or not source.exists()
-
-
 def model_identity(source: Path) -> tuple[Path, str]:
     """(the path `load_embedder` should load, sha256 of what decides the numbers): a trainer checkpoint
-    (a run folder resolves to its newest ckpt-*.pt, so a checkpoint saved mid-run changes nothing), or an
-    HF directory, hashed over its config, weights and preprocessor config."""
+    (a run folder resolves to its newest ckpt-*.pt, so a checkpoint saved mid-run changes nothing), a
+    fairseq checkpoint, or an HF directory, hashed over its config, weights and preprocessor config."""
     from mert_pipeline.fs import sha256_file
-    from mert_pipeline.hf_export import resolve_checkpoint
+    from mert_pipeline.hf_export import CheckpointError
+    from mert_pipeline.model_path import HF_WEIGHTS, NotAModel, identify_model
 
-    if (source / "config.json").exists() and (source / "model.safetensors").exists():
-        names = ("config.json", "model.safetensors", "preprocessor_config.json")
+    try:
+        found = identify_model(source)
+    except NotAModel as exc:
+        raise CheckpointError(str(exc)) from exc
+    if found.is_hf:
+        names = ("config.json", *HF_WEIGHTS, "preprocessor_config.json")
         text = "".join(f"{n} {sha256_file(source / n)}\n" for n in names if (source / n).exists())
         return source.resolve(), hashlib.sha256(text.encode()).hexdigest()
-    if (source / "config.json").exists():  # a MERT-v1 directory (remote-code config, pytorch_model.bin)
-        names = ("config.json", "model.safetensors", "pytorch_model.bin", "preprocessor_config.json")
-        text = "".join(f"{n} {sha256_file(source / n)}\n" for n in names if (source / n).exists())
-        return source.resolve(), hashlib.sha256(text.encode()).hexdigest()
-    path = resolve_checkpoint(source).resolve()
+    path = found.file.resolve()
     return path, sha256_file(path)
 
 

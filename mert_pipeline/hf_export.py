@@ -34,15 +34,17 @@ class CheckpointError(ValueError):
 
 
 def resolve_checkpoint(path: Path) -> Path:
-    """A checkpoint file, or a trainer run folder's newest `ckpt-*.pt`."""
-    if path.is_dir():
-        found = sorted(path.glob("ckpt-*.pt"))
-        if not found:
-            raise CheckpointError(f"{path} holds no ckpt-*.pt (is it a trainer run folder?)")
-        return found[-1]
-    if not path.exists():
-        raise CheckpointError(f"{path} does not exist")
-    return path
+    """A trainer checkpoint file, or a trainer run folder's newest `ckpt-*.pt` (`model_path` decides which
+    a path is); any other model source is a CheckpointError naming what it is."""
+    from mert_pipeline.model_path import NotAModel, identify_model
+
+    try:
+        found = identify_model(path)
+    except NotAModel as exc:
+        raise CheckpointError(str(exc)) from exc
+    if not found.is_trainer_checkpoint:
+        raise CheckpointError(f"{path} is {found.describe()}, not a trainer checkpoint or run folder")
+    return found.file
 
 
 def load_checkpoint(path: Path) -> tuple[Any, dict[str, torch.Tensor], dict[str, Any]]:

@@ -93,3 +93,52 @@ def labelled_workdir(tmp_path_factory: pytest.TempPathFactory, test_codec_file: 
     pipeline.tokenize(work, rvq, executor=local)
     add_label_set(work, "km", skip=1)
     return work
+
+
+@pytest.fixture(scope="session")
+def pipeline_workdir(tmp_path_factory: pytest.TempPathFactory, test_codec_file: Path) -> Path:
+    """Four synthesized tracks taken through manifest, resample and the RVQ teacher (8 codebooks of the test
+    codec), both splits used: the WORKDIR that `pipeline_shards` and `trained_run` are made from."""
+    from mert_pipeline import pipeline
+    from mert_pipeline.demo.synth import synthesize_demo_corpus
+    from mert_pipeline.executor import ExecutorConfig
+
+    local = ExecutorConfig(kind="local", workers=1)
+    corpus, work = tmp_path_factory.mktemp("corpus"), tmp_path_factory.mktemp("work")
+    synthesize_demo_corpus(corpus, n_tracks=4, seed=11, with_bad_files=False)
+    pipeline.manifest([str(corpus)], work, valid_percent=0.5, seed=1317, executor=local)  # both splits used
+    pipeline.resample(work, executor=local)
+    rvq = pipeline.rvq_teacher(work, checkpoint=test_codec_file, device="cpu")
+    pipeline.tokenize(work, rvq, executor=local)
+    return work
+
+
+@pytest.fixture(scope="session")
+def pipeline_shards(tmp_path_factory: pytest.TempPathFactory, pipeline_workdir: Path) -> Path:
+    """`pipeline_workdir` cut into 4 s segments, 8 to a shard."""
+    from mert_pipeline import pipeline
+    from mert_pipeline.executor import ExecutorConfig
+
+    shards = tmp_path_factory.mktemp("shards")
+    local = ExecutorConfig(kind="local", workers=1)
+    pipeline.shard(pipeline_workdir, shards, segment_seconds=4.0, shard_samples=8, executor=local)
+    return shards
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, pipeline_shards: Path) -> Path:
+    """A run folder as the trainer writes it (real torchrun, 1 process, the tiny config, 4 steps on
+    `pipeline_shards`): the trainer's `config.json` and `log.jsonl` beside ckpt-00000002.pt and
+    ckpt-00000004.pt. The commands that take a model are tested on it."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
+    command += ["trainer/pretrain.py", "--config", "trainer/configs/tiny.yaml"]
+    command += ["--shards", str(pipeline_shards)]
+    command += ["--out", str(out), "teachers=[rvq]", "batch_size=2", "max_steps=4", "ckpt_interval=2"]
+    command += ["eval_interval=0", "num_workers=0", "log_interval=1"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out

@@ -61,6 +61,7 @@ __all__ = [
     "FairseqCheckpoint",
     "codebooks_from_labels",
     "load_fairseq_checkpoint",
+    "scan_globals",
 ]
 
 
@@ -198,7 +199,7 @@ def _torch_default_globals() -> set[str] | None:
         return None
 
 
-def _scan_globals(path: Path) -> list[str]:
+def scan_globals(path: Path) -> list[str]:
     """Every global the checkpoint's pickles name, read with pickletools.genops: parsing, never running.
     The zip format keeps its pickle in `*/data.pkl`; the legacy format is several pickles in a row, then
     raw storage bytes, so its first five pickles are scanned."""
@@ -248,7 +249,7 @@ def _safe_load(path: Path) -> Any:
             "reading fairseq checkpoints safely needs torch >= 2.5 (torch.serialization.safe_globals)"
         )
     torch_globals = _torch_default_globals()
-    for name in _scan_globals(path):
+    for name in scan_globals(path):
         if name in _OUR_GLOBALS:
             continue
         if torch_globals is not None and name in torch_globals:

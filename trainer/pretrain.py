@@ -49,6 +49,7 @@ from torch.nn.parallel import DistributedDataParallel
 try:  # run by path (torchrun trainer/pretrain.py): the installed package provides the rest
     from mert_pipeline.fs import WorkdirBusy, atomic_path, atomic_write_json, workdir_lock
     from mert_pipeline.layout import LOCK
+    from mert_pipeline.model_path import run_checkpoints
     from mert_pipeline.shards import ShardError
     from mert_pipeline.trainer.data import CropSpec, Loader, ShardIndex, load_shard_index, valid_batches
     from mert_pipeline.trainer.model import MERT, ModelConfig, flops_per_clip
@@ -134,7 +135,8 @@ def reseed(seed: int, step: int, rank: int) -> None:
 
 
 def checkpoints(out: Path) -> list[Path]:
-    return sorted(out.glob("ckpt-*.pt"))
+    """The run folder's checkpoints, oldest step first (`model_path` owns what a run folder holds)."""
+    return run_checkpoints(out)
 
 
 def save_checkpoint(out: Path, state: dict[str, Any], keep_last: int) -> Path:

@@ -8,6 +8,9 @@ Four sources, told apart by what the path holds:
 - `checkpoint`: one of our trainer checkpoints (`ckpt-*.pt`, or a run folder: its newest);
 - `fairseq`: the official `MERT-v1-{95M,330M}_fairseq.pt` (`trainer.fairseq_checkpoint`).
 
+`mert_pipeline.model_path.identify_model` decides which one a path is, from what it holds (a run folder
+holds a `config.json` too, the trainer's run config, and is still a run folder).
+
 Loading is safe only: safetensors, or `torch.load(weights_only=True)`; a fairseq pickle goes through a
 short allow-list of stub classes. The model's shape comes from the source (`SHAPE_FIELDS`); the training
 heads (`final_proj`, `label_embs_concat`, `cqt_head`) are copied per codebook where the source has a head of
@@ -71,17 +74,19 @@ class Source:
 
 
 def read_source(path: str | Path, with_state: bool = True) -> Source:
-    """The source at `path` (module docstring); `with_state` False reads only what fixes the shapes."""
-    path = Path(path)
-    if not path.exists():
-        raise WeightsError(f"--init-from {path}: no such file or directory")
-    if path.is_dir() and (path / "config.json").exists():
-        return _read_hf(path, with_state)
-    if path.is_dir() and not any(path.glob("ckpt-*.pt")):
-        raise WeightsError(
-            f"--init-from {path}: neither a Hugging Face directory (config.json) nor a run folder (ckpt-*.pt)"
-        )
-    return _read_pickle(path, with_state)
+    """The source at `path` (module docstring; `mert_pipeline.model_path` decides its kind); `with_state`
+    False reads only what fixes the shapes."""
+    from mert_pipeline.model_path import NotAModel, identify_model
+
+    try:
+        found = identify_model(path)
+    except NotAModel as exc:
+        raise WeightsError(f"--init-from {exc}") from exc
+    if found.is_hf:
+        return _read_hf(found.file, with_state)
+    if found.kind == "fairseq":
+        return _read_fairseq(found.file)
+    return _read_checkpoint(found.file, with_state)
 
 
 def _sha256(path: Path) -> str:
@@ -180,18 +185,14 @@ def _hf_names(state: dict[str, torch.Tensor], unused: dict[str, str]) -> dict[st
     return renamed
 
 
-def _read_pickle(path: Path, with_state: bool) -> Source:
-    """Our trainer checkpoint; failing that (weights_only refuses a fairseq trainer's classes), the
-    official fairseq checkpoint through its allow-list."""
-    from mert_pipeline.hf_export import CheckpointError, load_checkpoint, resolve_checkpoint
+def _read_checkpoint(file: Path, with_state: bool) -> Source:
+    """One of our trainer checkpoints (a run folder's newest, resolved by `identify_model`)."""
+    from mert_pipeline.hf_export import CheckpointError, load_checkpoint
 
     try:
-        file = resolve_checkpoint(path)
         cfg, state, _meta = load_checkpoint(file)
-    except CheckpointError as ours:
-        if path.is_dir():
-            raise WeightsError(f"--init-from {path}: {ours}") from ours
-        return _read_fairseq(path)
+    except CheckpointError as exc:
+        raise WeightsError(f"--init-from {exc}") from exc
     fields = {name: getattr(cfg, name) for name in (*SHAPE_FIELDS, "final_dim")}
     heads = [(teacher, q, classes) for teacher, n_q, classes in cfg.codebooks for q in range(n_q)]
     sha = _sha256(file) if with_state else ""

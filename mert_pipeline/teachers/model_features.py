@@ -101,13 +101,14 @@ class ModelFeatures:
         `export hf` directory, or the official fairseq checkpoint (`trainer.weights`). ValueError (one
         line) if unusable. The window is our checkpoint's training crop, else MERT's 5 s."""
         from mert_pipeline.fs import sha256_file
-        from mert_pipeline.hf_export import CheckpointError, resolve_checkpoint
+        from mert_pipeline.hf_export import CheckpointError
+        from mert_pipeline.model_path import NotAModel, identify_model
         from mert_pipeline.trainer.weights import WeightsError, read_source
 
-        path = Path(checkpoint)
-        if path.is_dir() and not (path / "config.json").exists():
-            path = resolve_checkpoint(path)  # a run folder: its newest checkpoint
-        path = path.resolve()
+        try:  # a run folder is its newest checkpoint, so a checkpoint saved later changes nothing here
+            path = identify_model(checkpoint).file.resolve()
+        except NotAModel as exc:
+            raise CheckpointError(f"--checkpoint {exc}") from exc
         try:  # shapes only: the workers load the weights, and check this hash of them
             source = read_source(path, with_state=False)
         except WeightsError as exc:
@@ -118,7 +119,7 @@ class ModelFeatures:
         crop, step = 5 * SAMPLE_RATE, 0
         if source.kind == "checkpoint":  # the training crop and step, read lazily (mmap) from the same file
             try:
-                saved = torch.load(path if path.is_file() else source.path, weights_only=True, mmap=True)
+                saved = torch.load(path, weights_only=True, mmap=True)
                 crop = int(saved["config"].get("train", {}).get("crop_samples", crop))
                 step = int(saved.get("step", 0))
             except (RuntimeError, KeyError, TypeError) as exc:

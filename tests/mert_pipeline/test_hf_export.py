@@ -95,7 +95,7 @@ def test_export_is_deterministic_and_misuse_is_one_line(tmp_path: Path) -> None:
         v.numel() for v in torch.load(ckpt, weights_only=True)["model"].values()
     )
     result = CliRunner().invoke(app, ["export", "hf", str(tmp_path / "missing.pt"), str(tmp_path / "c")])
-    assert result.exit_code == 2 and "error:" in result.output and "does not exist" in result.output
+    assert result.exit_code == 2 and "error:" in result.output and "no such file" in result.output
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     result = CliRunner().invoke(app, ["export", "hf", str(tmp_path / "junk.pt"), str(tmp_path / "c")])
-    assert result.exit_code == 2 and "not a trainer checkpoint" in result.output
+    assert result.exit_code == 2 and "not a torch checkpoint file" in result.output

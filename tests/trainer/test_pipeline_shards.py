@@ -1,37 +1,19 @@
 """The trainer on shards the pipeline itself wrote: synthesized music -> manifest -> resample -> tokenize
 (RVQ with the test codec) -> shard, then real torchrun with 2 gloo processes. The learning tests use
 shards of pitch-labelled audio (test_pretrain.py); this one checks that the trainer and the shard stage
-agree on the format, that it trains on them (loss falls) and resumes from its checkpoint."""
+agree on the format, that it trains on them (loss falls) and resumes from its checkpoint. The shards are
+the session's `pipeline_shards` (tests/conftest.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
-from mert_pipeline import pipeline
-from mert_pipeline.demo.synth import synthesize_demo_corpus
-from mert_pipeline.executor import ExecutorConfig
 from tests.trainer.test_pretrain import records, run
 
-LOCAL = ExecutorConfig(kind="local", workers=1)
 SMALL_HEADS = {"final_dim": 16, "cqt_bins": 24, "cqt_bins_per_octave": 12, "codebooks": [("rvq", 8, 1024)]}
-
-
-@pytest.fixture(scope="module")
-def pipeline_shards(tmp_path_factory: pytest.TempPathFactory, test_codec_file: Path) -> Path:
-    corpus, work = tmp_path_factory.mktemp("corpus"), tmp_path_factory.mktemp("work")
-    synthesize_demo_corpus(corpus, n_tracks=4, seed=11, with_bad_files=False)
-    pipeline.manifest([str(corpus)], work, valid_percent=0.5, seed=1317, executor=LOCAL)  # both splits used
-    pipeline.resample(work, executor=LOCAL)
-    pipeline.tokenize(
-        work, pipeline.rvq_teacher(work, checkpoint=test_codec_file, device="cpu"), executor=LOCAL
-    )
-    shards = tmp_path_factory.mktemp("shards")
-    pipeline.shard(work, shards, segment_seconds=4.0, shard_samples=8, executor=LOCAL)
-    return shards
 
 
 def command(shards: Path, out: Path, *args: str, resume: bool = False) -> list[str]:

@@ -129,7 +129,7 @@ def test_bad_sources_are_one_line_errors(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="no such file"):
         read_source(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(WeightsError, match="neither a Hugging Face directory"):
+    with pytest.raises(WeightsError, match="not a model: looked for ckpt"):
         read_source(tmp_path / "empty")
     cqt_input = write_mert_hf(tmp_path / "cqt", trained_looking(TINY, seed=4))
     config = json.loads((cqt_input / "config.json").read_text())

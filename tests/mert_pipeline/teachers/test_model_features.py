@@ -169,7 +169,7 @@ def test_kmeans_fit_and_tokenize_on_model_features(tmp_path: Path, checkpoint: P
         assert codes.shape == (1, len(feats))
         np.testing.assert_array_equal(codes[0], assign(feats, centroids))
     for args, message in [
-        (("features", w, "--kind", "model", "--checkpoint", w, "--layer", "1"), "holds no ckpt-*.pt"),
+        (("features", w, "--kind", "model", "--checkpoint", w, "--layer", "1"), "looked for ckpt-*.pt"),
         (("features", w, "--kind", "model", "--checkpoint", str(checkpoint), "--layer", "9"), "0..2"),
         (("features", w, "--layer", "1"), "go with --kind model only"),
     ]:
