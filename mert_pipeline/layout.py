@@ -210,6 +210,11 @@ class KMeansFit:
     def fit(self) -> Path:
         return self.path / "fit.json"
 
+    @property
+    def iteration(self) -> Path:
+        """`mert-pipe iterate`'s record: the checkpoint, the layer (and how it was chosen) and k."""
+        return self.path / "iteration.json"
+
 
 @dataclass(frozen=True)
 class Workdir:

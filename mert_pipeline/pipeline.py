@@ -28,7 +28,7 @@ from mert_pipeline import storage
 from mert_pipeline.devices import check_device, cpu_count, model_workers, threads_per_worker
 from mert_pipeline.executor import ExecutorConfig, Stage, StageReport, Task, TaskOutcome, execute
 from mert_pipeline.fs import WorkdirBusy, atomic_write_json, ensure_writable_dir, workdir_lock
-from mert_pipeline.layout import Workdir, bookkeeping_dir
+from mert_pipeline.layout import Workdir, bookkeeping_dir, check_name
 from mert_pipeline.manifests.records import DEFAULT_SEED
 from mert_pipeline.progress import Progress
 from mert_pipeline.resample import OutputSpec
@@ -462,6 +462,159 @@ def kmeans_fit(
             return fit_from_features(workdir, features, k, sample_frames, seed, backend, name)  # type: ignore[arg-type]
     except (KMeansInputError, ValueError) as exc:
         raise PipelineError(_line(exc)) from exc
+
+
+@dataclass
+class IterationReport:
+    """What `iterate` made: the label set, the layer (and how it was chosen), the steps' reports."""
+
+    name: str
+    record: dict[str, Any]  # WORKDIR/kmeans/NAME/iteration.json
+    features: StageReport
+    tokenize: StageReport
+    sidecars: StageReport | None
+    seconds: float
+
+
+def _earlier_choice(record: Path, selection: dict[str, Any]) -> dict[str, Any] | None:
+    """The layer choice an earlier `iterate` into the same NAME made with the same model and options: a
+    rerun resumes instead of measuring every layer again."""
+    import json
+
+    try:
+        choice = json.loads(record.read_text())["layer_choice"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(choice, dict) or choice.get("selection") != selection:
+        return None
+    return choice if isinstance(choice.get("layer"), int) else None
+
+
+def iterate(
+    workdir: Path | str,
+    checkpoint: Path | str,
+    *,
+    layer: int | None = None,
+    k: int = 500,
+    name: str | None = None,
+    select_data: tuple[str, ...] | list[str] | None = None,
+    select_frames: int = 20_000,
+    select_per_class: int = 16,
+    sample_frames: int = 250_000,
+    shards: str | Path | None = None,
+    seed: int = DEFAULT_SEED,
+    device: str = "auto",
+    replace: bool = False,
+    executor: ExecutorConfig | None = None,
+    progress: Progress | None = None,
+) -> IterationReport:
+    """HuBERT's next iteration on the same WORKDIR, without re-encoding audio: choose the layer of
+    `checkpoint` (any model source; a run folder is its newest checkpoint) by measurement unless `layer`
+    is given (`mert_pipeline.iterate`), sample that layer's frames over the train split (nothing stored per
+    file), fit k-means, label every file into WORKDIR/labels/NAME (default `iter{k}`) and, when a shard set
+    is there (`shards`, else WORKDIR/shards), add the labels to it as sidecar shards. The checkpoint, layer,
+    layer scores and k go to WORKDIR/kmeans/NAME/iteration.json."""
+    from mert_pipeline.hf_export import CheckpointError
+    from mert_pipeline.iterate import SELECT_DATA, choose_layer
+    from mert_pipeline.model_path import NotAModel, identify_model
+    from mert_pipeline.stages.features import FeaturesConfig, FeaturesStage
+    from mert_pipeline.teachers.model_features import ModelFeatures
+
+    start = time.perf_counter()
+    progress = progress or Progress()
+    workdir = existing_workdir(workdir)
+    if k < 2:
+        raise PipelineError(f"--k must be at least 2, not {k}")
+    try:
+        name = check_name(name or f"iter{k}")
+        found = identify_model(checkpoint)
+        top = ModelFeatures.from_checkpoint(checkpoint, 0, device=device)  # a run folder: its newest, pinned
+    except (NotAModel, CheckpointError, ValueError) as exc:
+        raise PipelineError(_line(exc)) from exc
+    if layer is not None and not 0 <= layer <= top.num_layers:
+        raise PipelineError(f"--layer must be in 0..{top.num_layers} for {checkpoint}, not {layer}")
+    default_shards = Workdir(workdir).default_shards
+    target = (
+        shards if shards is not None else default_shards if (default_shards / "index.json").exists() else None
+    )
+    executor = scheduled(executor, model_workers(device))
+    selection = {
+        "checkpoint_sha256": top.checkpoint_sha256,
+        "k": k,
+        "data": list(select_data or SELECT_DATA),
+        "frames": select_frames,
+        "per_class": select_per_class,
+        "seed": seed,
+    }
+    with locked(workdir):
+        choice = (
+            _earlier_choice(Workdir(workdir).kmeans(name).iteration, selection) if layer is None else None
+        )
+        if choice is not None:
+            layer = int(choice["layer"])
+            progress.note(f"iterate: layer {layer}, as chosen before with the same model and options")
+        elif layer is None:
+            try:
+                with progress.status("iterate: choosing a layer"):
+                    chosen = choose_layer(
+                        dataclasses.replace(top, layer=top.num_layers),
+                        Workdir(workdir).audio().manifest,
+                        k=k,
+                        data=tuple(select_data or SELECT_DATA),
+                        frames=select_frames,
+                        per_class=select_per_class,
+                        seed=seed,
+                    )
+            except (OSError, ValueError) as exc:
+                raise PipelineError(_line(exc)) from exc
+            layer = chosen.layer
+            choice = chosen.describe() | {"selection": selection}
+            scores = ", ".join(f"{n}: {v:.3f}" for n, v in chosen.mean.items())
+            progress.note(
+                f"iterate: layer {layer} chosen in {chosen.seconds:.0f} s (mean MI/H by layer {scores})"
+            )
+        model = dataclasses.replace(top, layer=layer)
+        config = _build(
+            lambda: FeaturesConfig(
+                workdir=workdir,
+                kind="model",
+                name=name,
+                store=False,
+                splits=("train",),
+                sample_frames=sample_frames,
+                seed=seed,
+                model=model,
+                threads=threads_per_worker(executor.workers or 1),
+            )
+        )
+        features_report = run_stage(FeaturesStage(config), executor, progress)
+        fit = kmeans_fit(workdir, features=name, k=k, seed=seed, name=name)
+        progress.note(f"iterate: k-means k={k} on {fit['sample_frames']} frames of layer {layer}")
+        teacher = kmeans_teacher(workdir, centroids=fit["centroids"])
+        teacher = dataclasses.replace(teacher, model=dataclasses.replace(teacher.model, device=device))
+        labels = tokenize(workdir, teacher, name=name, replace=replace, executor=executor, progress=progress)
+        sidecars = None
+        if target is not None:
+            sidecars = add_sidecars(workdir, target, name, executor=executor, progress=progress)
+        record = {
+            "name": name,
+            "checkpoint": str(Path(checkpoint).resolve()),
+            "checkpoint_kind": found.kind,
+            "checkpoint_file": top.checkpoint,
+            "checkpoint_sha256": top.checkpoint_sha256,
+            "checkpoint_step": top.step,
+            "layer": layer,
+            "layer_choice": choice or {"layer": layer, "how": "given (--layer)"},
+            "k": k,
+            "centroids": fit["centroids"],
+            "centroids_sha256": fit["centroids_sha256"],
+            "sample_frames": fit["sample_frames"],
+            "labels": str(Workdir(workdir).labels(name).path),
+            "shards": str(target) if target is not None else None,
+            "seed": seed,
+        }
+        atomic_write_json(Workdir(workdir).kmeans(name).iteration, record)
+    return IterationReport(name, record, features_report, labels, sidecars, time.perf_counter() - start)
 
 
 def shard(

@@ -1,5 +1,5 @@
-"""Teacher commands: `tokenize` (label the audio), `features` (frame features for k-means), `kmeans fit`
-and `kmeans report`."""
+"""Teacher commands: `tokenize` (label the audio), `features` (frame features for k-means), `kmeans fit`,
+`kmeans report`, and `iterate` (HuBERT's next iteration on a trained model's layer)."""
 
 from __future__ import annotations
 
@@ -292,4 +292,102 @@ def kmeans_report(
     note(
         f"{len(reports)} label sets, {frames} frames counted in {seconds:.2f} s "
         f"({frames / max(seconds, 1e-9):,.0f} frames/s)"
+    )
+
+
+@with_executor()
+def iterate(
+    workdir: Annotated[Path, typer.Argument(help="WORKDIR holding audio_24k/ (from `resample` or `run`).")],
+    checkpoint: Annotated[
+        Path,
+        typer.Option(
+            "--from",
+            metavar="MODEL",
+            help="The trained model: a run folder (its newest checkpoint), a checkpoint, an `export hf` or "
+            "MERT-v1 directory, or MERT-v1-*_fairseq.pt.",
+        ),
+    ],
+    layer: Annotated[
+        int | None,
+        typer.Option("--layer", min=0, help="Cluster this layer (default: choose it by label quality)."),
+    ] = None,
+    k: Annotated[int, typer.Option("--k", min=2, max=32768, help="Clusters of the new label set.")] = 500,
+    name: Annotated[
+        str | None, typer.Option("--name", help="Label set name, WORKDIR/labels/NAME (default: iter<k>).")
+    ] = None,
+    select_data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--select-data",
+            help="Labelled clips the layer is chosen on (repeatable): builtin:pitch, builtin:timbre, a CSV "
+            "of path,label or a folder of class folders. Default: builtin:pitch and builtin:timbre.",
+        ),
+    ] = None,
+    select_frames: Annotated[
+        int, typer.Option("--select-frames", min=100, help="Train frames each layer is clustered on.")
+    ] = 20_000,
+    sample_frames: Annotated[
+        int, typer.Option("--sample-frames", min=1, help="Frames of the chosen layer k-means is fitted on.")
+    ] = 250_000,
+    shards: Annotated[
+        str | None,
+        typer.Option(
+            "--shards",
+            help="Shard set (folder or URL) to add the labels to as sidecars (default: WORKDIR/shards).",
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", metavar="auto|cpu|cuda", help="auto (CUDA when present), cpu or cuda.")
+    ] = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the samples and the fits.")] = DEFAULT_SEED,
+    *,
+    executor: ExecutorConfig,
+) -> None:
+    """HuBERT's next iteration in one command: k-means labels on a trained model's own layer, on the same
+    WORKDIR, and sidecar shards beside the existing audio shards (no audio re-encoded).
+
+    It chooses the layer by the label quality of its clusters on held-out labelled clips (unless --layer),
+    samples that layer's frames over the train split (nothing stored per file), fits k-means, labels every
+    file and adds the label set to the shards. Train on it with `teachers=[...,NAME]`.
+
+    Reads: WORKDIR/audio_24k/ and the model. Writes: WORKDIR/labels/NAME/, WORKDIR/features/NAME/ (the
+    sample), WORKDIR/kmeans/NAME/ (centroids.npy, fit.json, iteration.json: checkpoint, layer, scores, k),
+    and label-only sidecar tars in SHARDS.
+    """
+    with errors(), progress() as shown:
+        report = pipeline.iterate(
+            workdir,
+            checkpoint,
+            layer=layer,
+            k=k,
+            name=name,
+            select_data=select_data,
+            select_frames=select_frames,
+            sample_frames=sample_frames,
+            shards=shards,
+            seed=seed,
+            device=device,
+            replace=executor.force,
+            executor=executor,
+            progress=shown,
+        )
+    record = report.record
+    choice = record["layer_choice"]
+    if "per_layer" in choice:
+        table = Table(title=f"layer choice: MI/H(class) of k={choice['k']} clusters", title_justify="left")
+        table.add_column("layer", justify="right")
+        for column in ("mean", *choice["data"]):
+            table.add_column(column, justify="right")
+        for number, scores in choice["per_layer"].items():
+            mark = " *" if int(number) == record["layer"] else ""
+            table.add_row(f"{number}{mark}", *(f"{scores[c]:.3f}" for c in ("mean", *choice["data"])))
+        console.print(table)
+    counts = report.tokenize.summary.get("counts", {})
+    sidecars = (
+        f", sidecars in {record['shards']}" if report.sidecars is not None else ", no shard set to add to"
+    )
+    note(
+        f"iterate: {record['name']} = k-means k={record['k']} on layer {record['layer']} of "
+        f"{record['checkpoint_file']} (step {record['checkpoint_step']}): {counts.get('accepted', 0)} files "
+        f"labelled{sidecars}; {report.seconds:.1f} s"
     )

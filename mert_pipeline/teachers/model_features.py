@@ -182,28 +182,40 @@ class ModelFeatures:
         if len(buf):
             yield np.pad(buf, (0, padded_length(len(buf)) - len(buf)))
 
-    def _run(self, batch: list[np.ndarray]) -> Iterator[np.ndarray]:
+    def _run(self, batch: list[np.ndarray], every_layer: bool = False) -> Iterator[np.ndarray]:
         model, device = self.model()
         audio = torch.from_numpy(np.stack(batch)).to(device)
-        states = layer_output(model, audio, self.layer).float().cpu().numpy()
-        expected = (len(batch), (len(batch[0]) - PAD) // HOP, self.dim)
+        if every_layer:  # one forward, all L + 1 states: (B, L + 1, T, D)
+            from mert_pipeline.hf_export import mert_hidden_states
+
+            states = torch.stack(mert_hidden_states(model, audio), 1).float().cpu().numpy()
+            expected: tuple[int, ...] = (
+                len(batch),
+                self.num_layers + 1,
+                (len(batch[0]) - PAD) // HOP,
+                self.dim,
+            )
+        else:
+            states = layer_output(model, audio, self.layer).float().cpu().numpy()
+            expected = (len(batch), (len(batch[0]) - PAD) // HOP, self.dim)
         if states.shape != expected:
             raise RuntimeError(f"layer output {states.shape}, expected {expected}")
         yield from states
 
-    def stream(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-        """(frames, dim) float32 blocks, one per window, ceil(n / 320) frames in all."""
+    def stream(self, blocks: Iterable[np.ndarray], every_layer: bool = False) -> Iterator[np.ndarray]:
+        """(frames, dim) float32 blocks, one per window, ceil(n / 320) frames in all; with `every_layer`,
+        (L + 1, frames, dim) blocks of every layer from one forward (what choosing a layer needs)."""
         pending: list[np.ndarray] = []
         for window in self.windows(blocks):
             if pending and len(window) != len(pending[0]):
-                yield from self._run(pending)
+                yield from self._run(pending, every_layer)
                 pending = []
             pending.append(window)
             if len(pending) == self.batch_windows:
-                yield from self._run(pending)
+                yield from self._run(pending, every_layer)
                 pending = []
         if pending:
-            yield from self._run(pending)
+            yield from self._run(pending, every_layer)
 
     def __call__(self, waveform: np.ndarray) -> np.ndarray:
         """Features (ceil(n / 320), dim) of a whole mono 24 kHz file."""
