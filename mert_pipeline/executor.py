@@ -291,9 +291,13 @@ def _run_local(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Itera
         return
     context = multiprocessing.get_context("spawn")  # fork is unsafe once torch/ray threads exist
     lost: list[Task] = []  # tasks in flight when a worker died; judged once every worker has exited
-    with ProcessPoolExecutor(
-        max_workers=config.workers, mp_context=context, initializer=_die_with_parent
-    ) as pool:
+    hidden = MainHidden(stage)
+    with (
+        hidden,
+        ProcessPoolExecutor(
+            max_workers=config.workers, mp_context=context, initializer=_die_with_parent
+        ) as pool,
+    ):
 
         def submit(task: Task) -> Future:
             try:
@@ -309,9 +313,12 @@ def _run_local(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Itera
 
         for future, task in _bounded(todo, submit, wait_some, limit=2 * config.workers):
             try:
-                yield future.result()
+                outcome = future.result()
             except BrokenProcessPool:
                 lost.append(task)
+                continue
+            with hidden.shown():  # the caller's code runs with its __main__ as it was
+                yield outcome
     for task in lost:  # a task may have completed before its pool was torn down
         if is_complete(stage, task):
             yield dataclasses.replace(run_task(stage, task), status="done")
@@ -319,6 +326,47 @@ def _run_local(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Itera
             yield TaskOutcome(
                 task.rank, "failed", error="a worker process died (killed or crashed); rerun to resume"
             )
+
+
+class MainHidden:
+    """While the pool spawns its workers, the caller's `__main__` has no `__file__` and no `__spec__`.
+
+    multiprocessing's spawn start method makes each worker import the parent's main module again (as
+    `__mp_main__`): a user's script without an `if __name__ == "__main__":` guard would run its top level,
+    `run_pipeline` included, in every worker, and a script read from standard input fails there
+    (`<stdin>` is no file). The workers need nothing from it (stages and tasks are classes of this
+    package), so they start from this package alone, as after `python -c`. A stage whose class the
+    caller's script defines does need it: then nothing is hidden. `shown()` puts it back while control is
+    with the caller between results; a pool spawns its workers only inside `submit` (and `map`), so every
+    spawning pool of the package submits inside one of these.
+    """
+
+    _NAMES = ("__file__", "__spec__")
+
+    def __init__(self, stage: Stage | None = None) -> None:
+        main = sys.modules.get("__main__")
+        needed = stage is not None and type(stage).__module__ in ("__main__", "__mp_main__")
+        self.main = None if needed else main
+        self.saved = {n: main.__dict__[n] for n in self._NAMES if n in main.__dict__} if self.main else {}
+
+    def __enter__(self) -> MainHidden:
+        if self.main is not None:
+            self.main.__dict__.pop("__file__", None)
+            if "__spec__" in self.saved:
+                self.main.__spec__ = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.main is not None:
+            self.main.__dict__.update(self.saved)
+
+    @contextlib.contextmanager
+    def shown(self) -> Iterator[None]:
+        self.__exit__()
+        try:
+            yield
+        finally:
+            self.__enter__()
 
 
 def _die_with_parent() -> None:
@@ -334,49 +382,100 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
-def _run_ray(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Iterator[TaskOutcome]:
-    """The same tasks as Ray tasks, on a local Ray started for this run or an existing cluster."""
+@dataclass
+class _RaySession:
+    """A `session` in force: whether a stage inside it started (or connected) Ray, and whether that Ray
+    is a local one this process started (then each stage keeps to its own worker count on it)."""
+
+    started: bool = False
+    local: bool = False
+
+
+_SESSIONS: list[_RaySession] = []  # open sessions, innermost last
+
+
+@contextlib.contextmanager
+def session(config: ExecutorConfig) -> Iterator[None]:
+    """One Ray for every stage run inside (a `run`, `run_pipeline`, `iterate`): the first stage with work
+    to do starts a local Ray or connects to the cluster, later stages reuse it (and a model stage's actors
+    start once per stage, not per Ray), and it is shut down when the session ends, only if a stage inside
+    started it. A Ray the caller had initialised before is never shut down. The local executor needs none.
+    """
+    if config.kind != "ray":
+        yield
+        return
+    state = _RaySession()
+    _SESSIONS.append(state)
+    try:
+        yield
+    finally:
+        _SESSIONS.remove(state)
+        if state.started:
+            import ray
+
+            ray.shutdown()
+
+
+def _ray_up(config: ExecutorConfig) -> tuple[bool, bool]:
+    """Start or connect Ray unless it is up: (whether this call did, whether that Ray is local to us)."""
     import ray  # imported here so local runs never pay for it
 
-    started_here = False
-    if not ray.is_initialized():
-        address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
-        if address:
-            ray.init(address=address, log_to_driver=True)
-        else:
-            ray.init(
-                address="local",  # a new cluster even when `ray start` left one (or its address file)
-                num_cpus=max(1, config.workers),
-                num_gpus=None,
-                include_dashboard=False,
-                object_store_memory=256 * 1024 * 1024,
-                log_to_driver=True,
-            )
-        started_here = True
+    if ray.is_initialized():
+        return False, any(s.local for s in _SESSIONS)
+    address = config.ray_address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True, False
+    ray.init(
+        address="local",  # a new cluster even when `ray start` left one (or its address file)
+        num_cpus=max(1, os.cpu_count() or 1) if _SESSIONS else max(1, config.workers or 1),
+        num_gpus=None,
+        include_dashboard=False,
+        object_store_memory=256 * 1024 * 1024,
+        log_to_driver=True,
+    )
+    return True, True
+
+
+def _run_ray(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Iterator[TaskOutcome]:
+    """The same tasks as Ray tasks (or actors, for a model stage), on the Ray of the `session` in force,
+    else on a Ray started for this stage. Tasks done before are read back here: a stage with nothing left
+    to do starts no Ray and no worker."""
+    todo = [task for task in tasks if not is_complete(stage, task)]
+    for task in tasks:
+        if is_complete(stage, task):
+            yield run_task(stage, task)  # reads the saved stats, runs nothing
+    if not todo:
+        return
+    import ray
+
+    started_here, local = _ray_up(config)
+    if started_here and _SESSIONS:
+        _SESSIONS[-1].started, _SESSIONS[-1].local = True, local
     try:
         cpus = config.cpus_per_task if config.cpus_per_task is not None else stage.resources.cpus
         gpus = config.gpus_per_task if config.gpus_per_task is not None else stage.resources.gpus
+        most = max(1, config.workers or 1) if local else None  # a shared local Ray: this stage's own count
         if stage.resources.model:
-            yield from _run_ray_actors(stage, tasks, config, cpus, gpus)
+            yield from _run_ray_actors(stage, todo, config, cpus, gpus, most)
             return
         remote = ray.remote(_run_task_on_ray).options(
             num_cpus=cpus, num_gpus=gpus, max_retries=config.max_retries, retry_exceptions=False
         )
         stage_ref = ray.put(stage)
         capacity = max(1, int(ray.cluster_resources().get("CPU", 1) / max(cpus, 1e-3)))
+        capacity = min(capacity, most) if most else capacity
 
         def wait_some(handles: list[Any]) -> tuple[list, list]:
             return ray.wait(handles, num_returns=1)
 
-        for ref, task in _bounded(
-            tasks, lambda t: remote.remote(stage_ref, t), wait_some, limit=2 * capacity
-        ):
+        for ref, task in _bounded(todo, lambda t: remote.remote(stage_ref, t), wait_some, limit=2 * capacity):
             try:
                 yield ray.get(ref)
             except Exception as exc:  # noqa: BLE001 - retries exhausted: report, keep the others going
                 yield TaskOutcome(task.rank, "failed", error=f"ray: {one_line(exc)}")
     finally:
-        if started_here:
+        if started_here and not _SESSIONS:
             ray.shutdown()
 
 
@@ -395,20 +494,15 @@ def _run_task_on_ray(stage: Stage, task: Task) -> TaskOutcome:
 
 
 def _run_ray_actors(
-    stage: Stage, tasks: list[Task], config: ExecutorConfig, cpus: float, gpus: float
+    stage: Stage, todo: list[Task], config: ExecutorConfig, cpus: float, gpus: float, most: int | None
 ) -> Iterator[TaskOutcome]:
-    """Feed tasks to a pool of actors, one task in flight per actor (the driver holds at most one result
-    per actor). An actor whose process dies is restarted by Ray and its task retried, up to
-    `max_retries` times; after that its task fails and the pool goes on with the actors left."""
+    """Feed the tasks left to do to a pool of actors (at most `most`), one task in flight per actor (the
+    driver holds at most one result per actor). An actor whose process dies is restarted by Ray and its
+    task retried, up to `max_retries` times; after that its task fails and the pool goes on with the
+    actors left."""
     import ray
     from ray.exceptions import RayActorError
 
-    todo = [task for task in tasks if not is_complete(stage, task)]
-    for task in tasks:
-        if is_complete(stage, task):
-            yield run_task(stage, task)  # reads the saved stats, runs nothing
-    if not todo:
-        return
     resources = ray.cluster_resources()
     if gpus > 0:
         capacity = int(resources.get("GPU", 0) / gpus)
@@ -422,6 +516,7 @@ def _run_ray_actors(
         max_restarts=config.max_retries,
         max_task_retries=config.max_retries,
     )
+    capacity = min(capacity, most) if most else capacity
     actors = [actor_class.remote() for _ in range(max(1, min(capacity, len(todo))))]
     stage_ref = ray.put(stage)
     queue = iter(todo)

@@ -26,7 +26,7 @@ from typing import Any
 
 from mert_pipeline import storage
 from mert_pipeline.devices import check_device, cpu_count, model_workers, threads_per_worker
-from mert_pipeline.executor import ExecutorConfig, Stage, StageReport, Task, TaskOutcome, execute
+from mert_pipeline.executor import ExecutorConfig, Stage, StageReport, Task, TaskOutcome, execute, session
 from mert_pipeline.fs import WorkdirBusy, atomic_write_json, ensure_writable_dir, workdir_lock
 from mert_pipeline.layout import Workdir, bookkeeping_dir, check_name
 from mert_pipeline.manifests.records import DEFAULT_SEED
@@ -546,7 +546,7 @@ def iterate(
         "per_class": select_per_class,
         "seed": seed,
     }
-    with locked(workdir):
+    with locked(workdir), session(executor):
         choice = (
             _earlier_choice(Workdir(workdir).kmeans(name).iteration, selection) if layer is None else None
         )
@@ -916,7 +916,7 @@ def run_pipeline(
                 dtype=config.dtype,
             )
     report = PipelineReport(workdir=workdir, shards=shard_out)
-    with locked(workdir):
+    with locked(workdir), session(executor):  # one Ray (if any) for every stage
         report.stages.append(
             manifest(
                 roots,

@@ -779,8 +779,11 @@ def verify_all(root: Location, workers: int = 1, on_shard: Any = None) -> Verify
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
 
+        from mert_pipeline.executor import MainHidden
+
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        results = pool.map(verify_shard, [root] * len(bases), bases, [index] * len(bases))
+        with MainHidden():  # the workers start without re-running the caller's script
+            results = pool.map(verify_shard, [root] * len(bases), bases, [index] * len(bases))
     try:
         for check in results:
             checks.append(check)

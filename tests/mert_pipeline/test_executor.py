@@ -333,3 +333,45 @@ def test_pool_workers_die_with_a_killed_driver(tmp_path: Path) -> None:
     for pid in alive:
         os.kill(pid, 9)
     assert not alive, "pool workers outlived their driver"
+
+
+SESSION_SCRIPT = """
+import json, sys, time
+import ray
+from mert_pipeline import PipelineConfig, run_pipeline
+from mert_pipeline.executor import ExecutorConfig
+
+starts = []
+real_init = ray.init
+def counted_init(*args, **kwargs):  # the real ray.init, counted
+    starts.append(kwargs.get("address"))
+    return real_init(*args, **kwargs)
+ray.init = counted_init
+
+config = PipelineConfig(roots=[sys.argv[1]], workdir=sys.argv[2], teachers=("kmeans8",))
+ray_executor = ExecutorConfig(kind="ray", workers=2)
+first = run_pipeline(config, ray_executor)
+after_first = {"starts": len(starts), "up": ray.is_initialized(), "ok": first.ok}
+begin = time.perf_counter()
+again = run_pipeline(config, ray_executor)
+print(json.dumps({
+    "first": after_first,
+    "rerun": {"starts": len(starts) - after_first["starts"], "seconds": time.perf_counter() - begin,
+              "done": sum(r.done for r in again.stages), "ok": again.ok},
+}))
+"""
+
+
+def test_one_ray_per_run_and_none_for_a_rerun_with_nothing_to_do(tmp_path: Path) -> None:
+    """A fresh process: `run_pipeline` on Ray starts one local Ray for all of its stages and shuts it down
+    at the end; a rerun with every task done starts none (each stage reads its tasks back)."""
+    from tests.mert_pipeline.test_pipeline import music
+
+    done = subprocess.run(
+        [sys.executable, "-c", SESSION_SCRIPT, str(music(tmp_path / "music", 2)), str(tmp_path / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["first"] == {"starts": 1, "up": False, "ok": True}, result
+    assert result["rerun"]["starts"] == 0 and result["rerun"]["done"] == 0 and result["rerun"]["ok"], result

@@ -62,18 +62,33 @@ class Recorder(Progress):
         self.notes.append(text)
 
 
+def as_a_user_runs_it(folder: Path, codec: Path, code: str, from_stdin: bool = False) -> str:
+    """The example in a fresh process, as a user runs it: saved to a file and run with `python FILE`
+    (no `if __name__ == "__main__":` guard), or piped into `python -`. It names `my_music/` and the EnCodec
+    checkpoint file; here they are synthesized music and the test codec under those names. Its stdout."""
+    import subprocess
+    import sys
+
+    music(folder / "my_music")
+    os.symlink(codec, folder / "encodec_24khz-d7cc33bc.th")
+    (folder / "example.py").write_text(code)
+    command = [sys.executable, "-"] if from_stdin else [sys.executable, "example.py"]
+    done = subprocess.run(
+        command, cwd=folder, input=code if from_stdin else None, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_the_readme_example_runs_as_written(
-    tmp_path: Path, test_codec_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+    tmp_path: Path, test_codec_file: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The example names `my_music/` and the EnCodec checkpoint file; here they are synthesized music and
-    the test codec under those names."""
-    monkeypatch.chdir(tmp_path)
-    music(tmp_path / "my_music")
-    os.symlink(test_codec_file, tmp_path / "encodec_24khz-d7cc33bc.th")
+    """Saved to a file and run: the local pool's spawned workers must not run the script again (they
+    would find WORKDIR locked by it)."""
     code = readme_example()
     assert len(ast.parse(code).body) <= 5  # statements: import, config, run, print
-    exec(compile(code, "README.md", "exec"), {})
-    printed = capsys.readouterr().out
+    assert cpu_count() > 1, "a pool of workers is what re-ran an unguarded script"
+    printed = as_a_user_runs_it(tmp_path, test_codec_file, code)
     assert "3 files" in printed and "shards" in printed
     work = Workdir(tmp_path / "work")
     run = json.loads(work.run_stats.read_text())
@@ -94,8 +109,15 @@ def test_the_readme_example_runs_as_written(
     assert json.loads(work.stage_stats("tokenize_kmeans100").read_text())["workers"] == cpu_count()
     index = json.loads((tmp_path / "work/shards/index.json").read_text())
     assert sorted(index["teachers"]) == ["kmeans100", "rvq"]
+    monkeypatch.chdir(tmp_path)  # the example's paths are relative
     again = run_pipeline(PipelineConfig(**_example_config(code)))  # resumes: nothing to redo
     assert all(report.done == 0 for report in again.stages) and again.ok
+
+
+def test_the_readme_example_runs_from_standard_input(tmp_path: Path, test_codec_file: Path) -> None:
+    """`python - < example.py`: a spawned worker cannot import `<stdin>` as its main module."""
+    printed = as_a_user_runs_it(tmp_path, test_codec_file, readme_example(), from_stdin=True)
+    assert "3 files" in printed and json.loads((tmp_path / "work/stats/run.json").read_text())["verify"]
 
 
 def _example_config(code: str) -> dict:
