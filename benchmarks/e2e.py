@@ -5,6 +5,7 @@ Run from the repository root (after `pip install -c constraints-lock.txt -e .`):
     python benchmarks/e2e.py                  # 8 tracks of 1 to 10 minutes, 44.1/48 kHz stereo
     python benchmarks/e2e.py --repeat 2       # each approach twice, in the order a b b a; means
     python benchmarks/e2e.py --tracks 2 --max-minutes 1   # a quick sanity run
+    python benchmarks/e2e.py --compressed --repeat 2        # real Ogg Vorbis tracks instead (Debian's)
 
 What is timed, on the same raw tracks (synthesized music; FLAC at 44.1 kHz and WAV at 48 kHz, stereo),
 each in a child process of this one, one after the other:
@@ -14,6 +15,11 @@ each in a child process of this one, one after the other:
     torch on every core;
 (b) `run` as a user calls it (`mert_pipeline.run_pipeline`, every stage's defaults): manifest -> resample
     -> tokenize --teacher rvq -> shard -> verify, from the raw tracks to verified shards.
+
+With `--compressed` the corpus is real recorded music as users have it: 8 Ogg Vorbis tracks (44.1 kHz
+stereo, about 31 minutes) of Debian's `colobot-common-sounds`, fetched with `apt-get download` as
+benchmarks/learning.py fetches its corpus (`learning_data.download`). Each approach then also reports the
+seconds it spent decoding (the official one times `sf.read`; `run` decodes in resample, streamed).
 
 Both are reported against real time (seconds of audio per second), their ratio, and their peak RSS: the
 largest sum, over the child's whole process tree (workers included), sampled every 50 ms from /proc.
@@ -101,6 +107,43 @@ def make_corpus(root: Path, tracks: int, low: float, high: float) -> float:
     return total
 
 
+COMPRESSED = ("colobot-common-sounds", "usr/share/games/colobot/music")
+COMPRESSED_TRACKS = (
+    "Humanitarian",
+    "Hv2",
+    "Infinite",
+    "Proton",
+    "Prototype",
+    "Quite",
+    "music003",
+    "music004",
+)
+
+
+def compressed_corpus(root: Path) -> float:
+    """8 Ogg Vorbis tracks of a Debian music package (copied, not linked: `run` refuses links out of the
+    tree); returns the seconds of audio."""
+    import shutil
+
+    import soundfile as sf
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import learning_data
+
+    package = learning_data.extract(
+        learning_data.download([COMPRESSED[0]], root / "debs")[0], root / "packages"
+    )
+    corpus = root / "corpus-ogg"
+    corpus.mkdir(parents=True, exist_ok=True)
+    total = 0.0
+    for name in COMPRESSED_TRACKS:
+        target = corpus / f"{name}.ogg"
+        if not target.exists():
+            shutil.copyfile(package / COMPRESSED[1] / f"{name}.ogg", target)
+        total += sf.info(target).duration
+    return total
+
+
 def official(corpus: Path, codec: str | None, out: Path) -> dict:
     """(a): whole file, convert_audio, whole-file encode, one file at a time."""
     import numpy as np
@@ -114,16 +157,18 @@ def official(corpus: Path, codec: str | None, out: Path) -> dict:
     model, _ = load_codec(codec, 6.0, "cpu")
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    audio_seconds = 0.0
+    audio_seconds = decode = 0.0
     for path in sorted(corpus.iterdir()):
+        begin = time.perf_counter()
         data, rate = sf.read(path, dtype="float32", always_2d=True)
+        decode += time.perf_counter() - begin
         wav = convert_audio(torch.from_numpy(data.T.copy()), rate, model.sample_rate, model.channels)
         with torch.no_grad():
             frames = model.encode(wav[None])
         codes = torch.cat([codes for codes, _ in frames], dim=-1)[0]
         np.save(out / f"{path.stem}.npy", codes.numpy().astype(np.int16))
         audio_seconds += len(data) / rate
-    return {"seconds": time.perf_counter() - start, "audio_seconds": audio_seconds}
+    return {"seconds": time.perf_counter() - start, "audio_seconds": audio_seconds, "decode_seconds": decode}
 
 
 def pipeline(corpus: Path, codec: str | None, work: Path) -> dict:
@@ -154,6 +199,9 @@ def main() -> None:
     )
     parser.add_argument("--dir", type=Path, default=None, help="Where the corpus and outputs go (kept)")
     parser.add_argument("--repeat", type=int, default=1, help="Runs of each approach, in ABBA order")
+    parser.add_argument(
+        "--compressed", action="store_true", help="Real Ogg Vorbis tracks of a Debian package as the corpus"
+    )
     parser.add_argument("--run", choices=["official", "pipeline"], help=argparse.SUPPRESS)
     parser.add_argument("--corpus", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -163,8 +211,11 @@ def main() -> None:
         print(json.dumps(run(args.corpus, args.codec_checkpoint, args.out)))
         return
     base = args.dir or Path(tempfile.mkdtemp(prefix="mert-e2e-"))
-    corpus = base / "corpus"
-    audio = make_corpus(corpus, args.tracks, args.min_minutes, args.max_minutes)
+    if args.compressed:
+        corpus, audio = base / "corpus-ogg", compressed_corpus(base)
+    else:
+        corpus = base / "corpus"
+        audio = make_corpus(corpus, args.tracks, args.min_minutes, args.max_minutes)
     codec = args.codec_checkpoint
     if codec is None:
         from mert_pipeline.demo.test_codec import make_test_codec
@@ -172,7 +223,8 @@ def main() -> None:
         codec = str(base / "test-codec.pt")
         if not Path(codec).exists():
             make_test_codec(codec, seed=0)
-    print(f"corpus: {args.tracks} tracks, {audio / 60:.1f} min of audio in {corpus}", flush=True)
+    tracks = len(list(corpus.iterdir()))
+    print(f"corpus: {tracks} tracks, {audio / 60:.1f} min of audio in {corpus}", flush=True)
     order = ["official", "pipeline", "pipeline", "official"] * args.repeat  # ABBA: drift cancels out
     results: dict[str, list[dict]] = {"official": [], "pipeline": []}
     for name in order[: 2 * args.repeat]:
@@ -200,6 +252,7 @@ def main() -> None:
             f"{a['seconds'] / r['seconds']:.2f}x | {r['peak_rss_gib']:.2f} GiB |"
         )
     print(f"\n(b) by stage, seconds: {b['stages']}")
+    print(f"(a) decoding (sf.read of whole files): {a['decode_seconds']:.1f} s of {a['seconds']:.1f} s")
 
 
 if __name__ == "__main__":
