@@ -5,6 +5,12 @@ Run from the repository root (after `pip install -e .`; Debian's apt-get and flu
     .venv/bin/python benchmarks/learning.py                     # both teachers, figures for RESULTS.md
     .venv/bin/python benchmarks/learning.py --teachers kmeans100 # the MFCC k-means teacher only
     .venv/bin/python benchmarks/learning.py --name lr3e-3 lr=3e-3 # another run of small.yaml, overridden
+    .venv/bin/python benchmarks/learning.py --teachers bestrq,kmeans100+bestrq,iter100@kmeans100
+
+A teacher is any `mert-pipe run --teachers` name (`kmeans100`: MFCC k-means, `rvq`, `bestrq`, ...), several
+joined by `+` (one WORKDIR labelled by each, one training on all of them, as MERT trains on 8 codebooks),
+or `iterK@BASE`: HuBERT's second iteration, `mert-pipe iterate` on BASE's WORKDIR from BASE's trained run
+(k = K, the layer chosen by the command), then a training on the new labels alone.
 
 Every step is kept in --dir and skipped when done, so an interrupted benchmark resumes:
 1. **data** (benchmarks/learning_data.py): about 2.6 hours of Debian's game soundtracks, fetched with
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import subprocess
@@ -52,20 +59,34 @@ def step(name: str) -> None:
     print(f"\n== {name} ({time.strftime('%H:%M:%S')})", flush=True)
 
 
-def pipeline(root: Path, teacher: str) -> dict[str, float]:
-    """`mert-pipe run` on the corpus with one teacher; its own timing from WORKDIR/stats/run.json."""
-    work = root / f"work-{teacher}"
+def label_sets(teacher: str) -> list[str]:
+    """The label sets a teacher spec trains on: `a+b` -> [a, b]; `iterK@BASE` -> [iterK]."""
+    return [teacher.split("@")[0]] if "@" in teacher else teacher.split("+")
+
+
+def workdir(root: Path, teacher: str) -> Path:
+    """An iteration adds its labels to its base's WORKDIR (and sidecars to its shards)."""
+    return root / f"work-{teacher.split('@')[1] if '@' in teacher else teacher}"
+
+
+def pipeline(root: Path, teacher: str, name: str) -> dict[str, float]:
+    """`mert-pipe run` on the corpus with the spec's teachers (or `mert-pipe iterate` from the base's run);
+    its own timing from WORKDIR/stats/run.json (or the iteration's wall time)."""
+    if "@" in teacher:
+        return iterate(root, teacher, name)
+    work = workdir(root, teacher)
     done = work / "stats" / "run.json"
     if not done.exists():
         extra = []
-        if teacher == "rvq":
+        if "rvq" in label_sets(teacher):
             from mert_pipeline.demo.test_codec import make_test_codec
 
             codec = root / "test_codec.pt"
             if not codec.exists():
                 make_test_codec(codec)
             extra = ["--codec-checkpoint", str(codec)]
-        cmd = [*MERT_PIPE, "run", str(root / "corpus"), "--out", str(work), "--teachers", teacher, *extra]
+        teachers = ",".join(label_sets(teacher))
+        cmd = [*MERT_PIPE, "run", str(root / "corpus"), "--out", str(work), "--teachers", teachers, *extra]
         subprocess.run(cmd, check=True)
     stats = json.loads(done.read_text())
     stages = {s["stage"]: round(float(s["seconds"]), 1) for s in stats.get("stages", [])}
@@ -73,21 +94,40 @@ def pipeline(root: Path, teacher: str) -> dict[str, float]:
     return {"seconds": round(float(stats.get("seconds", 0.0)), 1), "hours": round(hours, 3), "stages": stages}
 
 
-def note_labels(root: Path, teacher: str) -> tuple[list[np.ndarray | None], int]:
-    """The teacher's frame labels (its first codebook) of every probe note, in instrument.csv + pitch.csv
-    order, and its number of classes."""
+def iterate(root: Path, teacher: str, name: str) -> dict[str, float]:
+    """`mert-pipe iterate` on BASE's WORKDIR from BASE's run (`iterK@BASE`); its wall time."""
+    label, base = teacher.split("@")
+    timing = root / "runs" / f"{name}-{teacher}" / "iterate_seconds.json"
+    if not timing.exists():
+        k = label[len("iter") :]
+        start = time.perf_counter()
+        cmd = [
+            *MERT_PIPE,
+            "iterate",
+            str(workdir(root, teacher)),
+            "--from",
+            str(root / "runs" / f"{name}-{base}"),
+        ]
+        subprocess.run([*cmd, "--k", k, "--name", label, "--device", "cpu"], check=True)
+        timing.parent.mkdir(parents=True, exist_ok=True)
+        timing.write_text(json.dumps({"seconds": time.perf_counter() - start}))
+    seconds = float(json.loads(timing.read_text())["seconds"])
+    return {"seconds": round(seconds, 1), "hours": 0.0, "stages": {"iterate": round(seconds, 1)}}
+
+
+def note_labels(root: Path, teacher: str, label: str) -> tuple[list[np.ndarray | None], int]:
+    """Label set `label`'s frame labels (its first codebook) of every probe note, in instrument.csv +
+    pitch.csv order, and its number of classes: k-means sets (MFCC, music, a model's layer) through the
+    teacher `tokenize` ran, BEST-RQ through its saved quantizer, RVQ through the test codec."""
     from mert_pipeline.embed import read_audio
 
     paths = [root / "probes" / row["path"] for task in ("instrument", "pitch") for row in _rows(root, task)]
-    if not teacher.startswith("kmeans"):  # EnCodec on the CPU is slow: every 4th note (the others: None)
-        paths = [p if i % 4 == 0 else None for i, p in enumerate(paths)]
-    if teacher.startswith("kmeans"):
-        from mert_pipeline.teachers.features import MFCC
-        from mert_pipeline.teachers.kmeans import assign, last_centroids
-
-        centroids = np.load(last_centroids(root / f"work-{teacher}"))
-        mfcc = MFCC()
-        return [assign(mfcc(read_audio(p)), centroids) for p in paths], len(centroids)
+    work = workdir(root, teacher)
+    facts = json.loads((work / "labels" / label / "teacher.json").read_text())
+    if facts["kind"] in ("kmeans", "bestrq"):
+        extractor, to_labels, k = _feature_teacher(work, facts)
+        return [to_labels(extractor(read_audio(p))) for p in paths], k
+    paths = [p if i % 4 == 0 else None for i, p in enumerate(paths)]  # EnCodec on the CPU: every 4th note
     from mert_pipeline.teachers.rvq import encode_whole, load_codec
 
     model, _ = load_codec(root / "test_codec.pt")
@@ -95,11 +135,40 @@ def note_labels(root: Path, teacher: str) -> tuple[list[np.ndarray | None], int]
     return codes, 1024
 
 
-def label_quality(root: Path, teacher: str) -> dict[str, dict[str, float]]:
-    """MI(teacher label; class) / H(class) and class purity over the probe notes' frames, per task."""
+def _feature_teacher(work: Path, facts: dict) -> tuple:
+    """(extractor, features -> first-codebook labels, classes) of a k-means or BEST-RQ label set, rebuilt
+    from the files its teacher.json names by hash (the fit's centroids, the saved quantizer)."""
+    config = facts["config"]
+    if facts["kind"] == "bestrq":
+        from mert_pipeline.teachers.bestrq import BestRQ
+        from mert_pipeline.teachers.features import LogMel
+
+        quantizer = BestRQ.load(work / "bestrq" / f"{config['quantizer_hash']}.npz")
+        return (
+            LogMel(),
+            lambda f: quantizer.labels(f).reshape(quantizer.num_codebooks, -1)[0],
+            facts["num_classes"],
+        )
+    from mert_pipeline.teachers.kmeans import KMeansTeacher, assign
+
+    fits = [json.loads(p.read_text()) for p in sorted((work / "kmeans").glob("*/fit.json"))]
+    fit = next(f for f in fits if f["centroids_sha256"] == config["centroids_sha256"])
+    teacher = KMeansTeacher(centroids=fit["centroids"]).resolve()
+    if teacher.model is not None:
+        teacher = dataclasses.replace(teacher, model=dataclasses.replace(teacher.model, device="cpu"))
+    extractor, centroids = teacher._state()
+    return extractor, lambda f: assign(f, centroids), len(centroids)
+
+
+def label_quality(root: Path, teacher: str) -> dict[str, dict[str, dict[str, float]]]:
+    """Per label set and task, MI(label; class) / H(class) and class purity over the probe notes' frames."""
+    return {label: _label_quality(root, teacher, label) for label in label_sets(teacher)}
+
+
+def _label_quality(root: Path, teacher: str, label: str) -> dict[str, dict[str, float]]:
     from mert_pipeline.teachers.kmeans import JointCounts
 
-    labels, k = note_labels(root, teacher)
+    labels, k = note_labels(root, teacher, label)
     out, offset = {}, 0
     for task in ("instrument", "pitch"):
         rows = _rows(root, task)
@@ -127,8 +196,8 @@ def train(root: Path, teacher: str, run: Path, overrides: list[str]) -> float:
     timing = run / "wall_seconds.json"
     if not timing.exists():
         start = time.perf_counter()
-        cmd = [*MERT_PIPE, "train", "--config", "small", "--shards", str(root / f"work-{teacher}" / "shards")]
-        cmd += ["--out", str(run), f"teachers=[{teacher}]", *overrides]
+        cmd = [*MERT_PIPE, "train", "--config", "small", "--shards", str(workdir(root, teacher) / "shards")]
+        cmd += ["--out", str(run), f"teachers=[{','.join(label_sets(teacher))}]", *overrides]
         subprocess.run(cmd, check=True)
         timing.write_text(json.dumps({"seconds": time.perf_counter() - start}))
     return float(json.loads(timing.read_text())["seconds"])
@@ -227,7 +296,11 @@ def table(teacher: str, summary: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "mert-pipeline" / "learning")
-    parser.add_argument("--teachers", default="kmeans100,rvq", help="comma-separated: kmeans100, rvq")
+    parser.add_argument(
+        "--teachers",
+        default="kmeans100,rvq",
+        help="comma-separated: run teacher names (kmeans100, rvq, bestrq, ...), a+b combinations, iterK@BASE",
+    )
     parser.add_argument("--name", default="small", help="the run's name (a folder per teacher)")
     parser.add_argument("--probe-steps", default="250,500,1000,last", help="checkpoints to probe")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of small.yaml")
@@ -240,8 +313,8 @@ def main() -> None:
     notes = learning_data.build_note_probes(root)
     print(json.dumps({**corpus, **notes}))
     for teacher in args.teachers.split(","):
-        step(f"pipeline: mert-pipe run --teachers {teacher}")
-        timing = pipeline(root, teacher)
+        step(f"pipeline: {teacher}")
+        timing = pipeline(root, teacher, args.name)
         run = root / "runs" / f"{args.name}-{teacher}"
         step(f"train: small.yaml on the {teacher} shards -> {run}")
         seconds = train(root, teacher, run, args.overrides)
