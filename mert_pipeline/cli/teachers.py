@@ -326,6 +326,9 @@ def iterate(
     select_frames: Annotated[
         int, typer.Option("--select-frames", min=100, help="Train frames each layer is clustered on.")
     ] = 20_000,
+    select_per_class: Annotated[
+        int, typer.Option("--select-per-class", min=1, help="Clips per class of a built-in --select-data.")
+    ] = 16,
     sample_frames: Annotated[
         int, typer.Option("--sample-frames", min=1, help="Frames of the chosen layer k-means is fitted on.")
     ] = 250_000,
@@ -363,6 +366,7 @@ def iterate(
             name=name,
             select_data=select_data,
             select_frames=select_frames,
+            select_per_class=select_per_class,
             sample_frames=sample_frames,
             shards=shards,
             seed=seed,

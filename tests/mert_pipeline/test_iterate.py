@@ -12,8 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
 from mert_pipeline import pipeline
+from mert_pipeline.cli import app
 from mert_pipeline.executor import ExecutorConfig
 from mert_pipeline.iterate import choose_layer
 from mert_pipeline.manifests.io import iter_records
@@ -91,9 +93,14 @@ def test_a_rerun_resumes_and_a_given_layer_skips_the_choice(
 ) -> None:
     work, shards, first = iterated
     labels = (work / "labels/iter8/labels.parquet").read_bytes()
-    again = pipeline.iterate(work, trained_run, k=8, shards=shards, device="cpu", executor=LOCAL, **SELECT)
-    assert again.record["layer_choice"] == first.record["layer_choice"]  # reused, not measured again
-    assert again.tokenize.done == 0 and again.features.done == 0, "every task was done before"
+    record = (work / "kmeans/iter8/iteration.json").read_text()
+    options = ["--k", "8", "--shards", str(shards), "--device", "cpu", "--workers", "1"]
+    options += ["--select-data", "builtin:pitch", "--select-frames", "1500", "--select-per-class", "3"]
+    again = CliRunner().invoke(app, ["iterate", str(work), "--from", str(trained_run), *options])
+    assert again.exit_code == 0, again.output
+    shown = " ".join(again.output.split())
+    assert "as chosen before" in shown and f"k-means k=8 on layer {first.record['layer']}" in shown
+    assert (work / "kmeans/iter8/iteration.json").read_text() == record  # the choice reused, not measured
     assert (work / "labels/iter8/labels.parquet").read_bytes() == labels
     with pytest.raises(pipeline.PipelineError, match="--layer must be in 0..2"):
         pipeline.iterate(work, trained_run, layer=3, k=8, executor=LOCAL)
