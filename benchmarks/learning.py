@@ -149,11 +149,9 @@ def _feature_teacher(work: Path, facts: dict) -> tuple:
             lambda f: quantizer.labels(f).reshape(quantizer.num_codebooks, -1)[0],
             facts["num_classes"],
         )
-    from mert_pipeline.teachers.kmeans import KMeansTeacher, assign
+    from mert_pipeline.teachers.kmeans import assign, fitted_teacher
 
-    fits = [json.loads(p.read_text()) for p in sorted((work / "kmeans").glob("*/fit.json"))]
-    fit = next(f for f in fits if f["centroids_sha256"] == config["centroids_sha256"])
-    teacher = KMeansTeacher(centroids=fit["centroids"]).resolve()
+    teacher = fitted_teacher(work, config["centroids_sha256"])
     if teacher.model is not None:
         teacher = dataclasses.replace(teacher, model=dataclasses.replace(teacher.model, device="cpu"))
     extractor, centroids = teacher._state()

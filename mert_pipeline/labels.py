@@ -14,7 +14,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -23,7 +23,10 @@ from mert_pipeline.fs import atomic_write_json
 from mert_pipeline.grid import num_frames
 from mert_pipeline.layout import LabelSet, Workdir, id_numbers, is_id
 from mert_pipeline.shards import ShardError
-from mert_pipeline.teachers.kmeans import JointCounts, usage_from_counts
+from mert_pipeline.teachers.kmeans import JointCounts, KMeansTeacher, fitted_teacher, usage_from_counts
+
+if TYPE_CHECKING:
+    from mert_pipeline.probe import ProbeData
 
 TEACHER_META = (
     "mert_pipeline.teacher"  # labels.parquet metadata key: the teacher's facts (teacher.json) as JSON
@@ -180,9 +183,15 @@ def label_columns(path: Path, n_q: int, num_samples: int, hop: int, first: int, 
     return np.asarray(load_aligned(path, n_q, num_samples, hop)[:, first : first + frames])
 
 
-def label_report(workdir: Path, teacher: str | None = None) -> dict[str, Any]:
+def label_report(
+    workdir: Path, teacher: str | None = None, probe_data: list[str] | tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Usage and agreement figures of label set `teacher` (default: every k-means label set, or every
-    label set when none is k-means); each report also goes to WORKDIR/labels/NAME/report.json."""
+    label set when none is k-means); each report also goes to WORKDIR/labels/NAME/report.json.
+
+    `probe_data` (`probe_tasks` specs) adds, per k-means label set and task, how much its labels hold about
+    the classes of labelled clips: the set's own teacher labels every clip's frames (`probe_quality`)."""
+    tasks = probe_tasks(probe_data)
     sets = label_sets(workdir)
     if not sets:
         raise LabelsError(f"no label sets in {Workdir(workdir).labels_root}: run `mert-pipe tokenize` first")
@@ -193,7 +202,17 @@ def label_report(workdir: Path, teacher: str | None = None) -> dict[str, Any]:
         targets = [teacher]
     else:
         targets = [name for name, facts in sets.items() if facts.get("kind") == "kmeans"] or list(sets)
+    for name in targets if tasks else []:
+        if (kind := sets[name].get("kind")) != "kmeans":
+            raise LabelsError(f"--probe-data measures k-means label sets; {name!r} is {kind}")
     reports = {name: _report_one(workdir, name, sets) for name in targets}
+    if tasks:
+        from mert_pipeline.probe import load_probe_data  # torch: only when clips are labelled
+
+        datasets = {task: load_probe_data(spec) for task, spec in tasks.items()}
+        for name, report in reports.items():
+            labeller = fitted_teacher(workdir, sets[name]["config"]["centroids_sha256"])
+            report["probe"] = {task: probe_quality(labeller, data) for task, data in datasets.items()}
     for name, report in reports.items():
         atomic_write_json(Workdir(workdir).labels(name).report, report)
     return reports
@@ -232,4 +251,50 @@ def _report_one(workdir: Path, name: str, sets: dict[str, dict[str, Any]]) -> di
             for other, joint in joints.items()
             if joint.counts.sum()
         },
+    }
+
+
+def probe_tasks(specs: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """`kmeans report --probe-data` specs -> {task: data}: `TASK=DATA`, or DATA named by its file stem
+    (`builtin:NAME` by NAME); DATA is what `mert-pipe probe --data` takes (a CSV of path,label, a folder of
+    class folders, builtin:pitch or builtin:timbre)."""
+    tasks: dict[str, str] = {}
+    for spec in specs:
+        task, _, data = spec.partition("=")
+        if not data or not re.fullmatch(r"[A-Za-z0-9_.-]+", task):
+            task, data = (spec.split(":", 1)[1] if spec.startswith("builtin:") else Path(spec).stem), spec
+        if task in tasks:
+            raise LabelsError(f"--probe-data names task {task!r} twice: name them TASK=DATA")
+        if not data.startswith("builtin:") and not Path(data).exists():
+            raise LabelsError(f"--probe-data {data}: no such CSV or folder")
+        tasks[task] = data
+    return tasks
+
+
+def probe_quality(teacher: KMeansTeacher, data: ProbeData) -> dict[str, Any]:
+    """What a k-means teacher's labels of labelled clips (a `probe.ProbeData`) hold about their classes,
+    over every frame of every clip (fairseq's measure_teacher_quality with the class as the reference):
+    MI(class; label) / H(class), the purity of the class given the label, NMI, MI in bits."""
+    from mert_pipeline.embed import stream_audio
+
+    classes = sorted(set(data.labels))
+    if len(classes) < 2:
+        raise LabelsError(f"{data.name}: fewer than two classes with readable audio")
+    counts = JointCounts(len(classes), teacher.num_classes)
+    for clip, label in zip(data.clips, data.labels, strict=True):
+        truth = classes.index(label)
+        blocks = [clip] if isinstance(clip, np.ndarray) else stream_audio(clip)
+        for labels in teacher.label_blocks(blocks):
+            counts.update(np.full(len(labels), truth), labels)
+    m = counts.metrics()
+    return {
+        "data": data.name,
+        "clips": len(data.clips),
+        "rejects": len(data.rejects),
+        "classes": len(classes),
+        "frames": m["frames"],
+        "mi_over_h_class": m["mi_over_entropy_a"],
+        "purity_class_given_label": m["purity_a_given_b"],
+        "nmi": m["nmi"],
+        "mutual_information": m["mutual_information"],
     }

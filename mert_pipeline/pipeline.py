@@ -36,6 +36,9 @@ from mert_pipeline.shards import VerifyReport, parse_size
 from mert_pipeline.storage import Location, as_location
 
 TEACHER_KINDS = ("rvq", "kmeans", "bestrq")
+# The k-means teachers of `run --teachers`, NAME<k>: the features each clusters. Their label sets are named
+# NAME<k> too (`label_set_name`), so MFCC's and the music teacher's live side by side in one WORKDIR.
+KMEANS_TEACHERS = {"kmeans": "mfcc", "music": "cqt"}
 
 
 class PipelineError(ValueError):
@@ -364,9 +367,11 @@ def teacher_workers(teacher: Any) -> int:
 
 
 def label_set_name(teacher: Any) -> str:
-    """The default label set of a teacher: rvq (EnCodec), kmeans<k>, or its kind (bestrq)."""
+    """The default label set of a teacher: rvq (EnCodec), kmeans<k> (MFCC or model features), music<k>
+    (log-CQT), or its kind (bestrq)."""
     if teacher.kind == "kmeans":
-        return f"kmeans{teacher.num_classes}"
+        prefix = next((name for name, kind in KMEANS_TEACHERS.items() if kind == teacher.features), "kmeans")
+        return f"{prefix}{teacher.num_classes}"
     return {"encodec_24khz": "rvq"}.get(teacher.kind, teacher.kind)
 
 
@@ -414,15 +419,17 @@ def features(
     sample_frames: int = 1_000_000,
     seed: int = DEFAULT_SEED,
     files_per_task: int = 16,
+    store: bool = True,
     executor: ExecutorConfig | None = None,
     progress: Progress | None = None,
 ) -> StageReport:
-    """Frame features of every resampled file and the sample `kmeans fit` reads: WORKDIR/features/NAME."""
+    """Frame features of every resampled file and the sample `kmeans fit` reads: WORKDIR/features/NAME.
+    `store=False` keeps the sample and statistics only (the k-means teachers recompute features)."""
     from mert_pipeline.hf_export import CheckpointError
     from mert_pipeline.stages.features import FeaturesConfig, FeaturesStage
 
-    if kind not in ("mfcc", "model"):
-        raise PipelineError(f"--kind must be mfcc or model, not {kind!r}")
+    if kind not in ("mfcc", "cqt", "model"):
+        raise PipelineError(f"--kind must be mfcc, cqt or model, not {kind!r}")
     executor = scheduled(executor, model_workers("auto") if kind == "model" else cpu_count())
     try:
         config = FeaturesConfig(
@@ -433,6 +440,7 @@ def features(
             sample_frames=sample_frames,
             seed=seed,
             files_per_task=files_per_task,
+            store=store,
             threads=threads_per_worker(executor.workers or 1),
         )
     except (CheckpointError, ValueError, OSError) as exc:
@@ -762,20 +770,32 @@ def embed(
 # --------------------------------------------------------------------------------------------------
 
 
+def kmeans_teacher_name(item: str) -> tuple[str, int] | None:
+    """`kmeans500` -> ("kmeans", 500), `music100` -> ("music", 100): a k-means teacher of `run --teachers`
+    (a `KMEANS_TEACHERS` name and K >= 2); None for anything else."""
+    prefix = item.rstrip("0123456789")
+    k = item[len(prefix) :]
+    if prefix in KMEANS_TEACHERS and k.isascii() and k.isdigit() and int(k) >= 2:
+        return prefix, int(k)
+    return None
+
+
 def parse_teachers(teachers: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """`rvq,kmeans500,bestrq` (or a sequence) -> ("rvq", "kmeans500", "bestrq"), checked."""
+    """`rvq,kmeans500,music500` (or a sequence) -> ("rvq", "kmeans500", "music500"), checked."""
     items = (
         [t.strip() for t in teachers.split(",")]
         if isinstance(teachers, str)
         else [t.strip() for t in teachers]
     )
+    kinds = []
     for item in items:
-        k = item[len("kmeans") :]
-        if item not in ("rvq", "bestrq") and not (item.startswith("kmeans") and k.isdigit() and int(k) >= 2):
+        kmeans = kmeans_teacher_name(item)
+        if item not in ("rvq", "bestrq") and kmeans is None:
             raise PipelineError(
-                f"--teachers takes rvq, kmeansK (K >= 2, e.g. kmeans500) and bestrq, not {item!r}"
+                "--teachers takes rvq, kmeansK (MFCC k-means, K >= 2, e.g. kmeans500), musicK (log-CQT "
+                f"k-means, e.g. music500) and bestrq, not {item!r}"
             )
-    kinds = [item[:6] if item.startswith("kmeans") else item for item in items]
+        kinds.append(kmeans[0] if kmeans is not None else item)
     if not items or len(set(kinds)) != len(kinds):
         raise PipelineError("--teachers must name each teacher once")
     return tuple(items)
@@ -785,7 +805,7 @@ def parse_teachers(teachers: str | list[str] | tuple[str, ...]) -> tuple[str, ..
 class PipelineConfig:
     """Everything `run_pipeline` does, as plain values (the single steps' options, each with its default).
     `shards` is a folder or a URL (default WORKDIR/shards); `teachers` are rvq, kmeansK (MFCC k-means
-    with K clusters, fitted here) and bestrq."""
+    with K clusters, fitted here), musicK (the same on log-CQT) and bestrq."""
 
     roots: tuple[str, ...]
     workdir: Path
@@ -935,20 +955,22 @@ def run_pipeline(
         for item in config.teachers:
             if item == "rvq":
                 teacher = rvq
-            elif item.startswith("kmeans"):
-                k = int(item[len("kmeans") :])
+            elif (kmeans := kmeans_teacher_name(item)) is not None:
+                kind, k = KMEANS_TEACHERS[kmeans[0]], kmeans[1]
                 report.stages.append(
                     features(
                         workdir,
+                        kind=kind,
                         sample_frames=config.sample_frames,
                         seed=config.seed,
+                        store=kind == "mfcc",  # log-CQT: 4.3x MFCC's bytes, and recomputed when labelling
                         executor=executor,
                         progress=progress,
                     )
                 )
-                with progress.status(f"kmeans fit: k={k}"):
-                    fit = kmeans_fit(workdir, k=k, seed=config.seed, name=f"mfcc_k{k}")
-                progress.note(f"kmeans fit: k={k}, inertia/frame {fit['inertia_per_frame']:.2f}")
+                with progress.status(f"kmeans fit: {kind}, k={k}"):
+                    fit = kmeans_fit(workdir, features=kind, k=k, seed=config.seed, name=f"{kind}_k{k}")
+                progress.note(f"kmeans fit: {kind}, k={k}, inertia/frame {fit['inertia_per_frame']:.2f}")
                 teacher = kmeans_teacher(workdir, centroids=fit["centroids"])
             else:
                 teacher = bestrq_teacher(workdir, seed=config.seed, executor=executor, progress=progress)

@@ -25,6 +25,9 @@ their files' features are then read back from the stored `.npy` files instead of
 `store=False` computes statistics (and the sample) only: the BEST-RQ teacher's mean/std pass over the
 train files is this stage with log-mel features and nothing stored.
 
+`kind="cqt"` stores the music k-means teacher's log-CQT (168 dims, `teachers.features.LogCQT`) under
+`features/cqt`, as MFCC under `features/mfcc`.
+
 `kind="model"` stores layer `layer` of a trainer checkpoint (`mert_pipeline.teachers.model_features`: layer
 convention, padding to ceil(n / 320) frames, per-window context) under `features/model_l{layer}`; the
 checkpoint's sha256 and the layer are part of the extractor config, hence of its hash and the fingerprints.
@@ -54,27 +57,18 @@ from mert_pipeline.listing import merge_task_parts, prune_unlisted, read_listing
 from mert_pipeline.manifests.io import ManifestWriter, RejectsWriter, iter_batches
 from mert_pipeline.manifests.records import DEFAULT_SEED, SPLITS, FeatureRecord, Reject
 from mert_pipeline.teachers import FileToLabel, stream_features
-from mert_pipeline.teachers.features import MFCC, LogMel, RunningStats
+from mert_pipeline.teachers.features import MFCC, SIGNAL_KINDS, LogCQT, LogMel, RunningStats, make_extractor
 from mert_pipeline.teachers.kmeans import ReservoirSampler
 from mert_pipeline.teachers.model_features import ModelFeatures
 
-KINDS = ("mfcc", "log_mel", "model")
+KINDS = (*SIGNAL_KINDS, "model")
 SUBDIRS = ("listing", "parts", "rejects", "samples", "completions", "stats", "errors")
 LISTING_COLUMNS = ["id", "path", "num_samples", "sampling_rate", "split"]
 _NPY_NAME = re.compile(r"^[0-9a-f]{16}\.npy$")
 _VERSION = 1
 
 
-Extractor = MFCC | LogMel | ModelFeatures
-
-
-def make_extractor(kind: str) -> MFCC | LogMel:
-    """The signal-processing extractors; `kind="model"` needs a checkpoint (`FeaturesConfig.extractor`)."""
-    if kind == "mfcc":
-        return MFCC()
-    if kind == "log_mel":
-        return LogMel()
-    raise ValueError(f"feature kind must be one of {', '.join(KINDS)}, not {kind!r}")
+Extractor = MFCC | LogMel | LogCQT | ModelFeatures
 
 
 def extractor_hash(extractor: Extractor) -> str:
@@ -119,8 +113,8 @@ class FeaturesConfig:
                 object.__setattr__(self, "model", ModelFeatures.from_checkpoint(self.checkpoint, self.layer))
         elif self.checkpoint is not None or self.layer is not None:
             raise ValueError("--checkpoint and --layer go with --kind model only")
-        else:
-            make_extractor(self.kind)
+        elif self.kind not in KINDS:
+            raise ValueError(f"feature kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
         check_name(self.feature_name)
         if not self.splits or any(s not in SPLITS for s in self.splits):
             raise ValueError(f"splits must be a non-empty subset of {SPLITS}, not {self.splits}")

@@ -27,7 +27,10 @@ def run(
     teachers: Annotated[
         str,
         typer.Option(
-            "--teachers", metavar="NAMES", help="Label sets to make: rvq, kmeansK (e.g. kmeans500), bestrq."
+            "--teachers",
+            metavar="NAMES",
+            help="Label sets to make: rvq, kmeansK (MFCC k-means, e.g. kmeans500), musicK (log-CQT k-means, "
+            "e.g. music500), bestrq.",
         ),
     ] = "rvq",
     shards: Annotated[

@@ -25,12 +25,14 @@ def tokenize(
     name: Annotated[
         str | None,
         typer.Option(
-            "--name", help="Label set name, WORKDIR/labels/NAME (default: rvq, kmeans<k> or bestrq)."
+            "--name",
+            help="Label set name, WORKDIR/labels/NAME (default: rvq, kmeans<k>, music<k> for log-CQT "
+            "centroids, or bestrq).",
         ),
     ] = None,
     centroids: Annotated[
         Path | None,
-        typer.Option("--centroids", help="kmeans: (k, 39) centroids .npy (default: the last `kmeans fit`)."),
+        typer.Option("--centroids", help="kmeans: (k, dim) centroids .npy (default: the last `kmeans fit`)."),
     ] = None,
     codebooks: Annotated[int, typer.Option("--codebooks", min=1, help="bestrq: random codebooks.")] = 1,
     codebook_size: Annotated[
@@ -80,7 +82,8 @@ def tokenize(
     executor: ExecutorConfig,
 ) -> None:
     """Label every resampled file with a teacher: EnCodec 24 kHz RVQ codes (`--teacher rvq`), k-means on
-    MFCC (`--teacher kmeans`) or BEST-RQ random-projection codes of log-mel (`--teacher bestrq`).
+    the features its centroids were fitted on, MFCC or log-CQT (`--teacher kmeans`), or BEST-RQ
+    random-projection codes of log-mel (`--teacher bestrq`).
 
     Reads: WORKDIR/audio_24k/manifest.parquet and its audio. Writes: WORKDIR/labels/NAME/ab/<id>.npy (int16,
     shape (n_q, ceil(num_samples / 320)), 75 Hz), WORKDIR/labels/NAME/labels.parquet (id, teacher, config
@@ -136,8 +139,9 @@ def features(
         str,
         typer.Option(
             "--kind",
-            help="mfcc: 39-dim MFCC+deltas at 75 Hz (HuBERT iteration 1); model: layer --layer of the "
-            "MERT model --checkpoint (HuBERT iteration 2), stored as features/model_lL.",
+            help="mfcc: 39-dim MFCC+deltas at 75 Hz (HuBERT iteration 1); cqt: 168-dim log-CQT, 24 bins an "
+            "octave from C2 (the music k-means teacher); model: layer --layer of the MERT model --checkpoint "
+            "(HuBERT iteration 2), stored as features/model_lL.",
         ),
     ] = "mfcc",
     checkpoint: Annotated[
@@ -168,7 +172,7 @@ def features(
     Reads: WORKDIR/audio_24k/manifest.parquet and its audio. Writes: WORKDIR/features/NAME/ab/<id>.npy
     (float32, shape (ceil(num_samples / 320), dim)), features.parquet, rejects.jsonl, stats.npz (mean/std),
     sample.npy (at most --sample-frames frames), features.json, WORKDIR/stats/features_NAME.json; NAME is
-    mfcc or model_lL.
+    mfcc, cqt or model_lL.
     """
     with errors(), progress() as shown:
         report = pipeline.features(
@@ -191,7 +195,7 @@ def kmeans_fit(
     features: Annotated[
         str,
         typer.Option(
-            "--features", help="Which feature set of `features`: mfcc, or model_lL (e.g. model_l6)."
+            "--features", help="Which feature set of `features`: mfcc, cqt, or model_lL (e.g. model_l6)."
         ),
     ] = "mfcc",
     k: Annotated[
@@ -245,11 +249,23 @@ def kmeans_report(
         str | None,
         typer.Option("--teacher", help="Label set to report on (default: every k-means label set)."),
     ] = None,
+    probe_data: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--probe-data",
+            metavar="[TASK=]DATA",
+            help="Labelled clips each k-means label set is measured against (repeatable): a CSV of "
+            "path,label (the task is its file stem, or TASK=CSV), a folder of class folders, builtin:pitch.",
+        ),
+    ] = None,
 ) -> None:
     """Cluster usage (clusters used, perplexity) of a label set and its agreement (mutual information,
-    purity) with every other label set on the files both labelled, as fairseq's measure_teacher_quality.
+    purity) with every other label set on the files both labelled, as fairseq's measure_teacher_quality;
+    with --probe-data, what each k-means label set holds about the classes of labelled clips (MI / H(class),
+    purity), its own teacher labelling their frames.
 
-    Reads: WORKDIR/labels/*/. Writes: WORKDIR/labels/NAME/report.json.
+    Reads: WORKDIR/labels/*/ (and WORKDIR/kmeans/*/ with --probe-data). Writes:
+    WORKDIR/labels/NAME/report.json.
     """
     from mert_pipeline.labels import label_report
     from mert_pipeline.layout import Workdir
@@ -257,8 +273,8 @@ def kmeans_report(
     workdir = workdir.resolve()
     start = time.perf_counter()
     try:
-        with console.status("reading labels"):
-            reports = label_report(workdir, teacher)
+        with console.status("reading labels" + (" and labelling the probe clips" if probe_data else "")):
+            reports = label_report(workdir, teacher, probe_data or ())
     except ValueError as exc:
         raise fail(str(exc)) from exc
     frames = 0
@@ -287,6 +303,17 @@ def kmeans_report(
                     f"{m['purity_b_given_a']:.3f}", f"{m['purity_a_given_b']:.3f}",
                 )  # fmt: skip
             console.print(agree)
+        if report.get("probe"):
+            probe = Table(title=f"{name} against labelled clips (MI in bits)", title_justify="left")
+            for column in ("task", "clips", "classes", "frames", "MI", "MI/H(class)", "pur(class|t)", "NMI"):
+                probe.add_column(column, justify="right")
+            for task, m in report["probe"].items():
+                probe.add_row(
+                    task, str(m["clips"]), str(m["classes"]), str(m["frames"]),
+                    f"{m['mutual_information']:.3f}", f"{m['mi_over_h_class']:.3f}",
+                    f"{m['purity_class_given_label']:.3f}", f"{m['nmi']:.3f}",
+                )  # fmt: skip
+            console.print(probe)
         note(f"report: {Workdir(workdir).labels(name).report}")
     seconds = time.perf_counter() - start
     note(

@@ -1,4 +1,5 @@
-"""Frame-level features at 75 Hz for the pseudo-label teachers: MFCC (k-means) and log-mel (BEST-RQ).
+"""Frame-level features at 75 Hz for the pseudo-label teachers: MFCC (k-means), log-CQT (the music k-means
+teacher) and log-mel (BEST-RQ).
 
 Every teacher must emit exactly ``ceil(num_samples / 320)`` frames for 24 kHz mono audio, the frame count of
 the EnCodec RVQ teacher, so that labels from different teachers line up frame for frame.
@@ -25,6 +26,13 @@ power spectrum, ``log(mel + 1e-6)``.** MusicFM's input features at 24 kHz (n_fft
 changes, from 240 to 320, to align with the other teachers. A 1024-point FFT would leave the lowest of 128
 HTK mel filters narrower than one FFT bin (23.4 Hz), so several of them would be empty.
 
+**Log-CQT for the music k-means teacher: 24 bins an octave over 7 octaves from C2 (65.4 Hz), nnAudio's
+CQT1992v2 kernels, log(magnitude + 1e-4).** MFCC's k-means labels hold little pitch (a 23-band mel
+envelope cannot tell a semitone apart); a constant-Q spectrum resolves every semitone from 65 Hz up while
+keeping the spectral envelope. `LogCQT` says how it is computed, and why by FFT. Its dimensions are not
+standardised before k-means: all are log amplitudes in one unit, and standardising each lowered the labels'
+pitch information (measured, benchmarks/RESULTS.md), as it lowered MFCC's.
+
 The extractors are vectorised over frames (and over files with ``batch``), and they stream: ``stream`` takes
 the blocks of one file and yields feature blocks equal (to float rounding) to the whole-file result while
 holding at most about 6.8 s of input (gathered so that per-block overhead stays small), one window and four
@@ -47,12 +55,17 @@ import torchaudio
 from mert_pipeline.grid import HOP, SAMPLE_RATE, num_frames
 
 __all__ = [
+    "C1_HZ",
+    "C2_HZ",
+    "SIGNAL_KINDS",
     "STREAM_MIN_SAMPLES",
     "MFCC",
+    "LogCQT",
     "LogMel",
     "RunningStats",
     "frame_signal",
     "log_mel",
+    "make_extractor",
     "mfcc",
 ]
 
@@ -209,6 +222,7 @@ class _Identity:
 class _Extractor(ABC):
     """Shared framing, batching and streaming; subclasses turn windows into per-frame features."""
 
+    chunk_frames: int = _CHUNK_FRAMES  # frames per vectorised step (long windows take fewer)
     win: int
     hop: int
     base_dim: int  # per-frame features before deltas
@@ -232,14 +246,10 @@ class _Extractor(ABC):
         """Frame features in chunks, so that a long file's temporaries stay small."""
         if windows.shape[0] == 0:
             return windows.new_zeros((0, self.base_dim))  # MKL's rfft rejects empty batches
-        if windows.shape[0] <= _CHUNK_FRAMES:
+        step = self.chunk_frames
+        if windows.shape[0] <= step:
             return self._frame_features(windows)
-        return torch.cat(
-            [
-                self._frame_features(windows[i : i + _CHUNK_FRAMES])
-                for i in range(0, len(windows), _CHUNK_FRAMES)
-            ]
-        )
+        return torch.cat([self._frame_features(windows[i : i + step]) for i in range(0, len(windows), step)])
 
     @torch.inference_mode()
     def __call__(self, waveform: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -264,7 +274,7 @@ class _Extractor(ABC):
             windows = frame_signal(_as_mono_tensor(waveform), self.win, self.hop)
             group.append(windows)
             frames += len(windows)
-            if frames >= _CHUNK_FRAMES:
+            if frames >= self.chunk_frames:
                 flush()
                 frames = 0
         if group:
@@ -430,6 +440,160 @@ class LogMel(_Extractor):
         spectrum = torch.fft.rfft(windows * self.window)
         power = spectrum.real.square() + spectrum.imag.square()
         return (power @ self.mel_banks).add_(self.log_offset).log_()
+
+
+C1_HZ = 440.0 * 2.0 ** ((24 - 69) / 12)  # 32.70 Hz, MIDI note 24: where MERT's CQT target starts
+C2_HZ = 2.0 * C1_HZ  # 65.41 Hz: where the music k-means teacher's CQT starts
+_DENSE_FFT = 1024  # octaves whose kernels fit a sub-window this long are computed exactly from its FFT
+_SUPPORT = 1e-5  # a long kernel's spectrum is kept where it is above this fraction of its peak
+
+
+class LogCQT(_Extractor):
+    """log(CQT magnitude + 1e-4) at 75 Hz, the music k-means teacher's features: by default 24 bins an
+    octave over 7 octaves from C2 (65.4 Hz to 8.1 kHz), 168 dims, chosen by measurement
+    (benchmarks/music_features.py, RESULTS.md): the k-means labels of these hold the most about the pitch
+    class of notes of unseen instruments (0.78 of its entropy, MFCC's 0.31; more than 12 bins an octave or
+    either mixed with MFCC) and about as much about their instrument family as MFCC's.
+
+    The kernels are nnAudio's CQT1992v2 (and librosa's): bin k at ``fmin * 2 ** (k / bins_per_octave)``
+    Hz, a periodic Hann window of ``ceil(Q * 24000 / f_k)`` samples with
+    ``Q = 1 / (2 ** (1 / bins_per_octave) - 1)``, L1-normalised, centred in the frame; the magnitudes are
+    CQT1992v2's ``normalization_type="wrap"``: a sinusoid of amplitude a reads a in its bin. The window is
+    the longest kernel's power of two (16384 samples, 0.68 s, by default), centred on sample
+    ``i * 320 + 160`` like every feature here, with the same mirrored edges.
+
+    Why by FFT: the lowest kernel is 12,523 samples long, so a time-domain convolution (nnAudio's) costs
+    that many multiply-adds per bin and frame. By Parseval a frame's inner product with a kernel is that
+    of their spectra, and a long kernel is narrow-band: its spectrum is kept where it is above 1e-5 of its
+    peak, a few hundred to about a thousand FFT bins an octave, so one 16384-point FFT and a small matrix
+    product per octave replace the convolution (within 1e-3 of the exact magnitudes, relative). Short
+    kernels (the top three octaves) end on a relatively larger step of the periodic window, so their
+    spectra decay slowly: each such octave is computed exactly from the FFT of a centred sub-window its
+    kernels fit (1024, 512 and 256 samples). About 400x real time on one core (RESULTS.md).
+    """
+
+    chunk_frames = 128  # 16384-sample windows: 8 MB of FFT input a step, and faster than 512 frames
+
+    def __init__(
+        self,
+        sample_rate: int = SAMPLE_RATE,
+        hop: int = HOP,
+        fmin: float = C2_HZ,
+        octaves: int = 7,
+        bins_per_octave: int = 24,
+        log_offset: float = 1e-4,
+    ) -> None:
+        if octaves < 1 or bins_per_octave < 1 or not 0 < fmin * 2.0**octaves <= sample_rate / 2:
+            raise ValueError(
+                f"a CQT of {octaves} octaves from {fmin:g} Hz must end below Nyquist ({sample_rate / 2:g} Hz)"
+            )
+        self.sample_rate, self.hop, self.fmin = sample_rate, hop, fmin
+        self.octaves, self.bins_per_octave, self.log_offset = octaves, bins_per_octave, log_offset
+        self.base_dim = self.dim = octaves * bins_per_octave
+        self.n_fft, self._plan = _cqt_plan(sample_rate, fmin, octaves, bins_per_octave)
+        self.win = self.n_fft
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "kind": "cqt",
+            "sample_rate": self.sample_rate,
+            "hop": self.hop,
+            "n_fft": self.n_fft,
+            "fmin": self.fmin,
+            "octaves": self.octaves,
+            "bins_per_octave": self.bins_per_octave,
+            "kernels": "nnAudio CQT1992v2: periodic hann, L1 norm, wrap scaling (amplitude a reads a)",
+            "support": _SUPPORT,
+            "dense_fft": _DENSE_FFT,
+            "log_offset": self.log_offset,
+            "alignment": "centre of hop i = i*hop + hop//2, mirrored edges, ceil(n/hop) frames",
+        }
+
+    def magnitudes(self, windows: torch.Tensor) -> torch.Tensor:
+        """(frames, win) windows -> (frames, bins) CQT magnitudes."""
+        frames = windows.shape[0]
+        out = windows.new_empty((frames, self.dim))
+        for size, blocks in self._plan.items():
+            start = (self.win - size) // 2
+            spectrum = torch.view_as_real(torch.fft.rfft(windows[:, start : start + size]))
+            for lo, hi, matrix, first in blocks:
+                parts = (spectrum[:, lo:hi].reshape(frames, -1) @ matrix).view(frames, -1, 2)
+                out[:, first : first + parts.shape[1]] = torch.linalg.vector_norm(parts, dim=2)
+        return out
+
+    def _frame_features(self, windows: torch.Tensor) -> torch.Tensor:
+        return self.magnitudes(windows).add_(self.log_offset).log_()
+
+
+@functools.cache
+def _cqt_plan(
+    sample_rate: int, fmin: float, octaves: int, bins_per_octave: int
+) -> tuple[int, dict[int, list[tuple[int, int, torch.Tensor, int]]]]:
+    """The window (the longest kernel's power of two) and, per FFT size, each octave's (first FFT bin, last
+    + 1, real matrix, first output bin); built once per process (0.1 s), read-only after."""
+    freqs = fmin * 2.0 ** (np.arange(octaves * bins_per_octave) / bins_per_octave)
+    q = 1.0 / (2.0 ** (1.0 / bins_per_octave) - 1.0)
+    lengths = np.ceil(q * sample_rate / freqs).astype(np.int64)
+    n_fft = _next_pow2(int(lengths.max()))
+    plan: dict[int, list[tuple[int, int, torch.Tensor, int]]] = {}
+    for first in range(0, len(freqs), bins_per_octave):
+        block = slice(first, first + bins_per_octave)
+        size = _next_pow2(int(lengths[block].max()))
+        dense = size <= _DENSE_FFT
+        size = size if dense else n_fft
+        spectra = _cqt_kernel_spectra(freqs[block], lengths[block], size, sample_rate)
+        if dense:
+            lo, hi = 0, spectra.shape[1]
+        else:
+            magnitude = np.abs(spectra).max(axis=2)  # (bins, fft bins)
+            kept = np.flatnonzero((magnitude >= _SUPPORT * magnitude.max(axis=1, keepdims=True)).any(0))
+            lo, hi = int(kept[0]), int(kept[-1]) + 1
+        plan.setdefault(size, []).append((lo, hi, _real_matrix(spectra, size, lo, hi), first))
+    return n_fft, plan
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _cqt_kernel_spectra(freqs: np.ndarray, lengths: np.ndarray, size: int, sample_rate: int) -> np.ndarray:
+    """rfft of the real and imaginary parts of nnAudio's CQT kernels centred in `size` samples:
+    complex (bins, size // 2 + 1, 2), float64."""
+    kernels = np.zeros((len(freqs), size), dtype=np.complex128)
+    for row, (freq, length) in enumerate(zip(freqs, lengths.tolist(), strict=True)):
+        start = math.ceil(size / 2 - length / 2) - length % 2  # nnAudio's centring
+        window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(length) / length)  # periodic Hann
+        kernel = window * np.exp(2j * np.pi * np.arange(-length // 2, length // 2) * freq / sample_rate)
+        kernels[row, start : start + length] = kernel / np.abs(kernel).sum()
+    return np.stack([np.fft.rfft(kernels.real), np.fft.rfft(kernels.imag)], axis=2)
+
+
+def _real_matrix(spectra: np.ndarray, size: int, lo: int, hi: int) -> torch.Tensor:
+    """The real matrix taking a frame's rfft bins [lo, hi), as interleaved (re, im) pairs, to its inner
+    products with the kernels' real and imaginary parts, interleaved per kernel, times 2 (wrap scaling).
+
+    For real x and a real kernel part a: sum_n x a = (1 / N) sum over all N bins of X conj(A) = sum over the
+    rfft bins of w (Re X Re A + Im X Im A), with w = 1 / N at DC and Nyquist and 2 / N elsewhere."""
+    weight = np.full(size // 2 + 1, 2.0 / size)
+    weight[0] = weight[-1] = 1.0 / size
+    spectra = spectra[:, lo:hi] * weight[lo:hi, None]
+    matrix = np.empty((hi - lo, 2, spectra.shape[0], 2))
+    for part in range(2):  # the kernel's real part, then its imaginary part
+        matrix[:, 0, :, part] = spectra[:, :, part].real.T
+        matrix[:, 1, :, part] = spectra[:, :, part].imag.T
+    return torch.from_numpy(2.0 * matrix.reshape(2 * (hi - lo), -1)).float()
+
+
+SIGNAL_KINDS = ("mfcc", "log_mel", "cqt")  # the signal features, by the `kind` of their config()
+
+
+def make_extractor(kind: str) -> MFCC | LogMel | LogCQT:
+    """The default extractor of a kind: what `features --kind KIND` stores and the k-means teacher
+    recomputes for centroids fitted on it."""
+    extractors: dict[str, type[MFCC | LogMel | LogCQT]] = {"mfcc": MFCC, "log_mel": LogMel, "cqt": LogCQT}
+    if kind not in extractors:
+        raise ValueError(f"signal feature kind must be one of {', '.join(SIGNAL_KINDS)}, not {kind!r}")
+    return extractors[kind]()
 
 
 def mfcc(waveform: np.ndarray | torch.Tensor) -> np.ndarray:

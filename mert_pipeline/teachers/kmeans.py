@@ -39,6 +39,7 @@ __all__ = [
     "assign_with_distances",
     "cluster_usage",
     "fit_from_features",
+    "fitted_teacher",
     "fit_kmeans",
     "last_centroids",
     "teacher_agreement",
@@ -490,6 +491,22 @@ def fit_from_features(
     return fit
 
 
+def fitted_teacher(workdir: Path, centroids_sha256: str) -> KMeansTeacher:
+    """The k-means teacher of WORKDIR's fit whose centroids have this sha256, resolved: what a k-means label
+    set's teacher.json names (its labels came from those centroids and the features they were fitted on)."""
+    layout = Workdir(workdir)
+    for fit_json in sorted(layout.kmeans_root.glob("*/fit.json")):
+        fit = KMeansFit(fit_json.parent)
+        if json.loads(fit_json.read_text()).get("centroids_sha256") == centroids_sha256:
+            teacher = KMeansTeacher(str(fit.centroids)).resolve()
+            if teacher.centroids_sha256 == centroids_sha256:
+                return teacher
+    raise KMeansInputError(
+        f"no fit in {layout.kmeans_root} has the centroids these labels were made with "
+        f"(sha256 {centroids_sha256[:12]})"
+    )
+
+
 def last_centroids(workdir: Path) -> Path:
     """The centroids `kmeans fit` wrote last in WORKDIR."""
     try:
@@ -505,29 +522,32 @@ def last_centroids(workdir: Path) -> Path:
 # The teacher the tokenize stage runs
 # --------------------------------------------------------------------------------------------------
 
-FILES_PER_TASK = 16  # files of a tokenize task: MFCC is hundreds of times real time, a task takes seconds
+FILES_PER_TASK = 16  # files of a tokenize task: signal features run hundreds of times real time or more
 _FEATURE_TEACHERS: dict[tuple, Any] = {}  # per process: (kind, identity) -> loaded state
 
 
 @dataclass(frozen=True)
 class KMeansTeacher:
-    """Nearest of k centroids to each 39-dim MFCC frame (HuBERT iteration 1), computed from the audio.
+    """Nearest of k centroids to each frame's features, computed from the audio: the features the centroids
+    were fitted on, as `kmeans fit` recorded them in `fit.json` beside the centroids (`features_extractor`):
+    39-dim MFCC (HuBERT iteration 1; also for centroids without a fit.json, unless `features` says otherwise),
+    the 168-dim log-CQT of the music teacher, or a checkpoint's layer (HuBERT iteration 2).
 
-    MFCC is computed on the fly (hundreds of times real time, see benchmarks/RESULTS.md) rather than read
-    from `mert-pipe features`: tokenizing then needs no 156-bytes-per-frame feature store, and the labels
-    equal the assignment of stored features bit for bit because both stream the same blocks through
-    `stream_features`. `resolve()` loads the centroids once on the driver and records their sha256, which
-    is part of the teacher's identity; workers check it when they load them.
-
-    Centroids fitted on model features (`features --kind model`, HuBERT iteration 2) carry the checkpoint
-    and layer in their `fit.json`; `resolve()` then sets `model` and the teacher recomputes those features.
+    Signal features are computed on the fly (MFCC thousands, log-CQT hundreds of times real time, see
+    benchmarks/RESULTS.md) rather than read from `mert-pipe features`: tokenizing then needs no feature
+    store, and the labels equal the assignment of stored features bit for bit because both stream the same
+    blocks through `stream_features`. `resolve()` rebuilds the recorded extractor (refusing one whose
+    configuration this version no longer computes), checks the centroids' dimension against it, loads the
+    centroids once on the driver and records their sha256, which is part of the teacher's identity; workers
+    check it when they load them. For model features it sets `model` and the teacher recomputes the layer.
     """
 
     centroids: str  # path of a (k, dim) float32 .npy
     centroids_sha256: str = ""
     num_classes: int = 0  # k, from the centroids
     threads: int = 1  # torch intra-op threads of each worker
-    model: Any = None  # a ModelFeatures when the centroids were fitted on model features; None: MFCC
+    features: str = "mfcc"  # the kind of features the centroids were fitted on: mfcc, cqt or model
+    model: Any = None  # a ModelFeatures when the centroids were fitted on model features
 
     kind: str = "kmeans"
     sampling_rate: int = SAMPLE_RATE
@@ -536,11 +556,10 @@ class KMeansTeacher:
 
     def resolve(self) -> KMeansTeacher:
         """Check the centroids here (errors surface before workers start) and fill in k and the hash."""
-        model = _fitted_model_features(Path(self.centroids))
-        centroids = _load_centroids(self.centroids, model.dim if model is not None else 39)
-        return replace(
-            self, centroids_sha256=sha256_file(self.centroids), num_classes=len(centroids), model=model
-        )
+        fitted = _fitted_features(Path(self.centroids))
+        resolved = replace(self, features=fitted[0], model=fitted[1]) if fitted is not None else self
+        centroids = _load_centroids(self.centroids, resolved._extractor().dim)
+        return replace(resolved, centroids_sha256=sha256_file(self.centroids), num_classes=len(centroids))
 
     def model_device(self) -> str | None:
         return self.model.device if self.model is not None else None
@@ -549,9 +568,9 @@ class KMeansTeacher:
         return FILES_PER_TASK
 
     def _extractor(self) -> Any:
-        from mert_pipeline.teachers.features import MFCC  # torch: imported by the workers that label
+        from mert_pipeline.teachers.features import make_extractor  # torch: where labels are made
 
-        return self.model if self.model is not None else MFCC()
+        return self.model if self.model is not None else make_extractor(self.features)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -578,18 +597,34 @@ class KMeansTeacher:
         extractor, centroids = self._state()
         yield from label_frames(files, extractor, lambda block: assign(block, centroids)[None], 1)
 
+    def label_blocks(self, blocks: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+        """int16 labels of one clip given as 24 kHz mono sample blocks, block by block (`kmeans report
+        --probe-data` labels clips that are not in WORKDIR this way)."""
+        extractor, centroids = self._state()
+        for features in extractor.stream(blocks):
+            yield assign(features, centroids)
 
-def _fitted_model_features(centroids: Path) -> Any:
-    """The model-feature extractor `kmeans fit` recorded beside these centroids (fit.json), else None."""
-    from mert_pipeline.teachers.model_features import ModelFeatures
 
+def _fitted_features(centroids: Path) -> tuple[str, Any] | None:
+    """The kind of features `kmeans fit` recorded beside these centroids (fit.json), and for model features
+    the extractor; None for centroids without a fit.json (the teacher's `features`, MFCC by default)."""
     try:
         fit = json.loads(KMeansFit(centroids.parent).fit.read_text())
     except (OSError, ValueError):
-        return None  # centroids from elsewhere: MFCC, as before
-    saved = fit.get("features_extractor") or {}
-    if saved.get("kind") != "model":
         return None
+    saved = fit.get("features_extractor") or {}
+    kind = saved.get("kind", "mfcc")
+    if kind != "model":
+        from mert_pipeline.teachers.features import SIGNAL_KINDS, make_extractor
+
+        if kind not in SIGNAL_KINDS or make_extractor(kind).config() != saved:
+            raise ValueError(
+                f"{centroids} were fitted on {kind} features of a configuration this version does not "
+                "compute (their fit.json says which); run `mert-pipe features` and `kmeans fit` again"
+            )
+        return kind, None
+    from mert_pipeline.teachers.model_features import ModelFeatures
+
     model = ModelFeatures.from_checkpoint(
         fit["features_checkpoint"], saved["layer"], batch_windows=saved["batch_windows"]
     )
@@ -598,7 +633,7 @@ def _fitted_model_features(centroids: Path) -> Any:
             f"{centroids} were fitted on features of checkpoint sha256 {saved['checkpoint_sha256'][:12]}, "
             f"but {model.checkpoint} is now {model.checkpoint_sha256[:12]}"
         )
-    return model
+    return kind, model
 
 
 def _load_centroids(path: str, dim: int = 39) -> np.ndarray:

@@ -18,9 +18,11 @@ from mert_pipeline.devices import cpu_count
 from mert_pipeline.executor import ExecutorConfig
 from mert_pipeline.layout import Workdir
 from mert_pipeline.pipeline import (
+    KMEANS_TEACHERS,
     features,
     kmeans_fit,
     kmeans_teacher,
+    kmeans_teacher_name,
     manifest,
     resample,
     run_stage,
@@ -158,6 +160,35 @@ def test_misuse_is_a_pipeline_error_in_one_line(tmp_path: Path) -> None:
         features(tmp_path / "empty")
     with pytest.raises(PipelineError, match="no centroids fitted"):
         kmeans_teacher(tmp_path)
+
+
+def test_teachers_take_music_k_beside_kmeans_k(tmp_path: Path) -> None:
+    """`musicK` is the music k-means teacher (log-CQT, `features --kind cqt`); it and `kmeansK` (MFCC) are
+    different teachers, so one run can make both; malformed names are one-line errors."""
+    config = PipelineConfig(roots=["x"], workdir=tmp_path, teachers="rvq,kmeans100,music100")
+    assert config.teachers == ("rvq", "kmeans100", "music100")
+    assert kmeans_teacher_name("music100") == ("music", 100) and KMEANS_TEACHERS["music"] == "cqt"
+    assert kmeans_teacher_name("kmeans500") == ("kmeans", 500) and KMEANS_TEACHERS["kmeans"] == "mfcc"
+    for bad in ("music", "music1", "musicK", "music-5", "Music100", "music100x", "music\u0661\u0660"):
+        with pytest.raises(PipelineError, match=r"--teachers takes rvq, kmeansK .* musicK"):
+            PipelineConfig(roots=["x"], workdir=tmp_path, teachers=("rvq", bad))
+    with pytest.raises(PipelineError, match="--teachers must name each teacher once"):
+        PipelineConfig(roots=["x"], workdir=tmp_path, teachers=("music50", "music100"))
+
+
+def test_run_makes_the_music_teacher_on_log_cqt(tmp_path: Path) -> None:
+    """`run --teachers music8`: log-CQT features (their sample only: the teacher recomputes them), a fit
+    named cqt_k8, and the label set music8 made on those features."""
+    work = tmp_path / "w"
+    config = PipelineConfig(roots=[str(music(tmp_path / "m", 2))], workdir=work, teachers="music8")
+    report = run_pipeline(config, ExecutorConfig(workers=1))
+    assert [s.stage for s in report.stages][2:] == ["features_cqt", "tokenize_music8", "shard"]
+    fit = json.loads((work / "kmeans/cqt_k8/fit.json").read_text())
+    assert fit["features_extractor"]["kind"] == "cqt" and fit["dim"] == 168
+    facts = json.loads((work / "labels/music8/teacher.json").read_text())
+    assert facts["config"]["features"]["kind"] == "cqt" and facts["num_classes"] == 8
+    assert not list((work / "features/cqt").glob("*/*.npy")) and (work / "features/cqt/sample.npy").exists()
+    assert report.ok
 
 
 def test_refusing_another_teachers_labels_is_a_pipeline_error(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The features stage: aligned per-file MFCC, a bounded stratified sample, statistics; resume, executors."""
+"""The features stage: aligned per-file MFCC and log-CQT, a bounded stratified sample, statistics; resume,
+executors."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from mert_pipeline.executor import ExecutorConfig, execute
 from mert_pipeline.manifests import ResampledRecord, iter_records, iter_rejects
 from mert_pipeline.manifests.records import FeatureRecord
 from mert_pipeline.stages.features import FeaturesConfig, FeaturesStage, split_quota
-from mert_pipeline.teachers.features import MFCC, RunningStats
+from mert_pipeline.teachers.features import MFCC, LogCQT, RunningStats
 from tests.helpers import KillOnce, hidden_tmp_files, resampled_workdir, visible_files
 
 LOCAL = ExecutorConfig(kind="local", workers=1)
@@ -55,20 +56,25 @@ def extracted(workdir: Path) -> Path:
     return workdir / "features/mfcc"
 
 
-def test_features_are_aligned_float32_and_equal_the_extractor(workdir: Path, extracted: Path) -> None:
-    audio = audio_records(workdir)
-    records = list(iter_records(extracted / "features.parquet", record_type=FeatureRecord))
-    assert sorted(r.id for r in records) == sorted(audio)
-    extractor = MFCC()
-    for record in records:
-        feats = np.load(extracted / record.relpath)
-        frames = -(-audio[record.id].num_samples // 320)
-        assert feats.dtype == np.float32 and feats.shape == (frames, 39) == (record.frames, record.dim)
-        import soundfile as sf
+def assert_aligned_and_equal(workdir: Path, directory: Path, extractor: MFCC | LogCQT) -> None:
+    """Every file's stored features: float32, ceil(num_samples / 320) frames, the extractor's numbers."""
+    import soundfile as sf
 
+    audio = audio_records(workdir)
+    records = list(iter_records(directory / "features.parquet", record_type=FeatureRecord))
+    assert sorted(r.id for r in records) == sorted(audio)
+    for record in records:
+        feats = np.load(directory / record.relpath)
+        frames = -(-audio[record.id].num_samples // 320)
+        assert feats.dtype == np.float32
+        assert feats.shape == (frames, extractor.dim) == (record.frames, record.dim)
         wav, _ = sf.read(audio[record.id].path, dtype="float32")
         np.testing.assert_allclose(feats, extractor(wav), rtol=1e-4, atol=1e-3)
     assert {r.num_samples % 320 for r in records} >= {0, 1, 319}  # lengths off the hop grid included
+
+
+def test_features_are_aligned_float32_and_equal_the_extractor(workdir: Path, extracted: Path) -> None:
+    assert_aligned_and_equal(workdir, extracted, MFCC())
 
 
 def test_sample_is_bounded_true_frames_and_stats_cover_every_frame(extracted: Path) -> None:
@@ -84,6 +90,23 @@ def test_sample_is_bounded_true_frames_and_stats_cover_every_frame(extracted: Pa
     np.testing.assert_allclose(stats.std, every.astype(np.float64).std(axis=0), rtol=1e-5)
     description = json.loads((extracted / "features.json").read_text())
     assert description["sample"] == {"frames": SAMPLE, "from_frames": len(every), "requested": SAMPLE}
+
+
+def test_cqt_features_are_aligned_and_equal_the_extractor(workdir: Path) -> None:
+    """`--kind cqt` (the music k-means teacher's features) through the same stage: features/cqt, 168 dims,
+    the extractor's numbers, the sample and the statistics; `store=False` keeps only those two."""
+    summary = run_features(workdir, kind="cqt")
+    assert summary["features"]["kind"] == "cqt" and summary["features"]["dim"] == 168
+    directory = workdir / "features/cqt"
+    assert_aligned_and_equal(workdir, directory, LogCQT())
+    description = json.loads((directory / "features.json").read_text())
+    assert description["config"] == LogCQT().config() and description["sample"]["frames"] == SAMPLE
+    assert np.load(directory / "sample.npy").shape == (SAMPLE, 168)
+    run_features(workdir, kind="cqt", name="cqt_sample_only", store=False)
+    sample_only = workdir / "features/cqt_sample_only"
+    kept = sorted(p.name for p in sample_only.iterdir())
+    assert kept == ["features.json", "features.parquet", "rejects.jsonl", "sample.npy", "stats.npz"]
+    assert np.array_equal(np.load(sample_only / "sample.npy"), np.load(directory / "sample.npy"))
 
 
 def test_split_quota_is_proportional_exact_and_capped() -> None:

@@ -1,20 +1,23 @@
-"""k-means and BEST-RQ teachers through the tokenize stage, `kmeans fit` on the features sample, the label
-report, and the commands as a user runs them."""
+"""k-means (MFCC and the music teacher's log-CQT) and BEST-RQ teachers through the tokenize stage, `kmeans
+fit` on the features sample, the label report (with labelled clips), and the commands as a user runs them."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from click.testing import Result
 from typer.testing import CliRunner
 
+from mert_pipeline import pipeline
 from mert_pipeline.cli import app
 from mert_pipeline.executor import ExecutorConfig, execute
 from mert_pipeline.fs import sha256_file
-from mert_pipeline.labels import label_report
+from mert_pipeline.labels import LabelsError, label_report
 from mert_pipeline.manifests import LabelRecord, ResampledRecord, iter_records
 from mert_pipeline.manifests.records import FeatureRecord
 from mert_pipeline.stages.features import FeaturesConfig, FeaturesStage, log_mel_stats_config
@@ -239,3 +242,101 @@ def test_commands_as_a_user_runs_them(tmp_path: Path) -> None:
         result = mert_pipe(*args)
         assert result.exit_code == 2 and message in result.stderr, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# The music k-means teacher: centroids fitted on log-CQT, beside MFCC's in one WORKDIR
+# --------------------------------------------------------------------------------------------------
+
+PITCHES = ["C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B"]
+
+
+def _tone(midi: int, amplitude: float, seconds: float = 0.5) -> np.ndarray:
+    t = np.arange(int(24000 * seconds)) / 24000
+    return (amplitude * np.sin(2 * np.pi * 440.0 * 2 ** ((midi - 69) / 12) * t)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def music_workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A WORKDIR of pure tones (MIDI 48-71 at random levels, 6 a file) labelled by both k-means teachers
+    under their default names, kmeans24 (MFCC) and music24 (log-CQT), each fitted on its own features."""
+    root = tmp_path_factory.mktemp("music")
+    corpus, workdir = root / "corpus", root / "work"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        tones = [_tone(midi, rng.uniform(0.1, 0.5)) for midi in range(48 + i, 72, 4)]
+        sf.write(corpus / f"tones{i}.wav", np.concatenate(tones), 24000)
+    pipeline.manifest([str(corpus)], workdir, valid_percent=0.3, min_seconds=0.0, executor=LOCAL)
+    pipeline.resample(workdir, executor=LOCAL)
+    for kind in ("mfcc", "cqt"):
+        config = FeaturesConfig(workdir=workdir, kind=kind, sample_frames=1500, files_per_task=4)
+        assert execute(FeaturesStage(config), LOCAL).ok
+        fit = fit_from_features(workdir, features=kind, k=K, seed=0)
+        assert pipeline.tokenize(workdir, KMeansTeacher(fit["centroids"]).resolve(), executor=LOCAL).ok
+    return workdir
+
+
+def test_music_labels_are_the_assignment_of_the_stored_log_cqt(music_workdir: Path) -> None:
+    fit = json.loads((music_workdir / "kmeans/cqt_k24/fit.json").read_text())
+    assert fit["features_extractor"]["kind"] == "cqt" and fit["dim"] == 168
+    teacher = KMeansTeacher(fit["centroids"]).resolve()
+    assert teacher.features == "cqt" and pipeline.label_set_name(teacher) == "music24"
+    centroids = np.load(fit["centroids"])
+    ours = labels(music_workdir, "music24")
+    for record in iter_records(music_workdir / "features/cqt/features.parquet", record_type=FeatureRecord):
+        feats = np.load(music_workdir / "features/cqt" / record.relpath)
+        np.testing.assert_array_equal(ours[record.id][0], assign(feats, centroids))
+    music = json.loads((music_workdir / "labels/music24/teacher.json").read_text())
+    mfcc = json.loads((music_workdir / "labels/kmeans24/teacher.json").read_text())
+    assert music["config"]["features"]["kind"] == "cqt" and mfcc["config"]["features"]["kind"] == "mfcc"
+    assert music["config_hash"] != mfcc["config_hash"]
+    assert labels(music_workdir, "kmeans24").keys() == ours.keys()  # both sets, side by side
+
+
+def test_kmeans_teacher_refuses_centroids_its_features_do_not_fit(
+    music_workdir: Path, tmp_path: Path
+) -> None:
+    fit_dir = tmp_path / "cqt_k24"
+    shutil.copytree(music_workdir / "kmeans/cqt_k24", fit_dir)
+    np.save(fit_dir / "centroids.npy", np.zeros((4, 39), np.float32))  # MFCC-shaped, fitted on log-CQT
+    with pytest.raises(ValueError, match=r"expected \(k <= 32768, 168\)"):
+        KMeansTeacher(str(fit_dir / "centroids.npy")).resolve()
+    fit = json.loads((fit_dir / "fit.json").read_text())
+    fit["features_extractor"]["bins_per_octave"] = 12  # features this version does not compute
+    (fit_dir / "fit.json").write_text(json.dumps(fit))
+    with pytest.raises(ValueError, match="a configuration this version does not compute"):
+        KMeansTeacher(str(fit_dir / "centroids.npy")).resolve()
+
+
+def _tone_csvs(folder: Path) -> tuple[Path, Path]:
+    """Pure tones of the 12 pitch classes in two octaves: pitch.csv (label: pitch class) and octave.csv
+    (label: octave), the `path,label` CSVs `mert-pipe probe --data` reads."""
+    folder.mkdir()
+    for midi in range(48, 72):
+        sf.write(folder / f"tone{midi}.wav", _tone(midi, 0.3), 24000)
+    for task, label in (("pitch", lambda m: PITCHES[m % 12]), ("octave", lambda m: f"o{m // 12}")):
+        rows = "".join(f"tone{midi}.wav,{label(midi)}\n" for midi in range(48, 72))
+        (folder / f"{task}.csv").write_text("path,label\n" + rows)
+    return folder / "pitch.csv", folder / "octave.csv"
+
+
+def test_report_measures_each_kmeans_set_against_labelled_clips(music_workdir: Path, tmp_path: Path) -> None:
+    pitch, octave = _tone_csvs(tmp_path / "tones")
+    reports = label_report(music_workdir, probe_data=[str(pitch), f"register={octave}"])
+    assert reports.keys() == {"kmeans24", "music24"}
+    for name, report in reports.items():
+        assert report["probe"].keys() == {"pitch", "register"}
+        assert report["probe"]["pitch"]["clips"] == 24 and report["probe"]["pitch"]["classes"] == 12
+        assert report["probe"]["pitch"]["frames"] == 24 * 38  # ceil(12000 / 320) frames a tone
+        on_disk = json.loads((music_workdir / "labels" / name / "report.json").read_text())
+        assert on_disk["probe"] == json.loads(json.dumps(report["probe"]))
+        assert report["probe"]["pitch"]["mi_over_h_class"] > 0.3  # chance: about 0 (12 classes, 912 frames)
+        assert report["probe"]["pitch"]["purity_class_given_label"] > 2 / 12
+    result = mert_pipe("kmeans", "report", str(music_workdir), "--probe-data", str(pitch))
+    assert result.exit_code == 0, result.stderr
+    assert "music24 against labelled clips" in result.stderr and "MI/H(class)" in result.stderr
+    with pytest.raises(LabelsError, match="names task 'pitch' twice"):
+        label_report(music_workdir, probe_data=[str(pitch), f"pitch={octave}"])
+    result = mert_pipe("kmeans", "report", str(music_workdir), "--probe-data", str(tmp_path / "nope.csv"))
+    assert result.exit_code == 2 and result.stderr.strip().endswith("nope.csv: no such CSV or folder")

@@ -1,9 +1,10 @@
-"""Features at 75 Hz: exact frame counts, agreement with torchaudio's Kaldi MFCC and mel spectrogram,
-streaming equal to whole-file, and the BEST-RQ quantizer's statistics and reproducibility."""
+"""Features at 75 Hz: exact frame counts, agreement with torchaudio's Kaldi MFCC and mel spectrogram and with
+nnAudio's CQT, streaming equal to whole-file, and the BEST-RQ quantizer's statistics and reproducibility."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -16,17 +17,33 @@ from mert_pipeline.demo.synth import render_track
 from mert_pipeline.grid import HOP, SAMPLE_RATE, num_frames
 from mert_pipeline.teachers.bestrq import BestRQ
 from mert_pipeline.teachers.features import (
+    C2_HZ,
     MFCC,
     STREAM_MIN_SAMPLES,
+    LogCQT,
     LogMel,
     RunningStats,
+    frame_signal,
     log_mel,
+    make_extractor,
     mfcc,
 )
 
-# Around one hop, the 600-sample MFCC window, the 2048-sample log-mel window, one second, and a long odd file.
+# Around one hop, the 600-sample MFCC window, the 2048-sample log-mel window, one second, the 16384-sample
+# log-CQT window, and a long odd file.
 LENGTHS = [1, 2, 139, 140, 141, 319, 320, 321, 599, 600, 601, 640, 1000]
-LENGTHS += [2047, 2048, 2049, 24000, 24001, 120007]
+LENGTHS += [2047, 2048, 2049, 24000, 24001, 16383, 16384, 16385, 120007]
+KINDS = ["mfcc", "log_mel", "cqt"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread, as a features worker of a one-core share runs: on the shared 2-core machine two
+    threads made every extractor call tens of times slower (tests/trainer/conftest.py does the same)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +53,16 @@ def music() -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def extractors() -> dict[str, MFCC | LogMel]:
-    return {"mfcc": MFCC(), "log_mel": LogMel()}
+def extractors() -> dict[str, MFCC | LogMel | LogCQT]:
+    return {kind: make_extractor(kind) for kind in KINDS}
 
 
-_MFCC, _LOG_MEL = MFCC(), LogMel()  # for the hypothesis test, which rejects function-scoped fixtures
+_EXTRACTORS = [MFCC(), LogMel(), LogCQT()]  # for the hypothesis test, which rejects function-scoped fixtures
 
 
-def _stream(extractor: MFCC | LogMel, x: np.ndarray, sizes: list[int], min_block: int = 1) -> np.ndarray:
+def _stream(
+    extractor: MFCC | LogMel | LogCQT, x: np.ndarray, sizes: list[int], min_block: int = 1
+) -> np.ndarray:
     """Feed x in consecutive blocks of the given sizes (cycled) and concatenate the yielded blocks.
 
     min_block=1 processes every block as it comes, so block boundaries fall where the sizes put them."""
@@ -78,7 +97,7 @@ def _kaldi_reference(x: np.ndarray, deltas: bool) -> np.ndarray:
 
 
 @pytest.mark.parametrize("n", LENGTHS)
-@pytest.mark.parametrize("kind", ["mfcc", "log_mel"])
+@pytest.mark.parametrize("kind", KINDS)
 def test_frame_count_is_ceil_n_over_320(extractors: dict, kind: str, n: int) -> None:
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32) * 0.1
     extractor = extractors[kind]
@@ -148,7 +167,7 @@ def test_log_mel_matches_torchaudio_mel_spectrogram(music: np.ndarray) -> None:
     np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("kind", ["mfcc", "log_mel"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("sizes", [[1, 2, 3, 5, 7, 11, 13], [319, 321], [4099], [24000, 17, 5], [10**7]])
 def test_stream_equals_whole_file(music: np.ndarray, extractors: dict, kind: str, sizes: list[int]) -> None:
     x = music if sizes[0] > 100 else music[:7000]  # one-sample blocks on a short excerpt keep this fast
@@ -171,14 +190,14 @@ def test_stream_equals_whole_file_any_length_and_blocks(data: st.DataObject) -> 
     cuts = sorted(data.draw(st.lists(st.integers(0, n), max_size=40), label="cuts"))
     x = np.random.default_rng(n).standard_normal(n).astype(np.float32)
     blocks = np.split(x, cuts)
-    for extractor in (_MFCC, _LOG_MEL):
+    for extractor in _EXTRACTORS:
         whole = extractor(x)
         assert whole.shape == (-(-n // 320), extractor.dim)
         parts = list(extractor.stream(iter(blocks), min_block=1))
         np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["mfcc", "log_mel"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("min_block", [1, STREAM_MIN_SAMPLES])
 def test_stream_lags_input_by_a_bounded_amount(extractors: dict, kind: str, min_block: int) -> None:
     """Feature blocks come out as samples go in: the stream never waits for the whole file."""
@@ -201,7 +220,7 @@ def test_stream_lags_input_by_a_bounded_amount(extractors: dict, kind: str, min_
             # Behind by at most the gathered input, one window and four frames of delta-delta context.
             assert received - produced * HOP <= max(min_block, block) + extractor.win + 5 * HOP
     assert produced == num_frames(len(x))
-    assert yields >= len(x) // max(min_block, block) - 3
+    assert yields >= (len(x) - extractor.win) // max(min_block, block) - 3  # nothing before one window
 
 
 def test_batch_equals_one_file_at_a_time(music: np.ndarray, extractors: dict) -> None:
@@ -218,6 +237,68 @@ def test_rejects_multichannel_input() -> None:
 
 def test_mfcc_is_deterministic(music: np.ndarray) -> None:
     assert np.array_equal(mfcc(music), mfcc(music))
+
+
+# --------------------------------------------------------------------------------------------------
+# log-CQT (the music k-means teacher)
+# --------------------------------------------------------------------------------------------------
+
+
+def _nnaudio_reference(x: np.ndarray, extractor: LogCQT) -> np.ndarray:
+    """nnAudio's CQT1992v2 (time-domain kernels, "wrap" scaling) on the signal mirrored as documented, no
+    centring of its own: frame i is the window starting at padded sample i * 320."""
+    from nnAudio.features import CQT1992v2
+
+    windows = frame_signal(torch.from_numpy(x), extractor.win)
+    padded = torch.cat([windows[0], windows[1:, -HOP:].reshape(-1)])  # the windows' padded signal
+    cqt = CQT1992v2(
+        sr=SAMPLE_RATE, hop_length=HOP, fmin=extractor.fmin, n_bins=extractor.dim,
+        bins_per_octave=extractor.bins_per_octave, norm=1, window="hann", center=False,
+        output_format="Complex", verbose=False,
+    )  # fmt: skip
+    complex_out = cqt(padded[None], normalization_type="wrap")[0]
+    magnitude = torch.linalg.vector_norm(complex_out, dim=-1).T.numpy()
+    return np.log(magnitude + extractor.log_offset)
+
+
+def test_cqt_matches_nnaudio_on_music(music: np.ndarray) -> None:
+    extractor = LogCQT()
+    assert (extractor.dim, extractor.win, extractor.fmin) == (168, 16384, C2_HZ)
+    x = music[: 2 * SAMPLE_RATE + 70]  # 2 s and a partial hop: 151 frames
+    ours = extractor(x)
+    reference = _nnaudio_reference(x, extractor)
+    assert ours.shape == reference.shape == (num_frames(len(x)), 168)
+    np.testing.assert_allclose(ours, reference, atol=2e-3)  # 0.2% of a magnitude; FFT-sparse vs time domain
+    assert ours.max() > np.log(0.01) and ours.min() >= np.log(1e-4)  # real spectra, floored at the offset
+
+
+def test_cqt_frame_i_is_centred_on_sample_320i_plus_160() -> None:
+    """An impulse is loudest, in every bin, in the frame whose window is centred on it."""
+    extractor = LogCQT()
+    for frame in (60, 61):
+        x = np.zeros(150 * HOP, np.float32)
+        x[frame * HOP + HOP // 2] = 1.0
+        feats = extractor(x)
+        assert np.all(feats.argmax(axis=0) == frame)
+
+
+@pytest.mark.parametrize("midi", [38, 45, 57, 60, 61, 62, 69, 81, 96, 108])
+def test_cqt_peak_moves_one_semitone_per_semitone(midi: int) -> None:
+    """A pure tone at MIDI note m peaks in bin 2 (m - 36) (24 bins an octave from C2): its pitch class is
+    (argmax // 2) mod 12, over the whole range."""
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    tone = (0.5 * np.sin(2 * np.pi * 440.0 * 2 ** ((midi - 69) / 12) * t)).astype(np.float32)
+    peaks = LogCQT()(tone)[30:45].argmax(axis=1)  # frames whose 0.68 s windows lie inside the tone
+    assert np.all(peaks == 2 * (midi - 36))
+    assert np.all((peaks // 2) % 12 == midi % 12)
+
+
+def test_cqt_is_deterministic_and_refuses_bins_above_nyquist(music: np.ndarray) -> None:
+    assert np.array_equal(LogCQT()(music), LogCQT()(music))
+    with pytest.raises(ValueError, match="below Nyquist"):
+        LogCQT(octaves=8)
+    with pytest.raises(ValueError, match="one of mfcc, log_mel, cqt"):
+        make_extractor("chroma")
 
 
 # --------------------------------------------------------------------------------------------------
