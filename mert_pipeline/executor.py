@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import multiprocessing
 import os
@@ -209,8 +210,13 @@ def execute(
         on_plan(tasks)
     by_rank = {task.rank: task for task in tasks}
     runner = _run_local if config.kind == "local" else _run_ray
+    done = {task.rank for task in tasks if is_complete(stage, task)}
+    todo = [task for task in tasks if task.rank not in done]
+    # tasks done before are read back here (their saved stats): a runner gets only what is left, so a
+    # stage with nothing to do starts no pool, no Ray and no worker
+    finished = (run_task(stage, task) for task in tasks if task.rank in done)
     outcomes: list[TaskOutcome] = []
-    for outcome in runner(stage, tasks, config):
+    for outcome in itertools.chain(finished, runner(stage, todo, config) if todo else ()):
         outcomes.append(outcome)
         if on_task is not None:
             on_task(outcome, by_rank[outcome.rank])
@@ -275,16 +281,8 @@ def _bounded(
             yield handle, pending.pop(handle)
 
 
-def _run_local(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Iterator[TaskOutcome]:
+def _run_local(stage: Stage, todo: list[Task], config: ExecutorConfig) -> Iterator[TaskOutcome]:
     """A process pool of `workers` processes; one worker runs in-process (simplest to debug)."""
-    todo = []
-    for task in tasks:
-        if is_complete(stage, task):
-            yield run_task(stage, task)  # reads the saved stats, runs nothing
-        else:
-            todo.append(task)
-    if not todo:
-        return
     if config.workers <= 1:
         for task in todo:
             yield run_task(stage, task)
@@ -437,16 +435,9 @@ def _ray_up(config: ExecutorConfig) -> tuple[bool, bool]:
     return True, True
 
 
-def _run_ray(stage: Stage, tasks: list[Task], config: ExecutorConfig) -> Iterator[TaskOutcome]:
+def _run_ray(stage: Stage, todo: list[Task], config: ExecutorConfig) -> Iterator[TaskOutcome]:
     """The same tasks as Ray tasks (or actors, for a model stage), on the Ray of the `session` in force,
-    else on a Ray started for this stage. Tasks done before are read back here: a stage with nothing left
-    to do starts no Ray and no worker."""
-    todo = [task for task in tasks if not is_complete(stage, task)]
-    for task in tasks:
-        if is_complete(stage, task):
-            yield run_task(stage, task)  # reads the saved stats, runs nothing
-    if not todo:
-        return
+    else on a Ray started for this stage (`execute` passes only the tasks left to do)."""
     import ray
 
     started_here, local = _ray_up(config)

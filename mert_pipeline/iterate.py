@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mert_pipeline.grid import FRAME_RATE
+from mert_pipeline.grid import FRAME_RATE, HOP
 from mert_pipeline.manifests.io import iter_batches
 from mert_pipeline.manifests.records import Reject
 
@@ -97,8 +97,6 @@ def corpus_frames(
 
 def _head(blocks: Any, frames: int) -> Any:
     """The first `frames` hops of a file's blocks (plus one hop of look-ahead), then stop reading."""
-    from mert_pipeline.grid import HOP
-
     wanted, seen = frames * HOP + HOP, 0
     for block in blocks:
         yield block[: wanted - seen]
@@ -111,8 +109,7 @@ def label_quality(
     extractor: Any, centroids: list[np.ndarray], data: str, per_class: int, seed: int
 ) -> list[float]:
     """MI(cluster; class) / H(class) of each layer's clusters over the frames of `data`'s clips."""
-    from mert_pipeline.embed import stream_audio
-    from mert_pipeline.probe import load_probe_data
+    from mert_pipeline.probe import clip_blocks, load_probe_data
     from mert_pipeline.teachers.kmeans import JointCounts, assign
 
     dataset = load_probe_data(data, per_class=per_class, seed=seed)
@@ -121,8 +118,7 @@ def label_quality(
         raise ValueError(f"{data}: fewer than two classes with readable audio")
     counts = [JointCounts(len(classes), len(c)) for c in centroids]
     for clip, label in zip(dataset.clips, dataset.labels, strict=True):
-        blocks = [clip] if isinstance(clip, np.ndarray) else stream_audio(clip)
-        for states in extractor.stream(blocks, every_layer=True):
+        for states in extractor.stream(clip_blocks(clip), every_layer=True):
             truth = np.full(states.shape[1], classes.index(label))
             for layer, layer_centroids in enumerate(centroids):
                 counts[layer].update(truth, assign(states[layer], layer_centroids))

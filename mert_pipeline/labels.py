@@ -275,7 +275,7 @@ def probe_quality(teacher: KMeansTeacher, data: ProbeData) -> dict[str, Any]:
     """What a k-means teacher's labels of labelled clips (a `probe.ProbeData`) hold about their classes,
     over every frame of every clip (fairseq's measure_teacher_quality with the class as the reference):
     MI(class; label) / H(class), the purity of the class given the label, NMI, MI in bits."""
-    from mert_pipeline.embed import stream_audio
+    from mert_pipeline.probe import clip_blocks
 
     classes = sorted(set(data.labels))
     if len(classes) < 2:
@@ -283,8 +283,7 @@ def probe_quality(teacher: KMeansTeacher, data: ProbeData) -> dict[str, Any]:
     counts = JointCounts(len(classes), teacher.num_classes)
     for clip, label in zip(data.clips, data.labels, strict=True):
         truth = classes.index(label)
-        blocks = [clip] if isinstance(clip, np.ndarray) else stream_audio(clip)
-        for labels in teacher.label_blocks(blocks):
+        for labels in teacher.label_blocks(clip_blocks(clip)):
             counts.update(np.full(len(labels), truth), labels)
     m = counts.metrics()
     return {

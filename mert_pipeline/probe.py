@@ -215,9 +215,9 @@ def probe_features(
         if length > LONG_CLIP:
             for i in indices:
                 for name, embedder in models.items():
-                    out[name][i] = _pool_stream(embedder, _blocks(clips[i]), pool)
+                    out[name][i] = _pool_stream(embedder, clip_blocks(clips[i]), pool)
                 if mfcc:
-                    out[MFCC_NAME][i] = _mfcc_stream(_blocks(clips[i]))
+                    out[MFCC_NAME][i] = _mfcc_stream(clip_blocks(clips[i]))
             continue
         for start in range(0, len(indices), batch):
             group = indices[start : start + batch]
@@ -231,7 +231,8 @@ def probe_features(
     return {name: np.stack(features) for name, features in out.items()}  # type: ignore[arg-type]
 
 
-def _blocks(clip: Clip) -> Any:
+def clip_blocks(clip: Clip) -> Any:
+    """A clip as 24 kHz mono blocks: the in-memory array as one block, a file streamed (`stream_audio`)."""
     return stream_audio(clip) if isinstance(clip, Path) else [clip]
 
 
