@@ -6,6 +6,7 @@
       features/NAME/  ab/<id>.npy  features.parquet  rejects.jsonl  features.json  stats.npz  sample.npy
       kmeans/NAME/  centroids.npy  fit.json;  kmeans/last.json                       `kmeans fit`
       bestrq/<hash>.npz                                                              BEST-RQ quantizers
+      dedup/  fingerprints/ab/<hash>.npy  files.parquet  groups.jsonl  dropped.parquet  dedup.json   `dedup`
       labels/NAME/  ab/<id>.npy  labels.parquet  rejects.jsonl  teacher.json  report.json   `tokenize`
       shards/                                          `shard`'s default SHARDS (format: `shards.py`)
       remote_shards/<hash>/                            bookkeeping of a SHARDS that is a URL
@@ -217,6 +218,39 @@ class KMeansFit:
 
 
 @dataclass(frozen=True)
+class DedupDir:
+    """`dedup`'s output: Chromaprint fingerprints (named by the resampled file's content hash, so a rerun
+    fingerprints only new audio), the files' keep-rule facts, the duplicate groups and the dropped records."""
+
+    path: Path
+
+    @property
+    def fingerprints(self) -> Path:
+        return self.path / "fingerprints"
+
+    def fingerprint(self, content_hash: str) -> Path:
+        """fingerprints/ab/<first 16 hex digits of the content hash>.npy (checked like an id)."""
+        return self.fingerprints / id_relpath(content_hash[:16], ".npy")
+
+    @property
+    def files(self) -> Path:
+        return self.path / "files.parquet"
+
+    @property
+    def groups(self) -> Path:
+        return self.path / "groups.jsonl"
+
+    @property
+    def dropped(self) -> Path:
+        """The audio manifest's records of the dropped files: with the kept ones, `dedup`'s whole input."""
+        return self.path / "dropped.parquet"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "dedup.json"
+
+
+@dataclass(frozen=True)
 class Workdir:
     """One WORKDIR: the paths of every stage's outputs (module docstring)."""
 
@@ -276,6 +310,10 @@ class Workdir:
     @property
     def bestrq(self) -> Path:
         return self.root / "bestrq"
+
+    @property
+    def dedup(self) -> DedupDir:
+        return DedupDir(self.root / "dedup")
 
     @property
     def default_shards(self) -> Path:

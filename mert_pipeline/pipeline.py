@@ -283,6 +283,58 @@ def resample(
     return check_accepted(report, Workdir(config.workdir).audio().rejects, "files of the manifest")
 
 
+def dedup(
+    workdir: Path | str,
+    *,
+    keep: tuple[str, ...] | list[str] = (),
+    settings: Any = None,
+    files_per_task: int = 64,
+    executor: ExecutorConfig | None = None,
+    progress: Progress | None = None,
+) -> StageReport:
+    """Near-duplicate recordings: fingerprint every resampled file, find the pairs that share index keys
+    (partitioned by hash), verify each by alignment, keep one file of each group and drop the others from
+    the audio manifest as rejects `near_duplicate` (`mert_pipeline.dedup`, `stages/dedup.py`). `keep`: ids
+    or source paths never dropped. Returns the search stage's report (its summary: groups, hours dropped,
+    examples); the fingerprints' report is reported to `progress` too."""
+    from mert_pipeline import chromaprint
+    from mert_pipeline.dedup import DedupSettings
+    from mert_pipeline.stages.dedup import DedupConfig, DedupStage, FingerprintStage
+
+    try:
+        chromaprint.library()
+    except chromaprint.ChromaprintMissing as exc:
+        raise PipelineError(f"{exc}; or turn the step off (`run --no-dedup`)") from exc
+    config = _build(
+        lambda: DedupConfig(
+            workdir=existing_workdir(workdir),
+            settings=settings or DedupSettings(),
+            keep=tuple(_keep_entry(item) for item in keep),
+            files_per_task=files_per_task,
+        )
+    )
+    run_stage(FingerprintStage(config), executor, progress)
+    report = run_stage(DedupStage(config), executor, progress, unit="postings")
+    return check_accepted(report, Workdir(config.workdir).audio().rejects, "resampled files")
+
+
+def _keep_entry(item: str) -> str:
+    """A keep-list entry as dedup compares it: an id as it is, a path made absolute (as the manifest is)."""
+    from mert_pipeline.layout import is_id
+
+    text = str(item).strip()
+    return text if is_id(text) or "://" in text else str(Path(text).resolve())
+
+
+def read_keep_list(path: Path | str) -> tuple[str, ...]:
+    """A keep list file: one id or path a line; blank lines and lines starting with # are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise PipelineError(f"cannot read the keep list {path}: {exc.strerror or exc}") from exc
+    return tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+
+
 def rvq_teacher(
     workdir: Path | str,
     *,
@@ -818,6 +870,9 @@ class PipelineConfig:
     # resample
     format: str = "flac"
     bits: int = 16
+    # dedup (near-duplicate recordings): on by default; `keep` lists ids or paths never dropped
+    dedup: bool = True
+    keep: tuple[str, ...] = ()
     # the RVQ teacher
     codec_checkpoint: str | None = None
     bandwidth: float = 6.0
@@ -835,6 +890,7 @@ class PipelineConfig:
         object.__setattr__(self, "roots", tuple(str(r) for r in roots))
         object.__setattr__(self, "workdir", Path(self.workdir))
         object.__setattr__(self, "teachers", parse_teachers(self.teachers))
+        object.__setattr__(self, "keep", tuple(str(item) for item in self.keep))
         if self.shards is not None:
             object.__setattr__(self, "shards", str(self.shards))
         if self.codec_checkpoint is not None:
@@ -912,8 +968,8 @@ def run_pipeline(
     executor: ExecutorConfig | None = None,
     progress: Progress | None = None,
 ) -> PipelineReport:
-    """manifest -> resample -> every teacher (k-means fits and BEST-RQ statistics included) -> shard ->
-    verify, with WORKDIR locked throughout. Every stage resumes: calling it again after an interruption
+    """manifest -> resample -> dedup -> every teacher (k-means fits and BEST-RQ statistics included) ->
+    shard -> verify, with WORKDIR locked throughout. Every stage resumes: calling it again after an interruption
     redoes only unfinished tasks and those whose input changed. Writes WORKDIR/stats/run.json."""
     start = time.perf_counter()
     progress = progress or Progress()
@@ -925,6 +981,13 @@ def run_pipeline(
     shard_out = shards_location(config.shards) if config.shards else Workdir(workdir).default_shards
     if isinstance(shard_out, Path):
         check_workdir(shard_out)
+    if config.dedup:
+        from mert_pipeline import chromaprint
+
+        try:
+            chromaprint.library()
+        except chromaprint.ChromaprintMissing as exc:
+            raise PipelineError(f"{exc}; or turn the step off (`run --no-dedup`)") from exc
     rvq = None
     if "rvq" in config.teachers:
         with progress.status("loading the EnCodec weights"):
@@ -951,6 +1014,8 @@ def run_pipeline(
         )
         output = OutputSpec(format=config.format.upper(), bits=config.bits)
         report.stages.append(resample(workdir, output=output, executor=executor, progress=progress))
+        if config.dedup:
+            report.stages.append(dedup(workdir, keep=config.keep, executor=executor, progress=progress))
         names = []
         for item in config.teachers:
             if item == "rvq":

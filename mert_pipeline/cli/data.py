@@ -1,4 +1,5 @@
-"""Data commands: `manifest` (probe the collection) and `resample` (mono 24 kHz audio)."""
+"""Data commands: `manifest` (probe the collection), `resample` (mono 24 kHz audio), `dedup` (one copy of
+each recording)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from typing import Annotated
 import typer
 
 from mert_pipeline import pipeline
-from mert_pipeline.cli.common import errors, fail, progress, with_executor
+from mert_pipeline.cli.common import errors, fail, note, progress, with_executor
 from mert_pipeline.executor import ExecutorConfig
 from mert_pipeline.manifests.records import DEFAULT_SEED
 from mert_pipeline.resample import OutputSpec
@@ -124,3 +125,75 @@ def resample(
             executor=executor,
             progress=shown,
         )
+
+
+@with_executor()
+def dedup(
+    workdir: Annotated[Path, typer.Argument(help="WORKDIR holding audio_24k/ (from `resample`).")],
+    keep: Annotated[
+        Path | None,
+        typer.Option(
+            "--keep",
+            metavar="FILE",
+            help="Ids or paths never dropped, one a line (# comments).",
+        ),
+    ] = None,
+    min_coverage: Annotated[
+        float,
+        typer.Option(
+            "--min-coverage",
+            min=0.01,
+            max=1.0,
+            help="Fraction of the shorter file that must match the longer one.",
+        ),
+    ] = 0.8,
+    max_error: Annotated[
+        float,
+        typer.Option(
+            "--max-error", min=0.01, max=0.49, help="Bit error rate under which fingerprint items match."
+        ),
+    ] = 0.25,
+    files_per_task: Annotated[
+        int, typer.Option("--files-per-task", min=1, help="Files per fingerprint task.")
+    ] = 64,
+    *,
+    executor: ExecutorConfig,
+) -> None:
+    """Find near-duplicate recordings and keep one of each: the step `run` takes after resample.
+
+    Chromaprint fingerprints every resampled file (WORKDIR/dedup/fingerprints/, reused by reruns); pairs
+    that share index keys are found by hash partition and verified by alignment. Each group keeps the
+    longest file, then lossless over lossy, then the higher source rate, then the smallest id (or a file
+    of --keep). The others leave WORKDIR/audio_24k/manifest.parquet and its tsv files for its
+    rejects.jsonl (reason near_duplicate, naming the kept file, the overlap and the score). Writes
+    WORKDIR/dedup/groups.jsonl and dedup.json. See docs/dedup.md.
+    """
+    from mert_pipeline.dedup import DedupSettings
+
+    try:
+        settings = DedupSettings(min_coverage=min_coverage, max_error=max_error)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    with errors():
+        entries = pipeline.read_keep_list(keep) if keep else ()
+        with progress() as shown:
+            report = pipeline.dedup(
+                workdir,
+                keep=entries,
+                settings=settings,
+                files_per_task=files_per_task,
+                executor=executor,
+                progress=shown,
+            )
+    counts = report.summary.get("counts", {})
+    note(
+        f"dedup: {counts.get('files_seen', 0)} files, {counts.get('groups', 0)} groups of one recording, "
+        f"{counts.get('dropped', 0)} files dropped ({counts.get('dropped_hours', 0):.3f} h), "
+        f"{counts.get('accepted', 0)} kept; groups in {report.summary.get('outputs', {}).get('groups')}"
+    )
+    for group in report.summary.get("examples", [])[:3]:
+        for item in group["dropped"][:2]:
+            note(
+                f"  {item['path']} -> kept {group['kept']['path']} "
+                f"({item['overlap_seconds']:.1f} s overlap, score {item['score']:.3f})"
+            )

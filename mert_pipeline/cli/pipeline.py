@@ -50,6 +50,13 @@ def run(
     deep: Annotated[bool, typer.Option("--deep", help="manifest: decode every sample when probing.")] = False,
     fmt: Annotated[str, typer.Option("--format", metavar="flac|wav", help="resample: flac or wav.")] = "flac",
     bits: Annotated[int, typer.Option("--bits", help="resample: 16 or 24 bits.")] = 16,
+    no_dedup: Annotated[
+        bool, typer.Option("--no-dedup", help="dedup: keep near-duplicate recordings (the step is on).")
+    ] = False,
+    keep: Annotated[
+        Path | None,
+        typer.Option("--keep", metavar="FILE", help="dedup: ids or paths never dropped, one a line."),
+    ] = None,
     codec_checkpoint: Annotated[
         Path | None,
         typer.Option(
@@ -82,7 +89,7 @@ def run(
     *,
     executor: ExecutorConfig,
 ) -> None:
-    """Make verified shards of a music collection: manifest, resample, every teacher, shard, verify.
+    """Make verified shards of a music collection: manifest, resample, dedup, every teacher, shard, verify.
 
     This is the command to run on your own music. Everything it needs (the roots, the EnCodec weights,
     writable outputs) is checked before the first stage starts. Every stage is resumable: run the same
@@ -101,6 +108,8 @@ def run(
             deep=deep,
             format=fmt,
             bits=bits,
+            dedup=not no_dedup,
+            keep=pipeline.read_keep_list(keep) if keep else (),
             codec_checkpoint=str(codec_checkpoint) if codec_checkpoint else None,
             bandwidth=bandwidth,
             device=device,
