@@ -43,7 +43,7 @@ REJECT_REASONS: dict[str, str] = {
     "silent": "all samples are (near) zero and --on-silence is reject",
     "clipped": "too many samples at full scale and --on-clipping is reject",
     # dedup
-    "near_duplicate": "the same recording as a file kept (another encoding, rate, gain, silence or a crop of it)",
+    "near_duplicate": "the same recording as a kept file (other codec, rate, gain, length, or a part of it)",
     # teachers
     "label_mismatch": "teacher labels are not int16 of shape (n_q, ceil(num_samples / hop))",
     # shard and export

@@ -296,7 +296,7 @@ def dedup(
     (partitioned by hash), verify each by alignment, keep one file of each group and drop the others from
     the audio manifest as rejects `near_duplicate` (`mert_pipeline.dedup`, `stages/dedup.py`). `keep`: ids
     or source paths never dropped. Returns the search stage's report (its summary: groups, hours dropped,
-    examples); the fingerprints' report is reported to `progress` too."""
+    examples; `fingerprints`: the fingerprint stage's counts; seconds: both stages')."""
     from mert_pipeline import chromaprint
     from mert_pipeline.dedup import DedupSettings
     from mert_pipeline.stages.dedup import DedupConfig, DedupStage, FingerprintStage
@@ -313,8 +313,10 @@ def dedup(
             files_per_task=files_per_task,
         )
     )
-    run_stage(FingerprintStage(config), executor, progress)
+    fingerprints = run_stage(FingerprintStage(config), executor, progress)
     report = run_stage(DedupStage(config), executor, progress, unit="postings")
+    report.summary["fingerprints"] = fingerprints.summary.get("counts", {})  # one step in `run`'s table
+    report.seconds += fingerprints.seconds
     return check_accepted(report, Workdir(config.workdir).audio().rejects, "resampled files")
 
 
@@ -969,8 +971,8 @@ def run_pipeline(
     progress: Progress | None = None,
 ) -> PipelineReport:
     """manifest -> resample -> dedup -> every teacher (k-means fits and BEST-RQ statistics included) ->
-    shard -> verify, with WORKDIR locked throughout. Every stage resumes: calling it again after an interruption
-    redoes only unfinished tasks and those whose input changed. Writes WORKDIR/stats/run.json."""
+    shard -> verify, with WORKDIR locked throughout. Every stage resumes: calling it again after an
+    interruption redoes only unfinished tasks and those whose input changed. Writes WORKDIR/stats/run.json."""
     start = time.perf_counter()
     progress = progress or Progress()
     executor = executor or ExecutorConfig()

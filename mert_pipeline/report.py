@@ -115,7 +115,20 @@ def workdir_stats(workdir: Path) -> dict[str, Any]:
     if audio.manifest.exists():
         rows = _read_column(audio.manifest, ["duration"])
         stats["resampled"] = {"files": len(rows["duration"]), "hours": float(sum(rows["duration"]) / 3600)}
-        stats["rejects"]["resample"] = _rejects(audio.rejects)
+        rejects = _rejects(audio.rejects)  # dedup's rejects join resample's in the audio rejects
+        stats["rejects"]["resample"] = {k: v for k, v in rejects.items() if k != "near_duplicate"}
+        if "near_duplicate" in rejects:
+            stats["rejects"]["dedup"] = {"near_duplicate": rejects["near_duplicate"]}
+    if layout.dedup.summary.exists():
+        found = json.loads(layout.dedup.summary.read_text())
+        counts = found.get("counts", {})
+        stats["dedup"] = {
+            "groups": counts.get("groups", 0),
+            "dropped_files": counts.get("dropped", 0),
+            "dropped_hours": counts.get("dropped_hours", 0.0),
+            "kept_by_keep_list": counts.get("kept_by_keep_list", 0),
+            "examples": found.get("examples", []),
+        }
     teachers, tables = {}, {}
     for name, facts in label_sets(workdir).items():
         label_set = layout.labels(name)
@@ -301,7 +314,10 @@ def render_markdown(stats: dict[str, Any], plots: dict[str, Path]) -> str:
     lines += ["", "## Rejects", "", "| stage | reason | files |", "|---|---|---:|"]
     rows = [(s, r, n) for s, group in stats["rejects"].items() for r, n in group.items()]
     lines += [f"| {s} | {r} | {n} |" for s, r, n in rows] or ["| (none) | | 0 |"]
-    lines += ["", "![rejects](rejects.png)", "", "## Codebook usage", ""]
+    lines += ["", "![rejects](rejects.png)", ""]
+    if "dedup" in stats:
+        lines += _dedup_markdown(stats["dedup"])
+    lines += ["## Codebook usage", ""]
     if stats["teachers"]:
         lines += ["| teacher | codebook | codes | used | entropy (bits) | perplexity | frames |"]
         lines += ["|---|---:|---:|---:|---:|---:|---:|"]
@@ -329,6 +345,29 @@ def render_markdown(stats: dict[str, Any], plots: dict[str, Path]) -> str:
             lines += ["", "![agreement](agreement.png)"]
         lines.append("")
     return "\n".join(lines)
+
+
+def _dedup_markdown(dedup: dict[str, Any]) -> list[str]:
+    """The near-duplicate groups `dedup` found: counts, hours removed, a few examples with their scores."""
+    lines = [
+        "## Near-duplicate recordings",
+        "",
+        f"{dedup['groups']} groups of one recording; {dedup['dropped_files']} files dropped "
+        f"({dedup['dropped_hours']:.3f} h), one file kept per group"
+        + (f"; {dedup['kept_by_keep_list']} more kept by the keep list" if dedup["kept_by_keep_list"] else "")
+        + ".",
+        "",
+    ]
+    if dedup["examples"]:
+        lines += ["| kept | dropped | overlap (s) | score |", "|---|---|---:|---:|"]
+        for group in dedup["examples"]:
+            for item in group["dropped"][:3]:
+                lines.append(
+                    f"| {group['kept']['path']} | {item['path']} | {item['overlap_seconds']:.1f} "
+                    f"| {item['score']:.3f} |"
+                )
+        lines.append("")
+    return lines
 
 
 def default_report_dir(source: Location) -> Path:

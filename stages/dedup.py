@@ -501,7 +501,7 @@ class DedupStage:
         audio, out = self.config.audio, self.config.out
         root = str(audio.path)
         tag = hashlib.sha256(json.dumps(sorted(dropped)).encode()).hexdigest()[:16]
-        counts = Counter()
+        counts: Counter = Counter()
         with (
             ManifestWriter(
                 audio.manifest, root, record_type=ResampledRecord, metadata={META_DEDUP: tag}
@@ -519,6 +519,7 @@ class DedupStage:
                 record = ResampledRecord(**row)
                 verdict = dropped.get(record.id)
                 counts["files_seen"] += 1
+                counts["audio_seconds"] += record.duration
                 if verdict is None:
                     manifest.write(record)
                     (train if record.split == "train" else valid).write(record.relpath, record.num_samples)

@@ -160,6 +160,12 @@ def stats(
         f"stats: {result['hours']:.3f} h in {count} {unit}, "
         f"{rejects} rejects, {len(result['teachers'])} teachers, in {time.perf_counter() - start:.1f} s"
     )
+    if "dedup" in result:
+        found = result["dedup"]
+        note(
+            f"  dedup: {found['groups']} groups of one recording, {found['dropped_files']} files dropped "
+            f"({found['dropped_hours']:.3f} h)"
+        )
     for name, facts in result["teachers"].items():
         used = [row for row in facts["codebooks"] if row is not None]
         if used:

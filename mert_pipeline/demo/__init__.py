@@ -1,10 +1,10 @@
 """The demo: the whole toolkit on a small corpus it synthesizes itself, with no data, cluster or download.
 
 `run_demo(OUT)` writes OUT/corpus (music-like tracks in several formats, rates and channel counts, plus a
-few broken files and edge cases so that rejects show up), runs the pipeline on it into OUT/work and
-OUT/shards, trains the tiny model on the shards (OUT/run), exports it for transformers (OUT/hf), probes it
-against a random init (OUT/probe) and writes the statistics report (OUT/work/stats/report). Every part
-resumes, so calling it again skips finished work.
+few broken files, edge cases and two near-duplicate copies of a track so that rejects show up), runs the
+pipeline on it into OUT/work and OUT/shards, trains the tiny model on the shards (OUT/run), exports it for
+transformers (OUT/hf), probes it against a random init (OUT/probe) and writes the statistics report
+(OUT/work/stats/report). Every part resumes, so calling it again skips finished work.
 
 Without internet the EnCodec weights cannot be downloaded; the demo then labels with the test codec
 (`demo.test_codec`: the real architecture with random weights), and says so loudly: its codes exercise
@@ -86,7 +86,12 @@ def run_demo(
     if not done_flag.exists():
         with progress.status("synthesizing the demo corpus"):
             synthesize_demo_corpus(
-                corpus, n_tracks=tracks, seed=seed, with_bad_files=True, with_edge_cases=True
+                corpus,
+                n_tracks=tracks,
+                seed=seed,
+                with_bad_files=True,
+                with_edge_cases=True,
+                with_near_duplicates=True,
             )
         atomic_write_text(done_flag, f"tracks={tracks} seed={seed}\n")
     progress.note(f"corpus: {corpus}")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import soxr
 
 __all__ = [
     "TrackSpec",
@@ -708,16 +709,44 @@ def write_edge_cases(root: Path) -> dict[str, str]:
     return expected
 
 
-def synthesize_demo_corpus(
-    root: Path, n_tracks: int = 24, seed: int = 0, with_bad_files: bool = True, with_edge_cases: bool = False
-) -> tuple[list[Path], dict[str, str]]:
-    """One call for demos and tests: plan + write the corpus, optionally add the broken and edge files.
+def write_near_duplicates(root: Path, track: Path) -> dict[str, str]:
+    """Write two more copies of one recording under root/copies/, as collections hold them: a radio edit
+    (the middle 60% of the track, as Ogg Vorbis) and a quieter 48 kHz remaster 0.1 s shorter. `dedup`
+    keeps the original (the longest) and rejects both as `near_duplicate`: maps their relpaths to that."""
+    root = Path(root)
+    audio, rate = sf.read(track, dtype="float32", always_2d=True)
+    copies = root / "copies"
+    copies.mkdir(parents=True, exist_ok=True)
+    start, stop = int(0.2 * len(audio)), int(0.8 * len(audio))
+    edit = copies / f"{track.stem}_radio_edit.ogg"
+    sf.write(edit, audio[start:stop], rate, format="OGG", subtype="VORBIS")
+    _fix_ogg_serial(edit, 0x5EED)
+    remaster = copies / f"{track.stem}_remaster.wav"
+    quieter = soxr.resample(audio * 0.5, rate, 48000) if rate != 48000 else audio * 0.5
+    sf.write(remaster, quieter[: int(len(audio) * 48000 / rate) - 4800], 48000, subtype="PCM_16")
+    _zero_wav_peak_timestamp(remaster)
+    return {f"copies/{edit.name}": "near_duplicate", f"copies/{remaster.name}": "near_duplicate"}
 
-    Returns the track paths and the expected outcome of each broken/edge file by relpath.
+
+def synthesize_demo_corpus(
+    root: Path,
+    n_tracks: int = 24,
+    seed: int = 0,
+    with_bad_files: bool = True,
+    with_edge_cases: bool = False,
+    with_near_duplicates: bool = False,
+) -> tuple[list[Path], dict[str, str]]:
+    """One call for demos and tests: plan + write the corpus, optionally add the broken and edge files and
+    two near-duplicate copies of the longest track.
+
+    Returns the track paths and the expected outcome of each broken/edge/copied file by relpath.
     """
     root = Path(root)
     paths = write_corpus(root, plan_corpus(n_tracks=n_tracks, seed=seed))
     expected = write_bad_files(root) if with_bad_files else {}
     if with_edge_cases:
         expected.update(write_edge_cases(root))
+    if with_near_duplicates:
+        longest = max(paths, key=lambda path: (sf.info(path).duration, -paths.index(path)))
+        expected.update(write_near_duplicates(root, longest))
     return paths, expected

@@ -306,13 +306,14 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert "stats_report" in result.stderr
     work = tmp_path / "demo" / "work"
     records = list(iter_records(work / "manifest.parquet"))
-    assert len(records) == 6 + 5  # the tracks and the edge cases a quick probe accepts
+    assert len(records) == 6 + 5 + 2  # the tracks, the edge cases a quick probe accepts, two copies
     reasons = sorted(r.reason for r in iter_rejects(work / "rejects.jsonl"))
     assert reasons == ["decode_error", "empty", "extension", "not_audio", "not_audio", "too_short"]
     resampled = list(iter_records(work / "audio_24k/manifest.parquet", record_type=ResampledRecord))
     assert len(resampled) == 6 + 3 and all(r.sampling_rate == 24000 and r.channels == 1 for r in resampled)
     reasons = sorted(r.reason for r in iter_rejects(work / "audio_24k/rejects.jsonl"))
-    assert reasons == ["decode_error", "non_finite"]
+    assert reasons == ["decode_error", "near_duplicate", "near_duplicate", "non_finite"]  # dedup's too
+    assert "1 groups of one recording" in (work / "stats/report/report.md").read_text()
     labels = list(iter_records(work / "labels/rvq/labels.parquet", record_type=LabelRecord))
     assert sorted(r.id for r in labels) == sorted(r.id for r in resampled)
     assert all(r.n_q == 8 and r.frames == -(-r.num_samples // 320) for r in labels)
@@ -374,6 +375,7 @@ def test_run_makes_shards_of_every_teacher_in_one_command_and_resumes(
     assert [s["stage"] for s in run["stages"]] == [
         "manifest",
         "resample",
+        "dedup",
         "tokenize_rvq",
         "features_mfcc",
         "tokenize_kmeans8",

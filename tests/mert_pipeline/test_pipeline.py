@@ -98,6 +98,7 @@ def test_the_readme_example_runs_as_written(
     assert [s["stage"] for s in run["stages"]] == [
         "manifest",
         "resample",
+        "dedup",
         "tokenize_rvq",
         "features_mfcc",
         "tokenize_kmeans100",

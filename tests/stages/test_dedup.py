@@ -174,3 +174,17 @@ def test_run_without_dedup_keeps_every_copy(
     assert not np.any(
         [r.reason == "near_duplicate" for r in iter_rejects(Workdir(tmp_path / "w").audio().rejects)]
     )
+
+
+def test_ray_executor_gives_identical_verdicts(
+    deduped: tuple[Path, dict[str, Path], dict], tmp_path: Path, ray_cluster: None
+) -> None:
+    work, _, _ = deduped
+    copy_work = tmp_path / "work"
+    shutil.copytree(work, copy_work, ignore=shutil.ignore_patterns(".lock"))
+    ray = ExecutorConfig(kind="ray", force=True)
+    report = pipeline.dedup(copy_work, executor=ray, files_per_task=2)  # three fingerprint tasks on Ray
+    assert report.done == report.tasks
+    assert (copy_work / "dedup/groups.jsonl").read_bytes() == (work / "dedup/groups.jsonl").read_bytes()
+    for path in ("dedup/dropped.parquet", "audio_24k/manifest.parquet"):  # the same rows (another root)
+        assert pq.read_table(copy_work / path).to_pylist() == pq.read_table(work / path).to_pylist()
