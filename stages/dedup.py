@@ -234,6 +234,7 @@ class FingerprintStage:
                 files_of.append(np.full(len(keys), number, np.uint64))
                 parts.append({**row, "items": int(len(fp)), "error": ""})
                 stats["files"] += 1
+                stats["audio_seconds"] += float(row["duration"])
                 stats["items"] += len(fp)
                 stats["postings"] += len(keys)
         keys = np.concatenate(keys_of) if keys_of else np.zeros(0, np.uint32)
@@ -273,10 +274,8 @@ class FingerprintStage:
                     )
         drop_journals(self, tasks)
         removed = prune_unlisted(out.fingerprints, kept, _FP_NAME) if out.fingerprints.is_dir() else 0
-        counts = {
-            k: stats.get(k, 0)
-            for k in ("files", "fingerprinted", "reused", "fingerprint_failed", "items", "postings")
-        }
+        names = ("fingerprinted", "reused", "fingerprint_failed", "items", "postings", "audio_seconds")
+        counts = {"files_seen": stats.get("files", 0), **{k: stats.get(k, 0) for k in names}}
         return {"counts": {**counts, "removed_stale": removed}, "outputs": {"files": str(out.files)}}
 
 
@@ -409,7 +408,8 @@ class DedupStage:
     def finalize(self, tasks: list[Task], stats: dict[str, float]) -> dict[str, Any]:
         settings = self.config.settings
         out = self.config.out
-        summary: Counter = Counter()
+        zero = ("candidate_pairs", "compared", "verified", "groups", "dropped", "dropped_seconds")
+        summary: Counter = Counter(dict.fromkeys(zero, 0))
         # pass 1: which files are in a candidate pair at all (few: mostly the true duplicates)
         wanted: set[int] = set()
         for unique, shared in self._candidates(tasks):
