@@ -97,9 +97,11 @@ def transform(name: str, audio: np.ndarray, rate: int, out: Path) -> Path:
         subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(path), str(wav)], check=True)
         path.unlink()
         path = wav
-    elif name == "ogg_vorbis_q0":
-        path = out.with_suffix(".ogg")
-        sf.write(path, stereo, rate, format="OGG", subtype="VORBIS", compression_level=1.0)
+    elif name == "ogg_vorbis_q0":  # lowest Vorbis quality (about 64 kbps); in blocks: libsndfile's
+        path = out.with_suffix(".ogg")  # Vorbis and MP3 writers crash on whole long tracks at once
+        with sf.SoundFile(path, "w", rate, 2, format="OGG", subtype="VORBIS", compression_level=1.0) as o:
+            for start in range(0, len(stereo), 1 << 16):
+                o.write(stereo[start : start + (1 << 16)])
     else:
         path, subtype, data, new_rate = out.with_suffix(".flac"), "PCM_16", stereo, rate
         if name == "rate_22050":

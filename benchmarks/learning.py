@@ -97,7 +97,7 @@ def pipeline(root: Path, teacher: str, name: str) -> dict[str, float]:
 def iterate(root: Path, teacher: str, name: str) -> dict[str, float]:
     """`mert-pipe iterate` on BASE's WORKDIR from BASE's run (`iterK@BASE`); its wall time."""
     label, base = teacher.split("@")
-    timing = root / "runs" / f"{name}-{teacher}" / "iterate_seconds.json"
+    timing = root / "runs" / f"{name}-{teacher}.iterate_seconds.json"  # beside the run: train wants it empty
     if not timing.exists():
         k = label[len("iter") :]
         start = time.perf_counter()

@@ -60,6 +60,12 @@ def deduped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, P
     return work, files, _dedup_all(work)
 
 
+def _copy(work: Path, tmp_path: Path) -> Path:
+    """The shared WORKDIR copied, for a test that changes it."""
+    shutil.copytree(work, tmp_path / "work", ignore=shutil.ignore_patterns(".lock"))
+    return tmp_path / "work"
+
+
 def _rejected(work: Path) -> dict[str, str]:
     rejects = iter_rejects(Workdir(work).audio().rejects)
     return {r.path: r.detail for r in rejects if r.reason == "near_duplicate"}
@@ -124,8 +130,7 @@ def test_added_file_is_the_only_one_fingerprinted(
     deduped: tuple[Path, dict[str, Path], dict], tmp_path: Path
 ) -> None:
     work, files, _ = deduped
-    copy_work = tmp_path / "work"
-    shutil.copytree(work, copy_work, ignore=shutil.ignore_patterns(".lock"))
+    copy_work = _copy(work, tmp_path)
     corpus = files["piece0"].parents[1]
     extra = tmp_path / "more" / "piece0-mono-22k.wav"
     extra.parent.mkdir()
@@ -144,8 +149,7 @@ def test_keep_list_through_the_cli_and_resample_undoes_until_dedup(
     deduped: tuple[Path, dict[str, Path], dict], tmp_path: Path
 ) -> None:
     work, files, _ = deduped
-    copy_work = tmp_path / "work"
-    shutil.copytree(work, copy_work, ignore=shutil.ignore_patterns(".lock"))
+    copy_work = _copy(work, tmp_path)
     pipeline.resample(copy_work, executor=LOCAL)  # the step not taken: every file is back
     assert len(_listed(copy_work)) == 6
     keep = tmp_path / "keep.txt"
@@ -180,8 +184,7 @@ def test_ray_executor_gives_identical_verdicts(
     deduped: tuple[Path, dict[str, Path], dict], tmp_path: Path, ray_cluster: None
 ) -> None:
     work, _, _ = deduped
-    copy_work = tmp_path / "work"
-    shutil.copytree(work, copy_work, ignore=shutil.ignore_patterns(".lock"))
+    copy_work = _copy(work, tmp_path)
     ray = ExecutorConfig(kind="ray", force=True)
     report = pipeline.dedup(copy_work, executor=ray, files_per_task=2)  # three fingerprint tasks on Ray
     assert report.done == report.tasks
