@@ -48,7 +48,7 @@ class DedupSettings:
     sample_mod: int = 4  # index keys: items whose hash is 0 mod this (1 in 4)
     min_shared: int = 2  # keys two files share before they are compared
     max_df: int = 100  # a key held by more files is a stop key (generic sound), not a candidate source
-    max_error: float = 0.25  # an item matches when its window's bit error rate is under this
+    max_error: float = 0.2  # an item matches when its window's bit error rate is under this (benchmark)
     window: int = 8  # items (1 s) over which the bit error rate is smoothed
     min_coverage: float = 0.8  # fraction of the shorter file's informative items that must match
     min_overlap_seconds: float = 5.0  # and at least this much audio

@@ -152,7 +152,7 @@ def dedup(
         typer.Option(
             "--max-error", min=0.01, max=0.49, help="Bit error rate under which fingerprint items match."
         ),
-    ] = 0.25,
+    ] = 0.2,
     files_per_task: Annotated[
         int, typer.Option("--files-per-task", min=1, help="Files per fingerprint task.")
     ] = 64,
