@@ -119,8 +119,10 @@ def transform(name: str, audio: np.ndarray, rate: int, out: Path) -> Path:
             data = np.concatenate([pad, stereo, pad[: 2 * rate]])
         elif name == "silence_trimmed":
             data = stereo[int(1.5 * rate) : len(stereo) - 2 * rate]
-        elif name == "crop_30s":
-            start = len(stereo) // 3
+        elif name == "crop_30s":  # the loudest 30 s (some game tracks are mostly silence after a cue)
+            power = np.add.reduceat((stereo**2).sum(axis=1), np.arange(0, len(stereo), rate))
+            window = np.convolve(power, np.ones(30), mode="valid")
+            start = int(np.argmax(window)) * rate if len(window) else 0
             data = stereo[start : start + 30 * rate]
         elif name == "crop_60pct":
             data = stereo[int(0.2 * len(stereo)) : int(0.8 * len(stereo))]
@@ -140,24 +142,27 @@ def build_quality_corpus(root: Path, tracks: int, copies_per_transform: int) -> 
     truth_file = root / "truth.json"
     if truth_file.exists():
         return json.loads(truth_file.read_text())
-    if corpus.exists():
-        shutil.rmtree(corpus)
     sources = source_tracks(root, tracks)
     originals, copies = [], []
-    for i, source in enumerate(sources):
-        audio, rate = sf.read(source, dtype="float32", always_2d=True)
+    for i, source in enumerate(sources):  # files already written are kept: an interrupted build resumes
         target = corpus / "originals" / f"{i:03d}_{source.parent.name}_{source.stem}.flac"
         target.parent.mkdir(parents=True, exist_ok=True)
-        sf.write(target, audio, rate, subtype="PCM_16")
+        if not target.exists():
+            audio, rate = sf.read(source, dtype="float32", always_2d=True)
+            sf.write(target, audio, rate, subtype="PCM_16")
         package = source.parts[source.parts.index("packages") + 1]
         originals.append({"path": str(target), "package": package})
     for t, name in enumerate(TRANSFORMS):
         for c in range(copies_per_transform):
             index = (t * copies_per_transform + c) % len(originals)
-            audio, rate = sf.read(originals[index]["path"], dtype="float32", always_2d=True)
             out = corpus / "copies" / name / f"{index:03d}"
             out.parent.mkdir(parents=True, exist_ok=True)
-            path = transform(name, audio, rate, out)
+            done = [p for p in out.parent.glob(f"{out.name}.*") if ".src." not in p.name]
+            if done:
+                path = done[0]
+            else:
+                audio, rate = sf.read(originals[index]["path"], dtype="float32", always_2d=True)
+                path = transform(name, audio, rate, out)
             copies.append({"path": str(path), "original": originals[index]["path"], "transform": name})
     truth = {"originals": originals, "copies": copies}
     truth_file.write_text(json.dumps(truth, indent=1))
