@@ -81,7 +81,7 @@ class DedupConfig:
     keep: tuple[str, ...] = ()  # ids or source paths never dropped
     sample_rate: int = SAMPLE_RATE
     files_per_task: int = 64
-    postings_per_task: int = 20_000_000  # a candidate task's partition: about 240 MB of postings
+    postings_per_task: int = 12_000_000  # a search task's partition: 144 MB of postings, about 2 GB at peak
 
     def __post_init__(self) -> None:
         if self.files_per_task < 1 or self.postings_per_task < 1:
