@@ -183,7 +183,7 @@ def test_run_makes_the_music_teacher_on_log_cqt(tmp_path: Path) -> None:
     work = tmp_path / "w"
     config = PipelineConfig(roots=[str(music(tmp_path / "m", 2))], workdir=work, teachers="music8")
     report = run_pipeline(config, ExecutorConfig(workers=1))
-    assert [s.stage for s in report.stages][2:] == ["features_cqt", "tokenize_music8", "shard"]
+    assert [s.stage for s in report.stages][2:] == ["dedup", "features_cqt", "tokenize_music8", "shard"]
     fit = json.loads((work / "kmeans/cqt_k8/fit.json").read_text())
     assert fit["features_extractor"]["kind"] == "cqt" and fit["dim"] == 168
     facts = json.loads((work / "labels/music8/teacher.json").read_text())

@@ -144,7 +144,7 @@ def test_run_reads_the_corpus_from_a_bucket_and_writes_shards_to_a_bucket(tmp_pa
     assert again.returncode == 0, again.stderr
     assert storage.read_bytes(f"{shards}/{name}") == (tmp_path / "w2/shards" / name).read_bytes()
     stats = json.loads((tmp_path / "w1/stats/run.json").read_text())
-    assert [s["tasks"]["done"] for s in stats["stages"]] == [0, 0, 0, 0, 1]
+    assert [s["tasks"]["done"] for s in stats["stages"]] == [0, 0, 0, 0, 0, 1]
 
     labelled = mert_pipe("tokenize", str(tmp_path / "w1"), "--teacher", "bestrq")  # a new teacher later:
     assert labelled.returncode == 0, labelled.stderr  # label-only sidecars next to the remote shards
