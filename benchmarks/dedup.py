@@ -386,11 +386,14 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=Path.home() / ".cache" / "mert-pipeline" / "dedup")
     parser.add_argument("--parts", default="quality,speed,scale")
     parser.add_argument("--tracks", type=int, default=60, help="distinct real tracks")
-    parser.add_argument("--copies", type=int, default=4, help="copies per transformation")
+    parser.add_argument("--copies", type=int, default=10, help="copies per transformation")
     parser.add_argument("--sizes", default="10000,100000,1000000")
     args = parser.parse_args()
-    if not shutil.which("ffmpeg"):
-        raise SystemExit("ffmpeg makes the MP3 and AAC copies: apt-get install ffmpeg")
+    if not shutil.which("ffmpeg"):  # it makes the MP3 and AAC copies: Debian's, as the music is
+        if not shutil.which("apt-get"):
+            raise SystemExit("ffmpeg makes the MP3 and AAC copies: install it (a Debian or Ubuntu machine)")
+        print("installing ffmpeg with apt-get (it makes the MP3 and AAC copies)", flush=True)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "ffmpeg"], check=True)
     args.dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     out_file = args.dir / "dedup.json"
