@@ -352,7 +352,8 @@ def _dedup_markdown(dedup: dict[str, Any]) -> list[str]:
     lines = [
         "## Near-duplicate recordings",
         "",
-        f"{dedup['groups']} groups of one recording; {dedup['dropped_files']} files dropped "
+        f"{dedup['groups']} group{'' if dedup['groups'] == 1 else 's'} of one recording; "
+        f"{dedup['dropped_files']} files dropped "
         f"({dedup['dropped_hours']:.3f} h), one file kept per group"
         + (f"; {dedup['kept_by_keep_list']} more kept by the keep list" if dedup["kept_by_keep_list"] else "")
         + ".",

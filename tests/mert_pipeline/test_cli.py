@@ -313,7 +313,7 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     assert len(resampled) == 6 + 3 and all(r.sampling_rate == 24000 and r.channels == 1 for r in resampled)
     reasons = sorted(r.reason for r in iter_rejects(work / "audio_24k/rejects.jsonl"))
     assert reasons == ["decode_error", "near_duplicate", "near_duplicate", "non_finite"]  # dedup's too
-    assert "1 groups of one recording" in (work / "stats/report/report.md").read_text()
+    assert "1 group of one recording; 2 files dropped" in (work / "stats/report/report.md").read_text()
     labels = list(iter_records(work / "labels/rvq/labels.parquet", record_type=LabelRecord))
     assert sorted(r.id for r in labels) == sorted(r.id for r in resampled)
     assert all(r.n_q == 8 and r.frames == -(-r.num_samples // 320) for r in labels)
