@@ -205,11 +205,8 @@ class FingerprintStage:
         parts: list[dict[str, Any]] = []
         with Journal(self, task) as journal:
             for row in read_listing(self, task.rank):
-                if (
-                    not is_id(row["id"])
-                    or not isinstance(row["content_hash"], str)
-                    or len(row["content_hash"]) < 16
-                ):
+                digest = row["content_hash"]
+                if not is_id(row["id"]) or not isinstance(digest, str) or not is_id(digest[:16]):
                     stats["bad_record"] += 1
                     continue
                 path = out.fingerprint(row["content_hash"])
