@@ -68,6 +68,15 @@ def atomic_write_bytes(final: Path | str, data: bytes, durable: bool = True) -> 
         tmp.write_bytes(data)
 
 
+def atomic_save_npy(final: Path | str, array: Any) -> None:
+    """`np.save` of one array (no pickles) under a temporary name, renamed when whole: per-file labels,
+    features, fingerprints, centroids."""
+    import numpy as np
+
+    with atomic_path(final) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
 def atomic_write_text(final: Path | str, text: str) -> None:
     atomic_write_bytes(final, text.encode("utf-8"))
 

@@ -59,11 +59,17 @@ def write_listings(
             flush()
     if chunk:
         flush()
+    drop_ranks_from(stage, len(tasks), subdirs)
+    return tasks
+
+
+def drop_ranks_from(stage: Stage, count: int, subdirs: Iterable[str]) -> None:
+    """Delete the `subdirs` files of ranks `count` and above: tasks of an earlier, larger plan, so they can
+    leak into no merge."""
     for sub in subdirs:
         for path in (stage_dir(stage) / sub).glob("[0-9]*"):
-            if int(path.name[:5]) >= len(tasks):
+            if int(path.name[:5]) >= count:
                 path.unlink()
-    return tasks
 
 
 def read_listing(stage: Stage, rank: int) -> list[dict[str, Any]]:

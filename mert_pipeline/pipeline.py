@@ -297,14 +297,10 @@ def dedup(
     the audio manifest as rejects `near_duplicate` (`mert_pipeline.dedup`, `stages/dedup.py`). `keep`: ids
     or source paths never dropped. Returns the search stage's report (its summary: groups, hours dropped,
     examples; `fingerprints`: the fingerprint stage's counts; seconds: both stages')."""
-    from mert_pipeline import chromaprint
     from mert_pipeline.dedup import DedupSettings
     from mert_pipeline.stages.dedup import DedupConfig, DedupStage, FingerprintStage
 
-    try:
-        chromaprint.library()
-    except chromaprint.ChromaprintMissing as exc:
-        raise PipelineError(f"{exc}; or turn the step off (`run --no-dedup`)") from exc
+    check_chromaprint()
     config = _build(
         lambda: DedupConfig(
             workdir=existing_workdir(workdir),
@@ -318,6 +314,16 @@ def dedup(
     report.summary["fingerprints"] = fingerprints.summary.get("counts", {})  # one step in `run`'s table
     report.seconds += fingerprints.seconds
     return check_accepted(report, Workdir(config.workdir).audio().rejects, "resampled files")
+
+
+def check_chromaprint() -> None:
+    """Chromaprint's library loads, or a PipelineError saying how to install it (before any stage runs)."""
+    from mert_pipeline import chromaprint
+
+    try:
+        chromaprint.library()
+    except chromaprint.ChromaprintMissing as exc:
+        raise PipelineError(f"{exc}; or turn the step off (`run --no-dedup`)") from exc
 
 
 def _keep_entry(item: str) -> str:
@@ -984,12 +990,7 @@ def run_pipeline(
     if isinstance(shard_out, Path):
         check_workdir(shard_out)
     if config.dedup:
-        from mert_pipeline import chromaprint
-
-        try:
-            chromaprint.library()
-        except chromaprint.ChromaprintMissing as exc:
-            raise PipelineError(f"{exc}; or turn the step off (`run --no-dedup`)") from exc
+        check_chromaprint()
     rvq = None
     if "rvq" in config.teachers:
         with progress.status("loading the EnCodec weights"):

@@ -47,16 +47,23 @@ from mert_pipeline.dedup import (
     candidate_pairs,
     choose_kept,
     compare,
+    count_pairs,
     fingerprint_file,
     index_keys,
     is_lossless,
     mix32,
 )
 from mert_pipeline.executor import Resources, Task, marker_path, rank_path, stage_dir
-from mert_pipeline.fs import atomic_path, atomic_write_bytes, atomic_write_json, remove_stale_tmp
+from mert_pipeline.fs import (
+    atomic_path,
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_json,
+    remove_stale_tmp,
+)
 from mert_pipeline.grid import SAMPLE_RATE
 from mert_pipeline.layout import AudioDir, DedupDir, Workdir, is_id
-from mert_pipeline.listing import Journal, drop_journals, prune_unlisted, read_listing, write_listings
+from mert_pipeline.listing import drop_ranks_from, prune_unlisted, read_listing, write_listings
 from mert_pipeline.manifests.io import (
     FairseqTsvWriter,
     ManifestWriter,
@@ -70,7 +77,7 @@ META_DEDUP = "mert_pipeline.dedup"
 POSTING = np.dtype([("key", "<u4"), ("file", "<u8")])
 PAIR = np.dtype([("a", "<u8"), ("b", "<u8"), ("n", "<u4")])
 PAIR_BUCKETS = 64
-FINGERPRINT_SUBDIRS = ("listing", "parts", "postings", "journal", "completions", "stats", "errors")
+FINGERPRINT_SUBDIRS = ("listing", "parts", "postings", "completions", "stats", "errors")
 EXAMPLES = 5
 
 
@@ -148,16 +155,18 @@ def _rows(path: Path) -> Iterator[dict[str, Any]]:
         yield from batch.to_pylist()
 
 
-def _lossless_of(config: DedupConfig, ids: set[str]) -> dict[str, bool]:
-    """Whether each id's source is lossless, from the source manifest's subtype (read in batches)."""
-    found: dict[str, bool] = {}
+def _rows_of(path: Path, columns: list[str], ids: set[str]) -> Iterator[dict[str, Any]]:
+    """The rows of a manifest whose id is in `ids`, read a batch at a time (one batch in memory)."""
     wanted = pa.array(sorted(ids), pa.string())
-    for batch in iter_batches(Workdir(config.workdir).manifest, columns=["id", "subtype"]):
+    for batch in iter_batches(path, columns=columns):
         table = pa.Table.from_batches([batch])
-        table = table.filter(pc.is_in(table["id"], value_set=wanted))
-        for row in table.to_pylist():
-            found[row["id"]] = is_lossless(row["subtype"])
-    return found
+        yield from table.filter(pc.is_in(table["id"], value_set=wanted)).to_pylist()
+
+
+def _lossless_of(config: DedupConfig, ids: set[str]) -> dict[str, bool]:
+    """Whether each id's source is lossless, from the source manifest's subtype."""
+    rows = _rows_of(Workdir(config.workdir).manifest, ["id", "subtype"], ids)
+    return {row["id"]: is_lossless(row["subtype"]) for row in rows}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,37 +212,34 @@ class FingerprintStage:
         keys_of: list[np.ndarray] = []
         files_of: list[np.ndarray] = []
         parts: list[dict[str, Any]] = []
-        with Journal(self, task) as journal:
-            for row in read_listing(self, task.rank):
-                digest = row["content_hash"]
-                if not is_id(row["id"]) or not isinstance(digest, str) or not is_id(digest[:16]):
-                    stats["bad_record"] += 1
+        for row in read_listing(self, task.rank):  # a fingerprint on disk is the resume record
+            digest = row["content_hash"]
+            if not is_id(row["id"]) or not isinstance(digest, str) or not is_id(digest[:16]):
+                stats["bad_record"] += 1
+                continue
+            path = out.fingerprint(digest)
+            fp = _load_fingerprint(path)
+            if fp is None:
+                try:
+                    fp, seconds = fingerprint_file(row["path"])
+                except Exception as exc:  # noqa: BLE001 - an unreadable file stays, unfingerprinted
+                    stats["fingerprint_failed"] += 1
+                    parts.append({**row, "items": 0, "error": " ".join(str(exc).split())[:300]})
                     continue
-                path = out.fingerprint(row["content_hash"])
-                fp = _load_fingerprint(path) if row["id"] in journal.done or path.exists() else None
-                if fp is None:
-                    try:
-                        fp, seconds = fingerprint_file(row["path"])
-                    except Exception as exc:  # noqa: BLE001 - an unreadable file stays, unfingerprinted
-                        stats["fingerprint_failed"] += 1
-                        parts.append({**row, "items": 0, "error": " ".join(str(exc).split())[:300]})
-                        continue
-                    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-                        np.save(handle, fp, allow_pickle=False)
-                    journal.add({"id": row["id"]})
-                    stats["fingerprinted"] += 1
-                    stats["fingerprinted_seconds"] += seconds
-                else:
-                    stats["reused"] += 1
-                keys = index_keys(fp, self.config.settings.sample_mod)
-                number = np.frombuffer(bytes.fromhex(row["id"]), ">u8").astype(np.uint64)[0]
-                keys_of.append(keys)
-                files_of.append(np.full(len(keys), number, np.uint64))
-                parts.append({**row, "items": int(len(fp)), "error": ""})
-                stats["files"] += 1
-                stats["audio_seconds"] += float(row["duration"])
-                stats["items"] += len(fp)
-                stats["postings"] += len(keys)
+                atomic_save_npy(path, fp)
+                stats["fingerprinted"] += 1
+                stats["fingerprinted_seconds"] += seconds
+            else:
+                stats["reused"] += 1
+            keys = index_keys(fp, self.config.settings.sample_mod)
+            number = np.uint64(int(row["id"], 16))
+            keys_of.append(keys)
+            files_of.append(np.full(len(keys), number, np.uint64))
+            parts.append({**row, "items": int(len(fp)), "error": ""})
+            stats["files"] += 1
+            stats["audio_seconds"] += float(row["duration"])
+            stats["items"] += len(fp)
+            stats["postings"] += len(keys)
         keys = np.concatenate(keys_of) if keys_of else np.zeros(0, np.uint32)
         files = np.concatenate(files_of) if files_of else np.zeros(0, np.uint64)
         buckets = bucket_of(keys)
@@ -241,8 +247,8 @@ class FingerprintStage:
         postings = np.empty(len(keys), POSTING)
         postings["key"], postings["file"] = keys[order], files[order]
         index = np.searchsorted(buckets[order], np.arange(BUCKETS + 1)).astype(np.int64)
-        _save(rank_path(self, "postings", task.rank, ".npy"), postings)
-        _save(rank_path(self, "postings", task.rank, ".index.npy"), index)
+        atomic_save_npy(rank_path(self, "postings", task.rank, ".npy"), postings)
+        atomic_save_npy(rank_path(self, "postings", task.rank, ".index.npy"), index)
         text = "".join(json.dumps(part, sort_keys=True) + "\n" for part in parts)
         atomic_write_bytes(rank_path(self, "parts", task.rank, ".jsonl"), text.encode())
 
@@ -269,16 +275,10 @@ class FingerprintStage:
                     writer.write_table(
                         pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in rows], schema)
                     )
-        drop_journals(self, tasks)
         removed = prune_unlisted(out.fingerprints, kept, _FP_NAME) if out.fingerprints.is_dir() else 0
         names = ("fingerprinted", "reused", "fingerprint_failed", "items", "postings", "audio_seconds")
         counts = {"files_seen": stats.get("files", 0), **{k: stats.get(k, 0) for k in names}}
         return {"counts": {**counts, "removed_stale": removed}, "outputs": {"files": str(out.files)}}
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, array, allow_pickle=False)
 
 
 _FP_NAME = re.compile(r"^[0-9a-f]{16}\.npy$")
@@ -348,10 +348,7 @@ class DedupStage:
             )
             fingerprint = hashlib.sha256(inputs.digest() + f"{lo}:{hi}".encode()).hexdigest()
             tasks.append(Task(rank=rank, fingerprint=fingerprint, size=int(sizes[lo:hi].sum())))
-        for sub in ("listing", "pairs", "completions", "stats", "errors"):
-            for path in (stage_dir(self) / sub).glob("[0-9]*"):
-                if int(path.name[:5]) >= len(tasks):
-                    path.unlink()
+        drop_ranks_from(self, len(tasks), ("listing", "pairs", "completions", "stats", "errors"))
         return tasks
 
     def run(self, task: Task, stats: Counter) -> None:
@@ -370,16 +367,13 @@ class DedupStage:
         stats["postings"] += len(keys_all)
         raw = candidate_pairs(keys_all, files_all, self.config.settings.max_df)
         stats["key_pairs"] += len(raw)
-        if len(raw):
-            unique, counts = np.unique(raw, axis=0, return_counts=True)
-        else:
-            unique, counts = raw, np.zeros(0, np.int64)
+        unique, counts = count_pairs([raw])
         buckets = _pair_bucket(unique) if len(unique) else np.zeros(0, np.int64)
         order = np.argsort(buckets, kind="stable")
         pairs = np.empty(len(unique), PAIR)
         pairs["a"], pairs["b"], pairs["n"] = unique[order, 0], unique[order, 1], counts[order]
-        _save(rank_path(self, "pairs", task.rank, ".npy"), pairs)
-        _save(
+        atomic_save_npy(rank_path(self, "pairs", task.rank, ".npy"), pairs)
+        atomic_save_npy(
             rank_path(self, "pairs", task.rank, ".index.npy"),
             np.searchsorted(buckets[order], np.arange(PAIR_BUCKETS + 1)),
         )
@@ -550,12 +544,5 @@ def _write_groups(path: Path, groups: list[dict[str, Any]]) -> None:
 
 def _file_facts(path: Path, ids: set[str]) -> dict[str, dict[str, Any]]:
     """id -> the keep rule's facts of the fingerprinted files among `ids` (from dedup/files.parquet)."""
-    facts: dict[str, dict[str, Any]] = {}
-    wanted = pa.array(sorted(ids), pa.string())
     columns = ["id", "content_hash", "duration", "source_path", "source_sampling_rate", "items"]
-    for batch in iter_batches(path, columns=columns):
-        table = pa.Table.from_batches([batch])
-        for row in table.filter(pc.is_in(table["id"], value_set=wanted)).to_pylist():
-            if row["items"]:
-                facts[row["id"]] = row
-    return facts
+    return {row["id"]: row for row in _rows_of(path, columns, ids) if row["items"]}

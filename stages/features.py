@@ -50,7 +50,7 @@ import numpy as np
 
 from mert_pipeline.devices import set_threads, with_gpu
 from mert_pipeline.executor import Resources, Task, rank_path, stage_dir
-from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
+from mert_pipeline.fs import atomic_path, atomic_save_npy, atomic_write_json, remove_stale_tmp
 from mert_pipeline.grid import FRAME_RATE, HOP, SAMPLE_RATE, num_frames
 from mert_pipeline.layout import FeatureSet, Workdir, check_name
 from mert_pipeline.listing import merge_task_parts, prune_unlisted, read_listing, write_listings
@@ -295,9 +295,7 @@ class FeaturesStage:
         if feats.shape != expected or not np.isfinite(feats).all():
             return Reject(row["path"], "label_mismatch", f"features {feats.shape}, expected {expected}")
         if self.config.store:
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.save(handle, feats, allow_pickle=False)
+            atomic_save_npy(path, feats)
         return feats
 
     def _record(self, row: dict[str, Any], facts: dict[str, Any]) -> FeatureRecord:

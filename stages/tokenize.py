@@ -31,7 +31,7 @@ import numpy as np
 
 from mert_pipeline.devices import with_gpu
 from mert_pipeline.executor import Resources, Task, rank_path
-from mert_pipeline.fs import atomic_path, atomic_write_json, remove_stale_tmp
+from mert_pipeline.fs import atomic_save_npy, atomic_write_json, remove_stale_tmp
 from mert_pipeline.grid import SAMPLE_RATE, num_frames
 from mert_pipeline.labels import TEACHER_META
 from mert_pipeline.layout import AudioDir, LabelSet, Workdir, check_name
@@ -222,9 +222,7 @@ class TokenizeStage:
             )
             return {"id": row["id"], "reject": asdict(reject)}
         relpath = LabelSet.relpath(row["id"])
-        with atomic_path(self.config.labels_dir / relpath) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, np.ascontiguousarray(labels), allow_pickle=False)
+        atomic_save_npy(self.config.labels_dir / relpath, np.ascontiguousarray(labels))
         record = LabelRecord(
             id=row["id"],
             teacher=facts["name"],

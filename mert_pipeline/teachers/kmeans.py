@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from mert_pipeline.devices import set_threads
-from mert_pipeline.fs import atomic_path, atomic_write_json, sha256_file
+from mert_pipeline.fs import atomic_save_npy, atomic_write_json, sha256_file
 from mert_pipeline.grid import HOP, SAMPLE_RATE
 from mert_pipeline.layout import KMeansFit, Workdir
 from mert_pipeline.manifests.records import Reject
@@ -463,9 +463,7 @@ def fit_from_features(
         )
     result = fit_kmeans(x, k, seed=seed, backend=backend)
     out = layout.kmeans(name or f"{features}_k{k}")
-    with atomic_path(out.centroids) as tmp:
-        with open(tmp, "wb") as handle:
-            np.save(handle, result.centroids, allow_pickle=False)
+    atomic_save_npy(out.centroids, result.centroids)
     fit = {
         "name": out.name,
         "centroids": str(out.centroids),
