@@ -65,6 +65,7 @@ def load_checkpoint(path: Path) -> tuple[Any, dict[str, torch.Tensor], dict[str,
         if k in names
     }
     values["codebooks"] = [tuple(c) for c in values.get("codebooks", [])]
+    values.setdefault("label_specials", 0)  # checkpoints older than the field: heads without special rows
     meta = {"step": int(state.get("step", 0)), "path": str(path), "init": state["config"].get("init") or {}}
     return ModelConfig(**values), model_state, meta
 

@@ -29,7 +29,8 @@ Key mapping (fairseq v0.12.2 `fairseq/models/wav2vec/wav2vec2.py` and yizhilll/M
     encoder.layers.N.fc2                         -> encoder.layers.N.feed_forward.output_dense
     encoder.layers.N.final_layer_norm            -> encoder.layers.N.final_layer_norm
     final_proj (or final_projs.N)                -> final_proj (a tied projection is tiled once per codebook)
-    label_embs_concat                            -> label_embs_concat without fairseq's special rows
+    label_embs_concat                            -> label_embs_concat, each label's special rows first,
+                                                    then its codes in code order (all rows kept)
     encoder_cqt_model.fc                         -> cqt_head
 
 Anything else is listed in `dropped` with the reason (for the released configs: the CQT target's nnAudio
@@ -423,7 +424,8 @@ def _model_fields(
         "mask_length": int(get("mask_length")),
         "logit_temp": float(get("logit_temp")),
         "sample_rate": int(get("sample_rate", task, _TASK_DEFAULTS)),
-        "noise_prob": mixture if mixture > 0 else 0.0,
+        # MERT mixes a clip when mixture_prob > 0 and torch.rand(1) > mixture_prob: probability 1 - p
+        "noise_prob": 1.0 - mixture if mixture > 0 else 0.0,
         "noise_min_samples": int(len_range[0]),
         "noise_max_samples": int(len_range[1]),
         "noise_max_segments": int(number_range[1]),
@@ -575,8 +577,9 @@ def _map_encoder(
 
 
 def _dictionary_rows(stub: Any, label: str, warnings: list[str]) -> tuple[int, int, list[int]]:
-    """(rows in fairseq's block, classes, block row of code k for k = 0..classes-1) of one Dictionary.
-    fairseq encodes label k as indices[str(k)] (4 specials first, so normally k + 4)."""
+    """(rows in fairseq's block, classes, block rows in our order) of one Dictionary: its special rows
+    first, then code k's row for k = 0..classes-1. fairseq encodes label k as indices[str(k)] (4 specials
+    first, so normally k + 4); its softmax runs over every row, so the specials are kept as negatives."""
     symbols = list(getattr(stub, "symbols", []) or [])
     nspecial = int(getattr(stub, "nspecial", 4))
     indices = dict(getattr(stub, "indices", {}) or {})
@@ -584,12 +587,13 @@ def _dictionary_rows(stub: Any, label: str, warnings: list[str]) -> tuple[int, i
     if classes <= 0:
         raise ValueError(f"dictionary of label {label} has {len(symbols)} symbols and {nspecial} specials")
     rows = [indices.get(str(k), -1) for k in range(classes)]
-    if any(r < nspecial or r >= len(symbols) for r in rows) or len(set(rows)) != classes:
+    if any(r < 0 or r >= len(symbols) for r in rows) or len(set(rows)) != classes:
         warnings.append(
             f"dictionary of {label} is not the codes 0..{classes - 1}: code k read from row k + {nspecial}"
         )
         rows = [nspecial + k for k in range(classes)]
-    return len(symbols), classes, rows
+    taken = set(rows)
+    return len(symbols), classes, [r for r in range(len(symbols)) if r not in taken] + rows
 
 
 def _label_layout(
@@ -598,9 +602,10 @@ def _label_layout(
     sd: Mapping[str, torch.Tensor],
     final_dim: int,
     warnings: list[str],
-) -> tuple[list[tuple[str, int]], list[int], int]:
-    """(label_classes, fairseq row of each of our rows, fairseq rows in all). From the task's dictionaries
-    when the checkpoint has them, else from label_embs_concat rows split evenly over the heads."""
+) -> tuple[list[tuple[str, int]], list[int], int, int]:
+    """(label_classes, fairseq row of each of our rows, fairseq rows in all, special rows per label). From
+    the task's dictionaries when the checkpoint has them, else from label_embs_concat rows split evenly
+    over the heads. Our rows of a label: its special rows, then its codes in order (model.MERT's layout)."""
     dicts = task_state.get("dictionaries") if isinstance(task_state, Mapping) else None
     if dicts is None and isinstance(task_state, Mapping) and task_state.get("target_dictionary") is not None:
         dicts = [task_state["target_dictionary"]]
@@ -608,13 +613,16 @@ def _label_layout(
         if names is not None and len(names) != len(dicts):
             raise ValueError(f"cfg names {len(names)} labels but task_state holds {len(dicts)} dictionaries")
         names = names or [f"label_{i}" for i in range(len(dicts))]
-        classes, order, offset = [], [], 0
+        classes, order, offset, specials = [], [], 0, set()
         for name, stub in zip(names, dicts, strict=True):
             size, count, rows = _dictionary_rows(stub, name, warnings)
             classes.append((name, count))
+            specials.add(size - count)
             order += [offset + r for r in rows]
             offset += size
-        return classes, order, offset
+        if len(specials) != 1:
+            raise ValueError(f"label dictionaries with different special row counts {sorted(specials)}")
+        return classes, order, offset, specials.pop()
     emb = sd.get("label_embs_concat")
     if names is None:
         proj = sd.get("final_proj.weight")
@@ -630,14 +638,19 @@ def _label_layout(
     size = emb.shape[0] // len(names)
     warnings.append(f"no dictionaries in task_state: {size} rows per label, the first 4 taken as specials")
     classes = [(name, size - 4) for name in names]
-    order = [i * size + 4 + k for i in range(len(names)) for k in range(size - 4)]
-    return classes, order, emb.shape[0]
+    return classes, list(range(emb.shape[0])), emb.shape[0], 4
 
 
 def _map_heads(
-    sd: Mapping[str, torch.Tensor], num_heads: int, final_dim: int, order: list[int], total_rows: int
+    sd: Mapping[str, torch.Tensor],
+    num_heads: int,
+    final_dim: int,
+    order: list[int],
+    total_rows: int,
+    specials: int,
 ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
-    """final_proj (untied, tied -> tiled, or final_projs.N -> concatenated) and label_embs_concat rows."""
+    """final_proj (untied, tied -> tiled, or final_projs.N -> concatenated) and label_embs_concat, every
+    row kept, reordered to each label's special rows then its codes in order."""
     state: dict[str, torch.Tensor] = {}
     info: dict[str, dict[str, Any]] = {}
     if "final_proj.weight" in sd:
@@ -673,8 +686,7 @@ def _map_heads(
         state["label_embs_concat"] = emb[torch.tensor(order, dtype=torch.long)].clone()
         info["label_embs_concat"] = {
             "rows": total_rows,
-            "kept": len(order),
-            "special_rows": total_rows - len(order),
+            "special_rows_per_label": specials,
         }
     if "encoder_cqt_model.fc.weight" in sd:
         info["cqt_head"] = {
@@ -754,10 +766,13 @@ def load_fairseq_checkpoint(path: str | Path) -> FairseqCheckpoint:
         state, dropped = _map_encoder(sd, model_fields["feat_extract_norm"], pos_ok)
         labels = task_cfg.get("labels")
         names = [str(n) for n in _literal(labels)] if labels is not None else None
-        label_classes, order, total = _label_layout(
+        label_classes, order, total, specials = _label_layout(
             ckpt.get("task_state"), names, sd, model_fields["final_dim"], warnings
         )
-        head_state, heads = _map_heads(sd, len(label_classes), model_fields["final_dim"], order, total)
+        model_fields["label_specials"] = specials
+        head_state, heads = _map_heads(
+            sd, len(label_classes), model_fields["final_dim"], order, total, specials
+        )
         state.update(head_state)
         _check_shapes(model_fields, state)
     except (ValueError, KeyError, TypeError, IndexError) as err:  # a malformed cfg or state: one line

@@ -60,6 +60,10 @@ class ModelConfig:
     # losses
     final_dim: int = 64
     logit_temp: float = 0.1
+    # rows of each head's label embeddings that are never a target: fairseq's Dictionary puts <s>, <pad>,
+    # </s> and <unk> before the codes, and HuBERT/MERT's softmax runs over all its rows, so these are extra
+    # negatives of every head (MERT-v1: 1028 rows a codebook). 0 is the objective before the parity fix.
+    label_specials: int = 4
     feature_pen_weight: float = 10.0
     pred_nomask_weight: float = 0.0  # fairseq's: > 0 also predicts the labels of the unmasked frames
     cqt_weight: float = 1.0
@@ -94,15 +98,24 @@ def conv_frames(num_samples: int, cfg: ModelConfig) -> int:
 # ---------------------------------------------------------------------------------------------------
 
 
+def span_counts(
+    uniform: torch.Tensor, frames: int, prob: float, length: int, min_masks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fairseq's span count and start range of each row, from one uniform draw per row: n = max(min_masks,
+    int(prob * frames / length + u)) starts, drawn from [0, frames - length), or from [0, n] when that range
+    holds n or fewer (fairseq's `min_len` correction). Returns (n, range size) per row."""
+    counts = (prob * frames / length + uniform.double()).long().clamp(min=min_masks)
+    ranges = torch.where(frames - length <= counts, counts + 1, torch.full_like(counts, frames - length))
+    return counts, ranges
+
+
 def span_starts(
     batch: int, frames: int, prob: float, length: int, min_masks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The span starts of fairseq 0.12.2's `compute_mask_indices` (static lengths, overlap allowed), drawn
-    from torch's CPU generator: per row, n = max(min_masks, int(prob * frames / length + u)) starts drawn
-    without replacement from [0, frames - length), or from [0, n] when that range holds n or fewer. Returns
-    (batch, most) starts and which of them a row really has (rows differ in n)."""
-    counts = (prob * frames / length + torch.rand(batch, dtype=torch.float64)).long().clamp(min=min_masks)
-    ranges = torch.where(frames - length <= counts, counts + 1, torch.full_like(counts, frames - length))
+    """The span starts of fairseq's `compute_mask_indices` (static lengths, overlap allowed), drawn from
+    torch's CPU generator: `span_counts`, then each row's n starts without replacement from its range.
+    Returns (batch, most) starts and which of them a row really has (rows differ in n)."""
+    counts, ranges = span_counts(torch.rand(batch, dtype=torch.float64), frames, prob, length, min_masks)
     width, most = int(ranges.max()), int(counts.max())
     keys = torch.rand(batch, width, dtype=torch.float64)  # a random order of each row's range...
     keys.masked_fill_(torch.arange(width) >= ranges[:, None], 2.0)
@@ -110,26 +123,43 @@ def span_starts(
     return starts, torch.arange(most) < counts[:, None]
 
 
-def span_mask(
-    batch: int, frames: int, prob: float, length: int, min_masks: int, same_count: bool = True
-) -> torch.Tensor:
-    """HuBERT/MERT span masking as fairseq 0.12.2's `compute_mask_indices` draws it (mask_type static,
-    no_overlap False, mask_dropout 0): `span_starts`, each span `length` frames clipped to the row, and with
-    `same_count` (fairseq's require_same_masks) every row trimmed to the batch's smallest masked count by
-    dropping random masked frames. Prob 0.8, length 5 masks about 55% of 374 frames. Bool (batch, frames)
-    on the CPU."""
-    starts, real = span_starts(batch, frames, prob, length, min_masks)
+def spans_to_mask(starts: torch.Tensor, real: torch.Tensor, frames: int, length: int) -> torch.Tensor:
+    """The union of the spans [start, start + length) clipped to the row, for the `real` starts: (B, n)
+    starts -> (B, frames) bool, fairseq's `np.unique(mask_idc[mask_idc < sz])`."""
+    batch = starts.shape[0]
     spans = starts[:, :, None] + torch.arange(length)
     keep = real[:, :, None] & (spans < frames)
     hits = torch.zeros(batch, frames, dtype=torch.long)  # spans overlap: count, then threshold
     hits.scatter_add_(1, spans.clamp(max=frames - 1).flatten(1), keep.flatten(1).long())
-    mask = hits > 0
+    return hits > 0
+
+
+def span_mask(
+    batch: int, frames: int, prob: float, length: int, min_masks: int, same_count: bool = True
+) -> torch.Tensor:
+    """HuBERT/MERT span masking as fairseq's `compute_mask_indices` draws it (mask_type static, no_overlap
+    False, mask_dropout 0; checked against installed fairseq in tests/trainer/test_fairseq_parity.py):
+    `span_starts`, `spans_to_mask`, and with `same_count` (fairseq's require_same_masks) every row trimmed
+    to the batch's smallest masked count by keeping a uniform subset of its masked frames. Prob 0.8, length
+    5 masks about 55% of 374 frames; prob <= 0 masks nothing, as HuBERT skips masking then. Bool (batch,
+    frames) on the CPU."""
+    if prob <= 0:
+        return torch.zeros(batch, frames, dtype=torch.bool)
+    mask = spans_to_mask(*span_starts(batch, frames, prob, length, min_masks), frames, length)
     counts = mask.sum(dim=1)
-    if same_count and bool((counts > counts.min()).any()):
-        keys = torch.rand(batch, frames, dtype=torch.float64).masked_fill_(~mask, 2.0)
-        kept = keys.argsort(dim=1)[:, : int(counts.min())]  # a uniform subset of each row's masked frames
-        mask = torch.zeros_like(mask).scatter_(1, kept, True)
+    if same_count and bool((counts > counts.min()).any()):  # random keys: a uniform subset of each row
+        mask = trim_to_fewest(mask, torch.rand(batch, frames, dtype=torch.float64))
     return mask
+
+
+def trim_to_fewest(mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """fairseq's require_same_masks: every row keeps the batch's smallest masked count, its masked frames
+    taken lowest key first (fairseq draws them with rng.choice without replacement)."""
+    counts = mask.sum(dim=1)
+    if not bool((counts > counts.min()).any()):
+        return mask
+    order = keys.double().masked_fill(~mask, math.inf).argsort(dim=1)[:, : int(counts.min())]
+    return torch.zeros_like(mask).scatter_(1, order, True)
 
 
 def mix_noise(
@@ -367,6 +397,10 @@ class MERT(nn.Module):
         super().__init__()
         if not cfg.codebooks:
             raise ValueError("ModelConfig.codebooks is empty: select at least one teacher")
+        if cfg.mask_prob <= 0 and cfg.pred_nomask_weight <= 0:
+            raise ValueError("mask_prob 0 masks no frame and pred_nomask_weight 0 predicts none: no loss")
+        if cfg.label_specials < 0:
+            raise ValueError(f"label_specials is {cfg.label_specials}, not a row count")
         self.cfg = cfg
         self.feature_extractor = FeatureExtractor(cfg)
         self.feature_projection = FeatureProjection(cfg)
@@ -374,8 +408,10 @@ class MERT(nn.Module):
         self.encoder = Encoder(cfg)
         self.heads = [(name, q) for name, n_q, _ in cfg.codebooks for q in range(n_q)]
         self.classes = [classes for _, n_q, classes in cfg.codebooks for _ in range(n_q)]
+        # each head's block of label_embs_concat: label_specials never-target rows, then its codes in order
+        self.rows = [cfg.label_specials + classes for classes in self.classes]
         self.final_proj = nn.Linear(cfg.embed_dim, cfg.final_dim * len(self.heads))
-        self.label_embs_concat = nn.Parameter(torch.empty(sum(self.classes), cfg.final_dim).uniform_())
+        self.label_embs_concat = nn.Parameter(torch.empty(sum(self.rows), cfg.final_dim).uniform_())
         self.cqt_head = nn.Linear(cfg.embed_dim, cfg.cqt_bins) if cfg.cqt_weight > 0 else None
         self.cqt = CQT(cfg) if cfg.cqt_weight > 0 else None
         self.apply(_init_weights)
@@ -414,6 +450,15 @@ class MERT(nn.Module):
             x = torch.where(mask[..., None], self.masked_spec_embed.to(x.dtype), x)
         return self.encoder(x), penalty
 
+    def head_logits(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Each head's logits (M, label_specials + classes) for M frames' hidden states: the cosine of the
+        head's chunk of final_proj to every row of its label-embedding block (the special rows are
+        negatives, as in fairseq's compute_nce), over logit_temp, in fp32."""
+        embeddings = F.normalize(self.label_embs_concat.float(), dim=-1).split(self.rows)
+        chunks = self.final_proj(rows).float().chunk(len(self.heads), dim=-1)
+        temp = self.cfg.logit_temp
+        return [F.normalize(c, dim=-1) @ e.T / temp for c, e in zip(chunks, embeddings, strict=True)]
+
     def forward(
         self, audio: torch.Tensor, labels: dict[str, torch.Tensor], mask: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
@@ -439,23 +484,15 @@ class MERT(nn.Module):
         per_clip = mask.sum(dim=1).float()
         count = per_clip.sum()
         masked = hidden[mask]  # (M, D): the losses are on masked frames only
-        embeddings = F.normalize(self.label_embs_concat.float(), dim=-1).split(self.classes)
-
-        def head_logits(rows: torch.Tensor) -> list[torch.Tensor]:
-            """Each head's logits for these frames: cosine to its label embeddings / temperature."""
-            chunks = self.final_proj(rows).float().chunk(len(self.heads), dim=-1)
-            return [
-                F.normalize(c, dim=-1) @ e.T / cfg.logit_temp for c, e in zip(chunks, embeddings, strict=True)
-            ]
-
+        first = cfg.label_specials  # code k is row first + k of its head's block
         out: dict[str, torch.Tensor] = {}
         # fairseq: penalty x sample_size; per clip it is the same when rows mask equally (require_same_masks)
         # and splits exactly over ranks when they do not
         predicted = torch.full_like(per_clip, frames) if cfg.pred_nomask_weight > 0 else per_clip
         pen_sum = (penalty * predicted).sum()
         loss = cfg.feature_pen_weight * pen_sum
-        for (name, q), logits in zip(self.heads, head_logits(masked), strict=True):
-            target = labels[name][:, q, :frames][mask].long()
+        for (name, q), logits in zip(self.heads, self.head_logits(masked), strict=True):
+            target = labels[name][:, q, :frames][mask].long() + first
             ce = F.cross_entropy(logits, target, reduction="sum")
             loss = loss + ce
             out[f"loss_{name}"] = out.get(f"loss_{name}", 0.0) + ce.detach()
@@ -464,8 +501,9 @@ class MERT(nn.Module):
         if cfg.pred_nomask_weight > 0:  # fairseq: the unmasked frames' loss, and sample_size counts them too
             kept = hidden[~mask]
             sample_size = count + kept.shape[0]
-            for (name, q), logits in zip(self.heads, head_logits(kept), strict=True):
-                ce = F.cross_entropy(logits, labels[name][:, q, :frames][~mask].long(), reduction="sum")
+            for (name, q), logits in zip(self.heads, self.head_logits(kept), strict=True):
+                target = labels[name][:, q, :frames][~mask].long() + first
+                ce = F.cross_entropy(logits, target, reduction="sum")
                 loss = loss + cfg.pred_nomask_weight * ce
                 out[f"loss_{name}_u"] = out.get(f"loss_{name}_u", 0.0) + ce.detach()
         if self.cqt is not None and self.cqt_head is not None:

@@ -36,7 +36,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -399,6 +399,20 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
     out.mkdir(parents=True, exist_ok=True)
 
+    found = checkpoints(out) if resume else []
+    state = torch.load(found[-1], map_location="cpu", weights_only=True) if found else None
+    if state is not None:  # the run's own head layout: a run begun before label_specials has no special rows
+        saved = int(state["config"]["model"].get("label_specials", 0))
+        if saved != mcfg.label_specials:
+            if master:
+                print(
+                    f"[resume] {found[-1].name} has {saved} special label rows a head, this config "
+                    f"{mcfg.label_specials}: the run continues with {saved} (its own objective); start a new "
+                    "run with --init-from this checkpoint for fairseq's",
+                    flush=True,
+                )
+            mcfg = replace(mcfg, label_specials=saved)
+
     torch.manual_seed(tcfg.seed)
     raw = MERT(mcfg).to(device)
     decay = [p for p in raw.parameters() if p.dim() >= 2]  # no decay on biases and norms
@@ -412,7 +426,6 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, tcfg))
     step, position = 0, None
-    found = checkpoints(out) if resume else []
     init: dict[str, Any] = {}  # where the weights came from, kept in every checkpoint (export hf reads it)
     if not found and tcfg.init_from:
         source = read_source(tcfg.init_from)
@@ -432,8 +445,7 @@ def train(mcfg: ModelConfig, tcfg: TrainConfig, index: ShardIndex, out: Path, re
             )
     elif found and tcfg.init_from and master:
         print(f"[init] --resume continues {found[-1]}; init_from is not read again", flush=True)
-    if found:
-        state = torch.load(found[-1], map_location="cpu", weights_only=True)
+    if state is not None:
         raw.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

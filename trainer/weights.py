@@ -62,6 +62,7 @@ class Source:
     fields: dict[str, Any]  # ModelConfig values the source fixes (shapes, and final_dim when it has heads)
     state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     heads: list[tuple[str, int, int]] = field(default_factory=list)  # (teacher, codebook, classes)
+    label_specials: int = 0  # never-target rows before the codes in each head's label_embs_concat block
     unused: dict[str, str] = field(default_factory=dict)  # source key -> why it is not loaded
 
     def describe(self) -> dict[str, Any]:
@@ -196,7 +197,8 @@ def _read_checkpoint(file: Path, with_state: bool) -> Source:
     fields = {name: getattr(cfg, name) for name in (*SHAPE_FIELDS, "final_dim")}
     heads = [(teacher, q, classes) for teacher, n_q, classes in cfg.codebooks for q in range(n_q)]
     sha = _sha256(file) if with_state else ""
-    return Source("checkpoint", file, sha, fields, state if with_state else {}, heads)
+    state = state if with_state else {}
+    return Source("checkpoint", file, sha, fields, state, heads, label_specials=cfg.label_specials)
 
 
 def _read_fairseq(path: Path) -> Source:
@@ -213,7 +215,8 @@ def _read_fairseq(path: Path) -> Source:
         # encodec_0..encodec_7 are the RVQ teacher's codebooks ("rvq" here); a k-means label is one codebook
         heads.append(("rvq", int(index), classes) if teacher == "encodec" else (label, 0, classes))
     unused = {str(key): str(why) for key, why in _pairs(loaded.dropped)}
-    return Source("fairseq", path, _sha256(path), fields, loaded.state, heads, unused)
+    specials = int(loaded.model_fields["label_specials"])
+    return Source("fairseq", path, _sha256(path), fields, loaded.state, heads, specials, unused)
 
 
 def _pairs(dropped: Any) -> list[tuple[Any, Any]]:
@@ -284,14 +287,16 @@ def initialise(model: torch.nn.Module, source: Source) -> dict[str, Any]:
 
 def _copy_heads(model: Any, source: Source) -> tuple[list[str], list[str]]:
     """final_proj and label_embs_concat per codebook where the source has the same teacher, codebook and
-    class count (and the same final_dim); the CQT head when its shape matches."""
+    class count (and the same final_dim); the CQT head when its shape matches. A head's code rows are
+    copied code by code; its special rows (never a target) as far as the source has them."""
     state = source.state
     loaded: list[str] = []
     final_dim = model.cfg.final_dim
+    ours_sp, src_sp = model.cfg.label_specials, source.label_specials
     src_heads = {(t, q): (i, classes) for i, (t, q, classes) in enumerate(source.heads)}
     src_offsets = [0]
     for _, _, classes in source.heads:
-        src_offsets.append(src_offsets[-1] + classes)
+        src_offsets.append(src_offsets[-1] + src_sp + classes)
     weight, bias, embs = (
         state.get("final_proj.weight"),
         state.get("final_proj.bias"),
@@ -301,10 +306,10 @@ def _copy_heads(model: Any, source: Source) -> tuple[list[str], list[str]]:
         weight is not None
         and bias is not None
         and embs is not None
-        and embs.shape[1] == final_dim
+        and embs.shape == (src_offsets[-1], final_dim)
         and weight.shape == (final_dim * len(source.heads), model.cfg.embed_dim)
     )
-    offset = 0
+    offset, short = 0, False
     for h, ((teacher, q), classes) in enumerate(zip(model.heads, model.classes, strict=True)):
         match = src_heads.get((teacher, q))
         if fits and match is not None and match[1] == classes:
@@ -312,12 +317,16 @@ def _copy_heads(model: Any, source: Source) -> tuple[list[str], list[str]]:
             rows = slice(i * final_dim, (i + 1) * final_dim)
             model.final_proj.weight[h * final_dim : (h + 1) * final_dim].copy_(weight[rows])
             model.final_proj.bias[h * final_dim : (h + 1) * final_dim].copy_(bias[rows])
-            model.label_embs_concat[offset : offset + classes].copy_(
-                embs[src_offsets[i] : src_offsets[i] + classes]
-            )
+            block, src = model.label_embs_concat[offset : offset + ours_sp + classes], embs[src_offsets[i] :]
+            block[ours_sp:].copy_(src[src_sp : src_sp + classes])  # the codes
+            both = min(ours_sp, src_sp)
+            block[:both].copy_(src[:both])  # the special rows the source has
+            short = short or src_sp < ours_sp
             loaded.append(f"{teacher}[{q}]")
-        offset += classes
+        offset += ours_sp + classes
     reinit = [f"head {t}[{q}]" for t, q in model.heads if f"{t}[{q}]" not in loaded]
+    if short:  # e.g. a checkpoint of ours from before label_specials: its heads had no special rows
+        reinit.append(f"special label rows {src_sp}..{ours_sp - 1} of the loaded heads")
     cqt_w, cqt_b = state.get("cqt_head.weight"), state.get("cqt_head.bias")
     if model.cqt_head is not None:
         if cqt_w is not None and cqt_b is not None and cqt_w.shape == model.cqt_head.weight.shape:

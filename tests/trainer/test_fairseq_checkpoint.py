@@ -5,7 +5,6 @@ into our MERT exactly, and pickles naming anything else are refused without runn
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import sys
@@ -61,8 +60,9 @@ class Evil:
 
 
 def _save_with_fake_modules(obj: object, path: Path, classes: dict[str, type]) -> None:
-    """torch.save needs the classes importable under their module names; fairseq is not installed, so
-    register throwaway modules only while saving."""
+    """torch.save needs the classes importable under their module names: register throwaway modules
+    (or, where the parity extra installed fairseq, these stand-ins in its modules) only while saving."""
+    imported = "fairseq" in sys.modules
     with pytest.MonkeyPatch.context() as mp:
         for module, cls in classes.items():
             parts = module.split(".")
@@ -72,7 +72,7 @@ def _save_with_fake_modules(obj: object, path: Path, classes: dict[str, type]) -
                     mp.setitem(sys.modules, name, types.ModuleType(name))
             mp.setattr(sys.modules[module], cls.__qualname__, cls, raising=False)
         torch.save(obj, path)
-    assert "fairseq" not in sys.modules
+    assert ("fairseq" in sys.modules) == imported
 
 
 def tiny_config(**overrides: Any) -> ModelConfig:
@@ -176,7 +176,8 @@ def fairseq_model_cfg(cfg: ModelConfig, *, tied: bool) -> dict[str, Any]:
         "audio_cqt_bins": cfg.cqt_bins,
         "audio_mel_loss_m": False,
         "feature_extractor_cqt": False,
-        "mixture_prob": cfg.noise_prob,
+        # MERT mixes a clip when torch.rand(1) > mixture_prob (and mixture_prob > 0)
+        "mixture_prob": 1.0 - cfg.noise_prob if cfg.noise_prob > 0 else 0.0,
         "inbatch_noise_augment_len_range": f"[{cfg.noise_min_samples}, {cfg.noise_max_samples}]",
         "inbatch_noise_augment_number_range": f"[1, {cfg.noise_max_segments}]",
         "inbatch_noise_augment_volume": 1.0,
@@ -216,11 +217,11 @@ def write_checkpoint(
     # codebook 0's dictionary lists codes in order (code k at row k + 4), codebook 1's in reverse
     dicts = [Dictionary(list(range(CODES))), Dictionary(list(reversed(range(CODES))))]
     blocks = []
-    for i in range(heads):
-        block = torch.full((CODES + 4, cfg.final_dim), 99.0)  # the special rows: must never reach us
+    for i in range(heads):  # ours: each head's 4 special rows, then its codes; fairseq: by dictionary row
+        mine = ours["label_embs_concat"][i * (CODES + 4) : (i + 1) * (CODES + 4)]
+        block = mine.clone()
         for k in range(CODES):
-            row = dicts[i].indices[str(k)] if dictionaries else k + 4
-            block[row] = ours["label_embs_concat"][i * CODES + k]
+            block[dicts[i].indices[str(k)] if dictionaries else k + 4] = mine[4 + k]
         blocks.append(block)
     sd["label_embs_concat"] = torch.cat(blocks)
     sd["encoder_cqt_model.spec_layer.cqt_kernels_real"] = torch.randn(cfg.cqt_bins, 1, 8)
@@ -283,7 +284,13 @@ VARIANTS = {
     # 330M-like: pre-LN, attention relaxation; plus a LayerNorm front end, a tied final_proj, no
     # dictionaries, a legacy args Namespace and a pos conv stored without weight norm
     "layer-preln": dict(
-        cfg=dict(feat_extract_norm="layer", layer_norm_first=True, attention_relax=32.0, dropout=0.0),
+        cfg=dict(
+            feat_extract_norm="layer",
+            layer_norm_first=True,
+            attention_relax=32.0,
+            dropout=0.0,
+            noise_prob=0.3,  # MERT's mixture_prob 0.7: mixes a clip when rand > 0.7
+        ),
         write=dict(dictionaries=False, tied=True, legacy_args=True, plain_pos_weight=True),
     ),
 }
@@ -303,9 +310,10 @@ def test_tiny_fairseq_checkpoint_loads_into_our_model(tmp_path: Path, variant: s
     written = write_checkpoint(path, original, **spec["write"])
     safe_before = set(torch.serialization.get_safe_globals())
 
-    ckpt = load_fairseq_checkpoint(path)
+    with pytest.MonkeyPatch.context() as mp:  # the reader needs no fairseq: importing it would fail here
+        mp.setitem(sys.modules, "fairseq", None)
+        ckpt = load_fairseq_checkpoint(path)
 
-    assert importlib.util.find_spec("fairseq") is None and "fairseq" not in sys.modules
     assert set(torch.serialization.get_safe_globals()) == safe_before  # the allow-list did not leak
     # the config: every shape and knob of the tiny model comes back
     cfg = original.cfg
@@ -339,14 +347,15 @@ def test_tiny_fairseq_checkpoint_loads_into_our_model(tmp_path: Path, variant: s
     audio = torch.randn(2, 3200)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.encode(audio, None)[0], original.encode(audio, None)[0])
-    # the label embeddings: code k of codebook i is our row i * CODES + k; the special rows are gone
-    assert ckpt.heads["label_embs_concat"] == {"rows": 2 * (CODES + 4), "kept": 2 * CODES, "special_rows": 8}
-    assert not (ckpt.state["label_embs_concat"] == 99.0).any()
+    # the label embeddings: every row kept; code k of codebook i is our row i * (CODES + 4) + 4 + k
+    assert ckpt.heads["label_embs_concat"] == {"rows": 2 * (CODES + 4), "special_rows_per_label": 4}
+    assert ckpt.model_fields["label_specials"] == 4
     fairseq_emb = written["label_embs_concat"]
-    assert torch.equal(ckpt.state["label_embs_concat"][3], fairseq_emb[3 + 4])
+    assert torch.equal(ckpt.state["label_embs_concat"][4 + 3], fairseq_emb[4 + 3])
+    assert torch.equal(ckpt.state["label_embs_concat"][:4], fairseq_emb[:4])  # <s> <pad> </s> <unk>
     if spec["write"]["dictionaries"]:  # codebook 1's dictionary lists the codes in reverse
         assert torch.equal(
-            ckpt.state["label_embs_concat"][CODES + 3], fairseq_emb[CODES + 4 + 4 + CODES - 1 - 3]
+            ckpt.state["label_embs_concat"][CODES + 4 + 4 + 3], fairseq_emb[CODES + 4 + 4 + CODES - 1 - 3]
         )
     mode = "tied, tiled once per codebook" if spec["write"]["tied"] else "untied"
     assert ckpt.heads["final_proj"]["mode"] == mode

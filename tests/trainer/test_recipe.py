@@ -110,7 +110,7 @@ def reference_mask(
     return mask
 
 
-@pytest.mark.parametrize(("frames", "prob"), [(374, 0.8), (50, 0.8), (12, 0.8), (6, 0.8), (12, 0.0)])
+@pytest.mark.parametrize(("frames", "prob"), [(374, 0.8), (50, 0.8), (12, 0.8), (6, 0.8), (12, 0.05)])
 def test_span_mask_matches_the_fairseq_algorithm(frames: int, prob: float) -> None:
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
@@ -143,10 +143,11 @@ def test_span_mask_rows_equal_and_starts_never_repeat() -> None:
 
 def test_min_masks_for_short_clips() -> None:
     torch.manual_seed(2)
-    starts, real = span_starts(64, 12, 0.0, 5, 2)
-    assert bool((real.sum(1) == 2).all())  # prob 0: still min_masks spans
+    starts, real = span_starts(64, 12, 0.05, 5, 2)
+    assert bool((real.sum(1) == 2).all())  # int(0.05 * 12 / 5 + u) is 0 or 1: still min_masks spans
     assert all(len(set(r[:2])) == 2 and max(r[:2]) < 7 for r in starts.tolist())
-    assert bool((span_mask(64, 12, 0.0, 5, 2).sum(1) >= 6).all())  # two distinct spans of 5 cover >= 6
+    assert bool((span_mask(64, 12, 0.05, 5, 2).sum(1) >= 6).all())  # two distinct spans of 5 cover >= 6
+    assert not span_mask(4, 374, 0.0, 5, 2).any()  # prob 0: HuBERT draws no mask at all (mask_prob > 0 gate)
     for frames in (1, 2, 3, 5, 6):  # T - L <= n: fairseq draws from range(n + 1) and clips to the row
         mask = span_mask(8, frames, 0.8, 5, 2)
         assert mask.shape == (8, frames) and len(set(mask.sum(1).tolist())) == 1

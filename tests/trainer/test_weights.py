@@ -120,9 +120,28 @@ def test_our_checkpoint_keeps_heads_that_fit_and_reinitialises_the_others(tmp_pa
     report = initialise(model, read_source(tmp_path))  # a run folder: its newest checkpoint
     assert report["kind"] == "checkpoint" and report["loaded_heads"] == ["rvq[0]", "rvq[1]", "cqt_head"]
     assert report["reinitialised"] == ["head kmeans100[0]"]
-    torch.testing.assert_close(model.label_embs_concat[:32], source_model.label_embs_concat)
+    torch.testing.assert_close(model.label_embs_concat[:40], source_model.label_embs_concat)  # 2 x (4 + 16)
     torch.testing.assert_close(model.final_proj.weight[:16], source_model.final_proj.weight)
-    assert not torch.equal(model.label_embs_concat[32:], torch.zeros(100, 8))
+    assert not torch.equal(model.label_embs_concat[40:], torch.zeros(104, 8))
+
+
+def test_a_checkpoint_from_before_label_specials_loads_its_codes(tmp_path: Path) -> None:
+    """Our checkpoints written before the parity fix have heads of codes only (no special rows, no
+    label_specials in their config): their code rows load code by code and the special rows are listed as
+    re-initialised, so --init-from such a run moves it onto fairseq's objective."""
+    old_cfg = dataclasses.replace(TINY, label_specials=0)
+    source_model = trained_looking(old_cfg, seed=3)
+    config = {"model": {k: v for k, v in dataclasses.asdict(old_cfg).items() if k != "label_specials"}}
+    torch.save(
+        {"model": source_model.state_dict(), "config": config, "step": 10}, tmp_path / "ckpt-00000010.pt"
+    )
+    model = MERT(TINY).eval()
+    report = initialise(model, read_source(tmp_path))
+    assert report["loaded_heads"] == ["rvq[0]", "rvq[1]", "cqt_head"]
+    assert report["reinitialised"] == ["special label rows 0..3 of the loaded heads"]
+    old, new = source_model.label_embs_concat, model.label_embs_concat
+    torch.testing.assert_close(new[4:20], old[:16])
+    torch.testing.assert_close(new[24:40], old[16:32])
 
 
 def test_bad_sources_are_one_line_errors(tmp_path: Path) -> None:
