@@ -516,15 +516,34 @@ class _GradHolder:
         return {k: v.clone() for k, v in self.grads.items()}
 
 
-def test_the_fairseq_checkpoint_is_not_readable_by_fairseq_on_this_torch(fs: Any, tmp_path: Path) -> None:
-    """Why our reader, not fairseq's, loads fairseq-saved files here: fairseq 0.12's load_checkpoint_to_cpu
-    calls torch.load without weights_only, which torch >= 2.6 treats as weights_only=True and which then
-    refuses fairseq's own Dictionary. (If a fairseq release fixes this, this test says so.)"""
-    theirs, cfg, task_cfg, dictionaries = build_fairseq(fs, "small", False, [10, 10], seed=0)
+def test_init_from_a_fairseq_saved_checkpoint(fs: Any, tmp_path: Path) -> None:
+    """`--init-from` itself (read_source + initialise) on a file fairseq's checkpoint code wrote: every
+    tensor loaded, none re-initialised or unused, and the encoder's output is fairseq's (no mask, eval).
+    fairseq 0.12's own load_checkpoint_to_cpu cannot read it back on torch >= 2.6 (torch.load without
+    weights_only refuses fairseq's Dictionary), which is why a reader of our own is needed; if a fairseq
+    release fixes that, this test says so."""
+    from mert_pipeline.trainer.weights import HEAD_PREFIXES, apply_shape, initialise, read_source
+
+    theirs, cfg, task_cfg, dictionaries = build_fairseq(fs, "small", True, [10, 10], seed=0)
     path = tmp_path / "checkpoint_last.pt"
     save_with_fairseq(fs, path, theirs, cfg, task_cfg, dictionaries)
     with pytest.raises(Exception, match="(?i)weights_only|Unsupported global"):
         fs.checkpoint_utils.load_checkpoint_to_cpu(str(path))
-    ours, ckpt = load_ours(path, nomask=0.0)
-    assert ckpt.heads["label_embs_concat"] == {"rows": 28, "special_rows_per_label": 4}
+
+    source = read_source(path)
+    assert source.kind == "fairseq" and source.heads == [("rvq", 0, 10), ("rvq", 1, 10)]
+    config, _ = apply_shape(dataclasses.replace(small_config(), noise_prob=0.0), source, set())
+    assert config.layer_norm_first and config.feat_extract_norm == "layer"
+    model = MERT(config).eval()
+    report = initialise(model, source)
+    assert report["loaded_heads"] == ["rvq[0]", "rvq[1]"] and report["reinitialised"] == []
+    encoder = [k for k in model.state_dict() if not k.startswith(HEAD_PREFIXES)]
+    assert report["unused"] == {} and report["loaded"] == len(encoder) + 2  # + the two codebooks' heads
+    theirs.eval()
+    audio = torch.randn(2, 320 * 42, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = theirs(
+            audio, padding_mask=torch.zeros_like(audio, dtype=torch.bool), mask=False, features_only=True
+        )
+        close(model.encode(audio, None)[0], expected["x"], "hidden states after --init-from", "init-from")
     assert "fairseq" in sys.modules  # the reader ran beside a real fairseq without touching it
