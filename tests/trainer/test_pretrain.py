@@ -103,6 +103,47 @@ def test_resume_repeats_the_uninterrupted_losses(shards: Path, reference: Path, 
         assert resumed[step]["acc_rvq_0"] == pytest.approx(full[step]["acc_rvq_0"], abs=1e-6), step
 
 
+def test_a_run_begun_before_label_specials_resumes_on_its_own_heads(
+    shards: Path, reference: Path, tmp_path: Path
+) -> None:
+    """A checkpoint written before the fairseq-parity fix: heads of codes only, no label_specials in its
+    config. --resume continues it with those heads (saying so) instead of failing on the shapes."""
+    state = torch.load(reference / "ckpt-00000040.pt", weights_only=True)
+    model_cfg = state["config"]["model"]
+    specials = model_cfg.pop("label_specials")
+    assert specials == 4
+    blocks = [classes for _, n_q, classes in model_cfg["codebooks"] for _ in range(n_q)]
+    keep = torch.cat(
+        [
+            torch.arange(start + specials, start + specials + k)
+            for start, k in zip(
+                [sum(specials + b for b in blocks[:i]) for i in range(len(blocks))], blocks, strict=True
+            )
+        ]
+    )
+    old_rows = state["model"]["label_embs_concat"].shape[0]
+    state["model"]["label_embs_concat"] = state["model"]["label_embs_concat"][keep].clone()
+    for slot in state["optimizer"]["state"].values():  # Adam's moments of that parameter, same rows
+        for name in ("exp_avg", "exp_avg_sq"):
+            if slot[name].shape[:1] == (old_rows,) and slot[name].dim() == 2:
+                slot[name] = slot[name][keep].clone()
+    torch.save(state, tmp_path / "ckpt-00000040.pt")
+
+    done = subprocess.run(
+        torchrun(shards, tmp_path, "stop_after=42", "num_workers=0", resume=True),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[resume] ckpt-00000040.pt has 0 special label rows a head" in done.stdout
+    assert sorted(records(tmp_path)) == [41, 42]
+    after = torch.load(tmp_path / "ckpt-00000042.pt", weights_only=True)
+    assert after["config"]["model"]["label_specials"] == 0
+    assert after["model"]["label_embs_concat"].shape[0] == sum(blocks)
+
+
 def test_sigkill_mid_run_resumes_from_the_last_checkpoint(
     shards: Path, reference: Path, tmp_path: Path
 ) -> None:
