@@ -397,8 +397,6 @@ class MERT(nn.Module):
         super().__init__()
         if not cfg.codebooks:
             raise ValueError("ModelConfig.codebooks is empty: select at least one teacher")
-        if cfg.mask_prob <= 0 and cfg.pred_nomask_weight <= 0:
-            raise ValueError("mask_prob 0 masks no frame and pred_nomask_weight 0 predicts none: no loss")
         if cfg.label_specials < 0:
             raise ValueError(f"label_specials is {cfg.label_specials}, not a row count")
         self.cfg = cfg

@@ -294,6 +294,11 @@ def check_inputs(
         mcfg, tcfg = load_config(config_path(config), overrides)
     except (OSError, TypeError, yaml.YAMLError) as exc:
         raise ValueError(f"--config {config}: {exc}") from exc
+    if mcfg.mask_prob <= 0 and mcfg.pred_nomask_weight <= 0:
+        raise ValueError(
+            "mask_prob 0 masks no frame (as in HuBERT) and pred_nomask_weight 0 predicts none: nothing to "
+            "learn; set mask_prob > 0 (MERT: 0.8) or pred_nomask_weight > 0"
+        )
     try:
         index = load_shard_index(shards)
     except FileNotFoundError as exc:

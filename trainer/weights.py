@@ -327,6 +327,10 @@ def _copy_heads(model: Any, source: Source) -> tuple[list[str], list[str]]:
     reinit = [f"head {t}[{q}]" for t, q in model.heads if f"{t}[{q}]" not in loaded]
     if short:  # e.g. a checkpoint of ours from before label_specials: its heads had no special rows
         reinit.append(f"special label rows {src_sp}..{ours_sp - 1} of the loaded heads")
+    if loaded and src_sp > ours_sp:  # e.g. MERT-v1 into a model with label_specials 0
+        source.unused[f"label_embs_concat special rows {ours_sp}..{src_sp - 1} of each head"] = (
+            f"this model keeps {ours_sp} special rows a head (label_specials)"
+        )
     cqt_w, cqt_b = state.get("cqt_head.weight"), state.get("cqt_head.bias")
     if model.cqt_head is not None:
         if cqt_w is not None and cqt_b is not None and cqt_w.shape == model.cqt_head.weight.shape:

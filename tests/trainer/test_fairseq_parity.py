@@ -39,6 +39,7 @@ from mert_pipeline.trainer.model import (
     spans_to_mask,
     trim_to_fewest,
 )
+from mert_pipeline.trainer.pretrain import check_inputs
 
 TOLERANCE = 1e-5  # fp32: |ours - fairseq| <= TOLERANCE * max(1, max |fairseq|), tensor by tensor
 P_MIN = 1e-3  # the masking statistics: two-sample tests must not reject at this level
@@ -207,8 +208,8 @@ def test_mask_distributions_match_fairseq(fs: Any, batch: int, frames: int, draw
 def test_mask_prob_zero_masks_nothing_as_in_hubert(fs: Any) -> None:
     """HubertModel.apply_mask draws no mask when mask_prob is 0; span_mask masked min_masks spans before."""
     assert not span_mask(4, 374, 0.0, LENGTH, MIN_MASKS).any()
-    with pytest.raises(ValueError, match="no loss"):
-        MERT(dataclasses.replace(small_config(), mask_prob=0.0))
+    with pytest.raises(ValueError, match="nothing to learn"):
+        check_inputs("small", "unused-shards", ["mask_prob=0", "pred_nomask_weight=0"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,40 +283,51 @@ def build_fairseq(
 
 
 def save_with_fairseq(fs: Any, path: Path, model: Any, cfg: Any, task_cfg: Any, dictionaries: list) -> None:
-    """A checkpoint as fairseq's Trainer.save_checkpoint writes it: its state_dict layout (cfg made plain by
-    OmegaConf, task_state with the Dictionary objects), saved by checkpoint_utils.torch_persistent_save."""
+    """A checkpoint laid out as fairseq's Trainer.state_dict writes it, saved by fairseq's
+    checkpoint_utils.torch_persistent_save: the whole FairseqConfig made plain by OmegaConf (every
+    section, model/task/criterion filled in), the model, the optimizer history and last optimizer state
+    (Adam, after one step), task_state with the Dictionary objects, extra_state with fairseq's metrics."""
+    from fairseq.dataclass.configs import FairseqConfig
+    from fairseq.logging import metrics
     from omegaconf import OmegaConf
 
-    def plain(section: Any, name: str) -> dict:
-        return {
-            "_name": name,
-            **OmegaConf.to_container(OmegaConf.structured(section), resolve=True, enum_to_str=True),
-        }
+    def plain(section: Any) -> dict:
+        return OmegaConf.to_container(OmegaConf.structured(section), resolve=True, enum_to_str=True)
 
+    full = plain(FairseqConfig())
+    full["model"] = {"_name": "hubert", **plain(cfg)}
+    full["task"] = {"_name": "hubert_pretraining", **plain(task_cfg)}
+    full["criterion"] = {"_name": "hubert", "pred_masked_weight": 1.0, "pred_nomask_weight": 0.0}
+    full["criterion"]["loss_weights"] = [10.0]
+    optimizer_state = None
+    if isinstance(model, torch.nn.Module):
+        params = [p for p in model.parameters() if p.requires_grad]
+        adam = torch.optim.Adam(params, lr=5e-4, betas=(0.9, 0.98), eps=1e-6)
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        adam.step()  # zero gradients: moments exist, weights unchanged
+        model.zero_grad(set_to_none=True)
+        optimizer_state = adam.state_dict()
+    with metrics.aggregate("train"):
+        metrics.log_scalar("loss", 5.5, 8)
+        metrics.log_speed("ups", 1.0)
+        metrics.log_start_time("wall", priority=790, round=0)
     state = {
         "args": None,
-        "cfg": {
-            "model": plain(cfg, "hubert"),
-            "task": plain(task_cfg, "hubert_pretraining"),
-            "criterion": {
-                "_name": "hubert",
-                "pred_masked_weight": 1.0,
-                "pred_nomask_weight": 0.0,
-                "loss_weights": [10.0],
-            },
-        },
+        "cfg": full,
         "model": model.state_dict(),
         "criterion": None,
         "optimizer_history": [
             {
                 "criterion_name": "HubertCriterion",
                 "optimizer_name": "FairseqAdam",
-                "lr_scheduler_state": {},
-                "num_updates": 0,
+                "lr_scheduler_state": {"best": None},
+                "num_updates": 1,
             }
         ],
         "task_state": {"dictionaries": dictionaries},
-        "extra_state": {"previous_training_time": 0.0},
+        "extra_state": {"metrics": metrics.state_dict(), "previous_training_time": 12.5},
+        "last_optimizer_state": optimizer_state,
     }
     fs.checkpoint_utils.torch_persistent_save(state, str(path))
 
@@ -348,9 +360,14 @@ def load_ours(path: Path, *, nomask: float) -> tuple[MERT, Any]:
     return model, ckpt
 
 
-ERRORS: dict[str, float] = {}  # the largest error per shape and quantity, for benchmarks/parity.py
-GROUPS = (("conv", "features"), ("projection", "features"), ("layer", "hidden states"))
-GROUPS += (("masked logits", "logits"), ("gradient", "gradients"))
+ERRORS: dict[str, float] = {}  # the largest error per shape and quantity, for benchmarks/RESULTS.md
+GROUPS = (
+    ("conv", "features"),
+    ("projection", "features"),
+    ("layer", "hidden states"),
+    ("hidden", "hidden states"),
+)
+GROUPS += (("masked logits", "logits"), ("unmasked logits", "logits"), ("gradient", "gradients"))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -424,11 +441,17 @@ def layer_outputs(layers: torch.nn.ModuleList, time_major: bool) -> tuple[list[t
 
 
 @pytest.mark.parametrize(
-    ("shape", "pre_ln", "frames"),
-    [("small", False, 40), ("small", False, 41), ("small", True, 41), ("95M", False, 30)],
+    ("shape", "pre_ln", "batch", "frames"),
+    [
+        ("small", False, 2, 40),
+        ("small", False, 2, 41),
+        ("small", True, 2, 41),
+        ("small", False, 8, 374),  # a 5 s crop, 8 clips: the trim acts, as in training
+        ("95M", False, 2, 30),
+    ],
 )
 def test_forward_loss_and_gradients_equal_fairseqs(
-    fs: Any, tmp_path: Path, shape: str, pre_ln: bool, frames: int
+    fs: Any, tmp_path: Path, shape: str, pre_ln: bool, batch: int, frames: int
 ) -> None:
     """One set of weights, fairseq's, saved by fairseq and loaded by our --init-from reader: the same
     features, hidden states per layer, logits per label set, loss, sample size and gradients (an odd frame
@@ -442,7 +465,7 @@ def test_forward_loss_and_gradients_equal_fairseqs(
         ours, _ = load_ours(path, nomask=nomask)
         ours.train(), theirs.train()  # dropouts are 0: training mode only adds feature_grad_mult
         theirs.zero_grad()
-        audio, labels, mask = batch_for(ours, 2, frames, seed=frames)
+        audio, labels, mask = batch_for(ours, batch, frames, seed=frames)
 
         with torch.no_grad():  # the conv features and their projection
             close(ours.feature_extractor(audio), theirs.feature_extractor(audio), "conv features", tag)
@@ -475,16 +498,18 @@ def test_forward_loss_and_gradients_equal_fairseqs(
         # negatives; put it back and its remaining columns are ours, special rows first
         with torch.no_grad():
             hidden, _ = ours.encode(audio, mask)
-            for q, (mine, fair) in enumerate(
-                zip(ours.head_logits(hidden[mask]), out["logit_m_list"], strict=True)
-            ):
-                target = labels["rvq"][:, q, :frames][mask] + 4
-                rebuilt = fair[:, 1:].clone()
-                rebuilt[torch.arange(len(target)), target] = fair[:, 0]
-                close(mine, rebuilt, f"masked logits {q}", tag)
+            for rows, key in ((mask, "logit_m_list"), (~mask, "logit_u_list")):
+                for q, (mine, fair) in enumerate(zip(ours.head_logits(hidden[rows]), out[key], strict=True)):
+                    target = labels["rvq"][:, q, :frames][rows] + 4
+                    rebuilt = fair[:, 1:].clone()
+                    rebuilt[torch.arange(len(target)), target] = fair[:, 0]
+                    which = "masked" if key == "logit_m_list" else "unmasked"
+                    close(mine, rebuilt, f"{which} logits {q}", tag)
         # the loss: fairseq's criterion and our sums, term by term
         assert float(result["sample_size"]) == sample_size
         close(result["loss"], loss, "loss", tag)
+        per_frame = abs(result["loss"].item() - loss.item()) / sample_size  # what is logged and optimised
+        assert per_frame <= TOLERANCE, per_frame
         expected_ce = sum(v for k, v in log.items() if k.startswith("loss_m_"))
         close(result["loss_rvq"], torch.tensor(expected_ce), "masked cross-entropy", tag)
         if nomask:

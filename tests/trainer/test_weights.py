@@ -142,6 +142,16 @@ def test_a_checkpoint_from_before_label_specials_loads_its_codes(tmp_path: Path)
     old, new = source_model.label_embs_concat, model.label_embs_concat
     torch.testing.assert_close(new[4:20], old[:16])
     torch.testing.assert_close(new[24:40], old[16:32])
+    # the other way round, the rows the model has no place for are listed as unused, not lost silently
+    back = MERT(old_cfg).eval()
+    torch.save(
+        {"model": model.state_dict(), "config": {"model": dataclasses.asdict(TINY)}, "step": 1},
+        tmp_path / "ckpt-00000011.pt",
+    )
+    report = initialise(back, read_source(tmp_path / "ckpt-00000011.pt"))
+    why = "this model keeps 0 special rows a head (label_specials)"
+    assert report["unused"] == {"label_embs_concat special rows 0..3 of each head": why}
+    torch.testing.assert_close(back.label_embs_concat[:16], new[4:20])
 
 
 def test_bad_sources_are_one_line_errors(tmp_path: Path) -> None:
