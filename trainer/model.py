@@ -155,10 +155,8 @@ def span_mask(
 def trim_to_fewest(mask: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """fairseq's require_same_masks: every row keeps the batch's smallest masked count, its masked frames
     taken lowest key first (fairseq draws them with rng.choice without replacement)."""
-    counts = mask.sum(dim=1)
-    if not bool((counts > counts.min()).any()):
-        return mask
-    order = keys.double().masked_fill(~mask, math.inf).argsort(dim=1)[:, : int(counts.min())]
+    fewest = int(mask.sum(dim=1).min())
+    order = keys.double().masked_fill(~mask, math.inf).argsort(dim=1)[:, :fewest]
     return torch.zeros_like(mask).scatter_(1, order, True)
 
 

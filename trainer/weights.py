@@ -309,23 +309,23 @@ def _copy_heads(model: Any, source: Source) -> tuple[list[str], list[str]]:
         and embs.shape == (src_offsets[-1], final_dim)
         and weight.shape == (final_dim * len(source.heads), model.cfg.embed_dim)
     )
-    offset, short = 0, False
-    for h, ((teacher, q), classes) in enumerate(zip(model.heads, model.classes, strict=True)):
+    offset = 0
+    blocks = zip(model.heads, model.classes, model.rows, strict=True)  # model.rows: specials + classes
+    for h, ((teacher, q), classes, size) in enumerate(blocks):
         match = src_heads.get((teacher, q))
         if fits and match is not None and match[1] == classes:
             i = match[0]
             rows = slice(i * final_dim, (i + 1) * final_dim)
             model.final_proj.weight[h * final_dim : (h + 1) * final_dim].copy_(weight[rows])
             model.final_proj.bias[h * final_dim : (h + 1) * final_dim].copy_(bias[rows])
-            block, src = model.label_embs_concat[offset : offset + ours_sp + classes], embs[src_offsets[i] :]
+            block, src = model.label_embs_concat[offset : offset + size], embs[src_offsets[i] :]
             block[ours_sp:].copy_(src[src_sp : src_sp + classes])  # the codes
             both = min(ours_sp, src_sp)
             block[:both].copy_(src[:both])  # the special rows the source has
-            short = short or src_sp < ours_sp
             loaded.append(f"{teacher}[{q}]")
-        offset += ours_sp + classes
+        offset += size
     reinit = [f"head {t}[{q}]" for t, q in model.heads if f"{t}[{q}]" not in loaded]
-    if short:  # e.g. a checkpoint of ours from before label_specials: its heads had no special rows
+    if loaded and src_sp < ours_sp:  # e.g. a checkpoint of ours from before label_specials: no special rows
         reinit.append(f"special label rows {src_sp}..{ours_sp - 1} of the loaded heads")
     if loaded and src_sp > ours_sp:  # e.g. MERT-v1 into a model with label_specials 0
         source.unused[f"label_embs_concat special rows {ours_sp}..{src_sp - 1} of each head"] = (
